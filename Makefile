@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   venv + install + a short multi-vardeq training run + its results table
+#   make test   venv + install + the test suite
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+DEMO_MINUTES ?= 5
+DEMO_RUN ?= runs/demo-multi-vardeq
+
+.PHONY: demo test lint install
+
+$(BIN)/flowmnist: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch pinned here first (the CPU wheel); then the package, which finds it satisfied.
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/flowmnist
+
+demo: install
+	$(BIN)/flowmnist train --model multi-vardeq --minutes $(DEMO_MINUTES) --out $(DEMO_RUN) --force \
+		$(if $(FLOWMNIST_DATA),--data-dir $(FLOWMNIST_DATA),)
+	$(BIN)/flowmnist evaluate $(DEMO_RUN)
+	$(BIN)/flowmnist sample $(DEMO_RUN) --out $(DEMO_RUN)/samples.png
+
+test: install
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests

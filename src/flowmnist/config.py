@@ -1,0 +1,109 @@
+"""The one run config, the project's error type, and safe checkpoint I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1  # bump when the checkpoint layout changes; loading refuses other versions
+
+
+class FlowmnistError(Exception):
+    """An error the user can fix (bad file, bad option); the CLI prints it as one line."""
+
+
+@dataclass
+class Config:
+    """Everything that defines a run. Saved in config.json and inside every checkpoint, so that
+    evaluate / sample / interpolate rebuild the model from the run directory alone."""
+
+    model: str = "multi-vardeq"  # simple | vardeq | multi-simple | multi-vardeq
+    data_dir: str | None = None  # IDX directory; None = the download cache
+    seed: int = 0  # model init, batch order and dequantization noise
+    epochs: int = 200  # the seed's GPU budget; on a CPU, `minutes` usually ends the run first
+    minutes: float | None = None  # wall-clock budget for training (validation included)
+    batch_size: int = 128  # as the reference
+    lr: float = 1e-3  # Adam, as the reference
+    lr_decay: float = 0.99  # multiplicative, once per epoch (StepLR), as the reference
+    grad_clip: float = 1.0  # max global grad norm: couplings can spike early in training
+    alpha: float = 1e-5  # logit-transform squeeze: keeps logit(0) finite at a tiny bpd cost
+    split_seed: int = 42  # fixed, so val is the same images for every run seed
+    val_fraction: float = 1 / 6  # 10,000 of 60,000 as the seed; same proportion for smaller files
+    log_every: int = 10  # steps between train-bpd rows in metrics.csv
+    val_every: int = 0  # steps between validations (0: once per epoch and at the end)
+    max_nonfinite: int = 10  # consecutive skipped (non-finite) steps before training gives up
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise FlowmnistError(f"config has unknown fields {sorted(unknown)} (from a newer flowmnist?)")
+        return cls(**d)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``: a crash at
+    any moment leaves either the old file or the new one, never a half-written one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Save tensors and plain containers only (loadable with weights_only=True), atomically."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **state}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with ``weights_only=True``: a checkpoint cannot run code. Refuses other format versions."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlowmnistError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle errors, refused globals, truncated zip archives
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FlowmnistError(f"{path}: not a loadable flowmnist checkpoint ({first})") from e
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise FlowmnistError(f"{path}: not a flowmnist checkpoint (missing model or config)")
+    version = ckpt.get("format_version")
+    if version != FORMAT_VERSION:
+        raise FlowmnistError(
+            f"{path}: checkpoint format version {version}, this flowmnist reads version {FORMAT_VERSION}"
+        )
+    return ckpt

@@ -1,0 +1,227 @@
+"""MNIST: IDX reading and validation, checksummed download, seeded splits, in-memory batches.
+
+Images stay in memory as uint8 tensors (N, 1, 28, 28) with values 0..255: MNIST is 47 MB at most,
+so there is no DataLoader and no worker overhead.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import os
+import struct
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import FlowmnistError, atomic_write_bytes
+
+
+class DataError(FlowmnistError):
+    """A missing, damaged or inconsistent data file."""
+
+
+# Official file names (stem, without .gz) and the MD5 of the official .gz files.
+FILES = {
+    "train-images": ("train-images-idx3-ubyte", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+    "train-labels": ("train-labels-idx1-ubyte", "d53e105ee54ea40749a09fcbcd1e9432"),
+    "test-images": ("t10k-images-idx3-ubyte", "9fb629c4189551a2d022fa330f9573f3"),
+    "test-labels": ("t10k-labels-idx1-ubyte", "ec29112dd5afa0611ce80d1b7f02629c"),
+}
+# torchvision's mirror list, in its order; LeCun's site now refuses most requests.
+MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+SPLITS = ("train", "val", "test")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("FLOWMNIST_CACHE", Path.home() / ".cache" / "flowmnist")) / "mnist"
+
+
+def parse_idx(buf: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Parse an uncompressed IDX buffer of unsigned bytes; raise DataError on any inconsistency.
+
+    Format: 2 zero bytes, type byte 0x08 (uint8), ndim byte, ndim big-endian uint32 sizes, then data.
+    """
+    if len(buf) < 4:
+        raise DataError(f"{name}: {len(buf)} bytes, too short for an IDX header")
+    if buf[0] != 0 or buf[1] != 0 or buf[2] != 0x08:
+        magic = int.from_bytes(buf[:4], "big")
+        raise DataError(f"{name}: bad magic number 0x{magic:08x} (expected 0x000008NN, unsigned-byte IDX)")
+    ndim = buf[3]
+    if not 1 <= ndim <= 4:
+        raise DataError(f"{name}: IDX header says {ndim} dimensions (expected 1 to 4)")
+    header = 4 + 4 * ndim
+    if len(buf) < header:
+        raise DataError(f"{name}: truncated IDX header ({len(buf)} of {header} bytes)")
+    dims = struct.unpack(f">{ndim}I", buf[4:header])
+    count = math.prod(dims)
+    have = len(buf) - header
+    if have != count:
+        what = "truncated" if have < count else "has trailing bytes"
+        raise DataError(
+            f"{name}: {what}: header {'x'.join(map(str, dims))} needs {count} bytes of data, file has {have}"
+        )
+    return np.frombuffer(buf, dtype=np.uint8, count=count, offset=header).reshape(dims)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read a raw or gzipped (.gz) IDX file."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
+    if path.suffix == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: not a valid gzip file ({e})") from e
+    return parse_idx(raw, str(path))
+
+
+def find_file(root: Path, stem: str) -> Path | None:
+    """The raw file if present, else the .gz one, else None."""
+    for name in (stem, stem + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def download(root: Path, keys=tuple(FILES), mirrors=MIRRORS, timeout: float = 30) -> None:
+    """Fetch the missing official .gz files into ``root``, verifying each MD5. A file is written
+    under a temporary name and renamed only once its checksum matches, so no partial or corrupt
+    file is ever left under the final name."""
+    root.mkdir(parents=True, exist_ok=True)
+    for key in keys:
+        stem, md5 = FILES[key]
+        if find_file(root, stem):
+            continue
+        errors = []
+        for mirror in mirrors:
+            url = mirror + stem + ".gz"
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as r:
+                    data = r.read()
+            except Exception as e:  # URLError, timeouts, HTTP errors: try the next mirror
+                errors.append(f"{url}: {e}")
+                continue
+            if _md5(data) != md5:
+                errors.append(f"{url}: MD5 {_md5(data)} != {md5}, discarded")
+                continue
+            atomic_write_bytes(root / (stem + ".gz"), data)
+            break
+        else:
+            raise DataError(
+                f"could not download {stem}.gz ({'; '.join(errors)}); put the MNIST IDX files "
+                f"({', '.join(s + '[.gz]' for s, _ in FILES.values())}) into {root} or pass --data-dir"
+            )
+
+
+@dataclass
+class MNIST:
+    """Images (uint8, N x 1 x 28 x 28) and labels per split. ``test`` is present only when the
+    directory holds the t10k pair."""
+
+    root: Path
+    images: dict[str, Tensor] = field(default_factory=dict)
+    labels: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s in SPLITS if s in self.images]
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        if name not in SPLITS:
+            raise DataError(f"unknown split {name!r}; choose from {', '.join(SPLITS)}")
+        if name not in self.images:
+            raise DataError(
+                f"{self.root}: the test split needs t10k-images-idx3-ubyte[.gz] and "
+                f"t10k-labels-idx1-ubyte[.gz] in this directory"
+            )
+        return self.images[name], self.labels[name]
+
+
+def _load_pair(root: Path, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
+    img_stem, lab_stem = FILES[f"{kind}-images"][0], FILES[f"{kind}-labels"][0]
+    img_path, lab_path = find_file(root, img_stem), find_file(root, lab_stem)
+    if img_path is None and lab_path is None:
+        return None
+    if img_path is None or lab_path is None:
+        missing = img_stem if img_path is None else lab_stem
+        raise DataError(f"{root}: {missing}[.gz] is missing (its pair is present)")
+    images, labels = read_idx(img_path), read_idx(lab_path)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DataError(f"{img_path}: expected N x 28 x 28 images, header says {'x'.join(map(str, images.shape))}")
+    if labels.ndim != 1:
+        raise DataError(f"{lab_path}: expected a 1-D label file, header says {labels.ndim} dimensions")
+    if len(images) != len(labels):
+        raise DataError(f"{img_path}: {len(images)} images but {lab_path.name} has {len(labels)} labels")
+    if len(images) == 0:
+        raise DataError(f"{img_path}: holds no images")
+    return images, labels
+
+
+def load_mnist(
+    data_dir: str | Path | None = None,
+    split_seed: int = 42,
+    val_fraction: float = 1 / 6,
+) -> MNIST:
+    """Load MNIST from ``data_dir`` (no download: the user named the directory), or from the cache,
+    downloading what is missing. train/val are a seeded split of the training file; test is t10k."""
+    if data_dir is None:
+        root = default_cache_dir()
+        download(root)
+    else:
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise DataError(f"{root}: data directory does not exist")
+    train = _load_pair(root, "train")
+    if train is None:
+        raise DataError(
+            f"{root}: no training data; expected {FILES['train-images'][0]}[.gz] and "
+            f"{FILES['train-labels'][0]}[.gz] (official MNIST IDX files)"
+        )
+    images = torch.from_numpy(train[0].copy()).unsqueeze(1)
+    labels = torch.from_numpy(train[1].copy()).long()
+    n = len(images)
+    n_val = int(round(n * val_fraction))
+    if n - n_val < 1 or n_val < 1:
+        raise DataError(f"{root}: {n} training images are too few to split into train and val")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
+    data = MNIST(root)
+    data.images["train"], data.labels["train"] = images[perm[n_val:]], labels[perm[n_val:]]
+    data.images["val"], data.labels["val"] = images[perm[:n_val]], labels[perm[:n_val]]
+    test = _load_pair(root, "test")
+    if test is not None:
+        data.images["test"] = torch.from_numpy(test[0].copy()).unsqueeze(1)
+        data.labels["test"] = torch.from_numpy(test[1].copy()).long()
+    return data
+
+
+def write_idx(path: str | Path, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file (gzipped if the name ends in .gz); used by tests and tools."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    raw = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    atomic_write_bytes(path, gzip.compress(raw) if str(path).endswith(".gz") else raw)
+
+
+def batches(images: Tensor, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False):
+    """Yield uint8 batches, shuffled by ``generator`` when given."""
+    n = len(images)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for i in range(0, stop, batch_size):
+        yield images[order[i : i + batch_size]]

@@ -1,0 +1,235 @@
+"""Flow layers under one contract.
+
+Every layer is a ``Flow``: an invertible map from the data side to the latent side,
+
+    forward(x) -> (z, ldj)     z = f(x),  ldj = log |det df/dx| per example, shape (batch,)
+    inverse(z) -> x            x = f^{-1}(z)
+
+so that a model's log-likelihood is one loop, log p(x) = log N(z) + sum of ldj (change of variables).
+Two layers bend the contract in a documented way, as in SurVAE flows (Nielsen et al. 2020):
+
+* ``Dequantization`` maps discrete pixels x in {0..255} to a continuous z; its ldj is the
+  log-density correction of the variational bound log P(x) >= E_q[log p(x + u) - log q(u|x)], i.e.
+  -D log 256 (the bin width) - log q(u|x) (0 for uniform noise) + the logit transform's log-Jacobian.
+  Its inverse quantises (floor), so it is a left inverse only.
+* ``Split`` factors half of the channels out to the N(0, I) prior; its "ldj" is that half's prior
+  log-density (Dinh et al. 2017, RealNVP multi-scale), and its inverse takes the factored-out half back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def _sum(t: Tensor) -> Tensor:
+    """Sum over every dimension but the batch: per-example ldj of shape (B,)."""
+    return t.flatten(1).sum(1)
+
+
+def std_normal_log_prob(z: Tensor) -> Tensor:
+    """log N(z; 0, I), summed per example."""
+    return _sum(-0.5 * (z * z + LOG_2PI))
+
+
+class Flow(nn.Module):
+    """An invertible layer: ``forward(x) -> (z, ldj)`` (data to latent) and ``inverse(z) -> x``.
+
+    ``ldj`` is log |det dz/dx| per example, shape (batch,). ``out_shape`` maps a per-example input
+    shape (C, H, W) to the output shape; only layers that change shape override it.
+    """
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def out_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return shape
+
+
+class Logit(Flow):
+    """(0,1) -> R:  z = logit(alpha/2 + (1 - alpha) v).
+
+    The squeeze by alpha keeps the logit finite at v = 0 (RealNVP, Dinh et al. 2017, sec. 4.1).
+    ldj = D log(1 - alpha) + sum(-log s - log(1 - s)),  s = alpha/2 + (1 - alpha) v,
+    written as softplus(z) + softplus(-z) = -log s - log(1 - s) for stability.
+    """
+
+    def __init__(self, alpha: float = 1e-5):
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        s = self.alpha / 2 + (1 - self.alpha) * v
+        z = torch.log(s) - torch.log1p(-s)
+        ldj = _sum(F.softplus(z) + F.softplus(-z)) + v[0].numel() * math.log1p(-self.alpha)
+        return z, ldj
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return (torch.sigmoid(z) - self.alpha / 2) / (1 - self.alpha)
+
+
+class Sigmoid(Flow):
+    """R -> (0,1):  z = sigmoid(x),  ldj = sum(log s(x) + log s(-x)) = -sum(softplus(-x) + softplus(x))."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.sigmoid(x), -_sum(F.softplus(x) + F.softplus(-x))
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return torch.log(z) - torch.log1p(-z)
+
+
+def checkerboard_mask(h: int, w: int, invert: bool = False) -> Tensor:
+    """(1,1,h,w) mask, 1 where (i + j) is odd: the pixels a coupling keeps (and conditions on)."""
+    i, j = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    mask = ((i + j) % 2).float().view(1, 1, h, w)
+    return 1 - mask if invert else mask
+
+
+def channel_mask(c: int, invert: bool = False) -> Tensor:
+    """(1,c,1,1) mask, 1 on the first half of the channels."""
+    mask = torch.cat([torch.ones(c // 2), torch.zeros(c - c // 2)]).view(1, c, 1, 1)
+    return 1 - mask if invert else mask
+
+
+class AffineCoupling(Flow):
+    """Masked affine coupling (RealNVP): the masked part passes through and conditions the rest.
+
+        s, t = net(x * m [, cond]);   s <- tanh(s / e^c) e^c   (scale bounded by a learnable e^c)
+        z = x * m + (1 - m) * (x + t) * exp(s),     ldj = sum((1 - m) s)
+
+    The tanh bound (Lippe's tutorial; Flow++ uses a similar soft clamp) keeps exp(s) from exploding
+    early in training. ``cond`` (e.g. the image, for variational dequantization) is concatenated
+    to the net's input.
+    """
+
+    def __init__(self, net: nn.Module, mask: Tensor, c_in: int):
+        super().__init__()
+        self.net = net
+        self.scale_factor = nn.Parameter(torch.zeros(c_in))
+        self.register_buffer("mask", mask)
+
+    def _scale_shift(self, x: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+        h = x * self.mask
+        if cond is not None:
+            h = torch.cat([h, cond], dim=1)
+        s, t = self.net(h).chunk(2, dim=1)
+        fac = self.scale_factor.exp().view(1, -1, 1, 1)
+        s = torch.tanh(s / fac) * fac
+        free = 1 - self.mask
+        return s * free, t * free
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        s, t = self._scale_shift(x, cond)
+        return (x + t) * torch.exp(s), _sum(s)
+
+    def inverse(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
+        # The masked part of z equals that of x, so the net sees the same input as in forward.
+        s, t = self._scale_shift(z, cond)
+        return z * torch.exp(-s) - t
+
+
+class Squeeze(Flow):
+    """2x2 space-to-depth: (C, H, W) -> (4C, H/2, W/2); a permutation, so ldj = 0.
+
+    Channel c*4 + 2*di + dj of the output holds input channel c at offset (di, dj) of each 2x2 block.
+    """
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, c, h, w = x.shape
+        z = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
+        return z.reshape(b, 4 * c, h // 2, w // 2), x.new_zeros(b)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        b, c, h, w = z.shape
+        x = z.reshape(b, c // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)
+        return x.reshape(b, c // 4, 2 * h, 2 * w)
+
+    def out_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        c, h, w = shape
+        return (4 * c, h // 2, w // 2)
+
+
+class Split(Flow):
+    """Factor out the second half of the channels to the N(0, I) prior (RealNVP multi-scale).
+
+    forward(x) -> (x_kept, log N(x_out)): the factored-out part's prior log-density takes the place
+    of an ldj, so the model's log-likelihood stays one loop. ``split`` also returns x_out, for
+    exact encoding; ``inverse(z, z_out)`` puts it back.
+    """
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        kept, out = x.chunk(2, dim=1)
+        return kept, out, std_normal_log_prob(out)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        kept, _, logp = self.split(x)
+        return kept, logp
+
+    def inverse(self, z: Tensor, z_out: Tensor | None = None) -> Tensor:
+        if z_out is None:  # a sample from the prior
+            z_out = torch.randn_like(z)
+        return torch.cat([z, z_out], dim=1)
+
+    def out_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        c, h, w = shape
+        if c % 2:
+            raise ValueError(f"Split needs an even channel count, got {c}")
+        return (c // 2, h, w)
+
+
+class Dequantization(Flow):
+    """Discrete pixels {0..255} -> continuous logit space, uniform or variational.
+
+    Uniform (Theis et al. 2016; RealNVP): u ~ U[0,1)^D.  Variational (Flow++, Ho et al. 2019):
+    u = sigmoid(g(logit(u0); x)), u0 ~ U[0,1)^D, with g a stack of checkerboard couplings conditioned
+    on the image, so q(u|x) = 1 / |det du/du0|.  Then v = (x + u) / 256 and z = logit(v).
+
+        ldj = log|det du/du0|  (= -log q(u|x); 0 for uniform)  - D log 256  + logit ldj
+
+    With ``noise`` = u0 given, the map u0 -> z is a bijection whose log-Jacobian is exactly ``ldj``
+    (what the contract test checks); log N(z) + ldj of the whole model is then a one-sample
+    unbiased estimate of the variational lower bound on log P(x).
+    """
+
+    def __init__(self, alpha: float = 1e-5, noise_flows: list[AffineCoupling] | None = None):
+        super().__init__()
+        self.logit = Logit(alpha)
+        self.noise_flows = nn.ModuleList(noise_flows or [])
+        self.noise_logit = Logit(alpha)
+        self.noise_sigmoid = Sigmoid()
+
+    @property
+    def variational(self) -> bool:
+        return len(self.noise_flows) > 0
+
+    def noise(self, x: Tensor, u0: Tensor) -> tuple[Tensor, Tensor]:
+        """u0 ~ U[0,1) -> u ~ q(u|x); returns (u, log|det du/du0|) = (u, -log q(u|x))."""
+        if not self.variational:
+            return u0, x.new_zeros(x.shape[0])
+        cond = x / 255 * 2 - 1  # the image, scaled to [-1, 1], conditions every noise coupling
+        h, ldj = self.noise_logit(u0)
+        for flow in self.noise_flows:
+            h, l = flow(h, cond=cond)
+            ldj = ldj + l
+        u, l = self.noise_sigmoid(h)
+        return u, ldj + l
+
+    def forward(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x: float tensor of integer pixel values in [0, 255]; noise: u0 in [0,1), drawn if None."""
+        u0 = torch.rand_like(x) if noise is None else noise
+        u, ldj = self.noise(x, u0)
+        z, l = self.logit((x + u) / 256)
+        return z, ldj + l - x[0].numel() * math.log(256)
+
+    def inverse(self, z: Tensor) -> Tensor:
+        """Quantise: x = floor(256 v), clamped to 0..255, as uint8."""
+        v = self.logit.inverse(z)
+        return torch.floor(v * 256).clamp(0, 255).to(torch.uint8)
