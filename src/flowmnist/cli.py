@@ -95,7 +95,15 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_run, results_table
 
-    r = evaluate_run(a.run_dir, a.split, a.importance_samples, _data_dir(a.data_dir), a.max_images, a.device)
+    r = evaluate_run(
+        a.run_dir,
+        a.split,
+        a.importance_samples,
+        _data_dir(a.data_dir),
+        a.max_images,
+        a.device,
+        timing_reps=a.timing_reps,
+    )
     print(json.dumps(r) if a.json else results_table([r]))
     return 0
 
@@ -171,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--data-dir", help="evaluate on this directory (default: the run's own data)")
     e.add_argument("--max-images", type=_positive_int, help="evaluate only the first N images of each split")
+    e.add_argument("--timing-reps", type=_positive_int, default=5, help="timed repetitions (median; default 5)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--device", default="cpu")
     e.set_defaults(func=cmd_evaluate)

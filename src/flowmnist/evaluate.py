@@ -61,7 +61,7 @@ def dataset_bpd(
     """(importance-weighted bpd over k dequantization samples, single-sample bpd averaged over the
     same k draws) for the uint8 ``images``. The noise is seeded inside a forked RNG, so evaluation
     is reproducible and leaves the caller's random stream untouched. NaNs propagate to the mean."""
-    device = next(model.parameters()).device
+    device = model.device
     fork = [device] if device.type == "cuda" else []
     scale = -1.0 / (model.dims * math.log(2))
     iw_sum = single_sum = 0.0
@@ -90,7 +90,7 @@ def _median_ms(fn, reps: int) -> float:
 @torch.inference_mode()
 def timings(model: FlowModel, images: Tensor, reps: int = 5) -> dict[str, float]:
     """Median ms for log_prob on a batch of 64, and for sampling 64 images."""
-    x = images[:64].to(next(model.parameters()).device)
+    x = images[:64].to(model.device)
     return {
         "inference_ms_per_64": round(_median_ms(lambda: model.log_prob_single(x), reps), 2),
         "sampling_ms_per_64": round(_median_ms(lambda: model.sample(64), reps), 2),
@@ -105,6 +105,7 @@ def evaluate_run(
     max_images: int | None = None,
     device: str = "cpu",
     seed: int = 0,
+    timing_reps: int = 5,
 ) -> dict[str, Any]:
     """Evaluate a run's best checkpoint; writes results.json into the run directory."""
     from .data import load_mnist
@@ -124,7 +125,7 @@ def evaluate_run(
         "bpd_single_sample": single,
         "importance_samples": k,
         "images": counts,
-        **timings(model, data.images["val"]),
+        **timings(model, data.images["val"], timing_reps),
         "data_dir": str(data.root),
         "checkpoint": str(checkpoint_path(run)),
         "threads": torch.get_num_threads(),

@@ -58,12 +58,17 @@ class FlowModel(nn.Module):
         self.latent_shapes = [shape] + pieces[::-1]
         self.dims = math.prod(self.image_shape)
 
+    def _ref(self) -> Tensor:
+        """A tensor carrying the model's device and float dtype (a flow may have no parameters)."""
+        return next(self.parameters(), torch.empty(0))
+
     @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+    def device(self) -> torch.device:
+        return self._ref().device
 
     def _prep(self, x: Tensor) -> Tensor:
-        return x.to(device=next(self.parameters()).device, dtype=self.dtype)
+        ref = self._ref()
+        return x.to(device=ref.device, dtype=ref.dtype)
 
     def log_prob_single(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
         """One-sample estimate of the ELBO on log P(x) in nats, shape (B,). x: pixels in 0..255."""
@@ -119,8 +124,8 @@ class FlowModel(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
         """n uint8 images from the model; the prior's std is scaled by ``temperature``."""
-        p = next(self.parameters())
-        latent = torch.randn(n, self.dims, generator=generator, device=p.device, dtype=p.dtype)
+        ref = self._ref()
+        latent = torch.randn(n, self.dims, generator=generator, device=ref.device, dtype=ref.dtype)
         return self.decode(latent * temperature)
 
 

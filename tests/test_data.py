@@ -1,0 +1,174 @@
+"""IDX reading and validation, splits, the test split, and the checksummed download."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+
+import numpy as np
+import pytest
+
+from flowmnist import data as D
+from flowmnist.data import DataError, load_mnist, parse_idx, read_idx, write_idx
+
+from .conftest import write_mnist_dir
+
+
+def _idx(dims, payload=None, magic=b"\x00\x00\x08"):
+    count = int(np.prod(dims))
+    payload = bytes(range(256)) * (count // 256 + 1) if payload is None else payload
+    return magic + bytes([len(dims)]) + struct.pack(f">{len(dims)}I", *dims) + payload[:count]
+
+
+def test_parse_valid_idx():
+    arr = parse_idx(_idx((3, 2, 2)))
+    assert arr.shape == (3, 2, 2) and arr.dtype == np.uint8
+    assert arr.ravel().tolist() == list(range(12))
+
+
+@pytest.mark.parametrize(
+    "buf, message",
+    [
+        (b"", "too short"),
+        (b"\x00\x00\x09\x03" + bytes(20), "bad magic number 0x00000903"),
+        (b"\x00\x00\x08\x00", "0 dimensions"),
+        (b"\x00\x00\x08\x03\x00\x00", "truncated IDX header"),
+        (_idx((10, 28, 28))[:-1], "truncated"),
+        (_idx((2, 2)) + b"\x00", "trailing bytes"),
+    ],
+)
+def test_parse_rejects_damage(buf, message):
+    with pytest.raises(DataError, match=message):
+        parse_idx(buf, "f.idx")
+
+
+def test_read_raw_and_gzip_alike(tmp_path):
+    arr = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    write_idx(tmp_path / "a", arr)
+    write_idx(tmp_path / "a.gz", arr)
+    assert np.array_equal(read_idx(tmp_path / "a"), arr)
+    assert np.array_equal(read_idx(tmp_path / "a.gz"), arr)
+
+
+def test_bad_gzip_names_the_file(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(_idx((2, 28, 28)))[:-10])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: not a valid gzip file"):
+        read_idx(path)
+
+
+def test_splits_take_counts_from_header(tmp_path):
+    root = write_mnist_dir(tmp_path, 120, gz=False)
+    data = load_mnist(root)
+    assert data.splits == ["train", "val"]
+    assert len(data.images["train"]) == 100 and len(data.images["val"]) == 20  # 5/6 : 1/6
+    assert data.images["train"].dtype.is_floating_point is False
+    assert tuple(data.images["train"].shape[1:]) == (1, 28, 28)
+    # The split is seeded: same images each time; and train and val are disjoint and complete.
+    again = load_mnist(root)
+    assert (again.images["val"] == data.images["val"]).all()
+    all_imgs = read_idx(root / "train-images-idx3-ubyte")
+    seen = {bytes(x.numpy().tobytes()) for x in [*data.images["train"], *data.images["val"]]}
+    assert seen == {bytes(x.tobytes()) for x in all_imgs[:, None]}
+
+
+def test_full_mnist_split_is_50k_10k(monkeypatch, tmp_path):
+    """The split sizes for a 60,000-image file, without writing one: patch the reader."""
+    monkeypatch.setattr(
+        D,
+        "_load_pair",
+        lambda root, kind: (
+            (np.zeros((60000, 28, 28), np.uint8), np.zeros(60000, np.uint8)) if kind == "train" else None
+        ),
+    )
+    data = load_mnist(tmp_path)
+    assert len(data.images["train"]) == 50000 and len(data.images["val"]) == 10000
+
+
+def test_test_split_from_t10k_files(tiny_data):
+    data = load_mnist(tiny_data)
+    assert data.splits == ["train", "val", "test"]
+    images, labels = data.split("test")
+    assert images.shape == (16, 1, 28, 28) and labels.shape == (16,)
+
+
+def test_missing_test_split_fails_clearly(tmp_path):
+    data = load_mnist(write_mnist_dir(tmp_path, 60))
+    with pytest.raises(DataError, match="test split needs t10k-images-idx3-ubyte"):
+        data.split("test")
+
+
+def test_directory_problems(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_mnist(tmp_path / "nope")
+    with pytest.raises(DataError, match="no training data"):
+        load_mnist(tmp_path)
+    root = write_mnist_dir(tmp_path / "d", 30)
+    write_idx(root / "train-labels-idx1-ubyte.gz", np.zeros(29, np.uint8))
+    with pytest.raises(DataError, match="30 images but train-labels-idx1-ubyte.gz has 29 labels"):
+        load_mnist(root)
+    write_idx(root / "train-labels-idx1-ubyte.gz", np.zeros((30, 2), np.uint8))
+    with pytest.raises(DataError, match="expected a 1-D label file"):
+        load_mnist(root)
+    (root / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte\\[.gz\\] is missing"):
+        load_mnist(root)
+
+
+def test_real_subset_header_count(real_subset):
+    data = load_mnist(real_subset)
+    assert len(data.images["train"]) + len(data.images["val"]) == 1200
+    assert data.images["train"].float().mean() > 20  # real digits: mostly black, some ink
+
+
+class _FakeResponse:
+    def __init__(self, payload: bytes):
+        self.payload = payload
+
+    def read(self):
+        return self.payload
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_download_verifies_md5_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    good = gzip.compress(_idx((1,)))
+    md5 = hashlib.md5(good).hexdigest()
+    monkeypatch.setitem(D.FILES, "test-labels", ("t10k-labels-idx1-ubyte", md5))
+    calls = []
+
+    def fake_urlopen(url, timeout):
+        calls.append(url)
+        if url.startswith("https://bad/"):
+            return _FakeResponse(b"corrupt bytes")
+        if url.startswith("https://down/"):
+            raise OSError("connection refused")
+        return _FakeResponse(good)
+
+    monkeypatch.setattr(D.urllib.request, "urlopen", fake_urlopen)
+    with pytest.raises(DataError, match="MD5 .* discarded.*pass --data-dir"):
+        D.download(tmp_path, keys=("test-labels",), mirrors=("https://bad/", "https://down/"))
+    assert list(tmp_path.iterdir()) == []  # nothing under the final name, no temp file left
+
+    D.download(tmp_path, keys=("test-labels",), mirrors=("https://bad/", "https://good/"))
+    assert [p.name for p in tmp_path.iterdir()] == ["t10k-labels-idx1-ubyte.gz"]
+    assert (tmp_path / "t10k-labels-idx1-ubyte.gz").read_bytes() == good
+    assert calls[-1] == "https://good/t10k-labels-idx1-ubyte.gz"
+
+
+def test_offline_message_names_files_and_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWMNIST_CACHE", str(tmp_path / "cache"))
+
+    def offline(url, timeout):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(D.urllib.request, "urlopen", offline)
+    with pytest.raises(DataError) as e:
+        load_mnist(None)
+    msg = str(e.value)
+    assert "train-images-idx3-ubyte" in msg and str(tmp_path / "cache" / "mnist") in msg and "--data-dir" in msg
