@@ -1,5 +1,4 @@
-"""Command line: `flowmnist train | evaluate | table | sample`, and the figures
-`curves | samples | interpolate | dequant | concepts | report`. Each subcommand is a small function
+"""Command line: `flowmnist train | evaluate | table | sample`. Each subcommand is a small function
 calling the modules; user errors print one line and exit 2 (`--debug` shows the traceback)."""
 
 from __future__ import annotations
