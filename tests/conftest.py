@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic MNIST-like IDX directories, and the real 10k subset when present."""
+"""Shared fixtures: small synthetic MNIST-like IDX directories, the real 10k subset when present, and one
+tiny trained run made once per session (for the figure and report tests)."""
 
 from __future__ import annotations
 
@@ -13,22 +14,26 @@ from flowmnist.data import FILES, read_idx, write_idx
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+N_FIGURE_IMAGES = 240  # train 200 / val 40: a few steps and two interpolation pairs, fast on CPU
 REAL_DATA = Path(os.environ.get("FLOWMNIST_TEST_DATA", Path(__file__).resolve().parents[2] / "shared/data/mnist-10k"))
 
 
 def synthetic_digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """n 28x28 uint8 'digits': a bright stroke (a thick line through the centre at a random angle)
-    on a black background, so the data has MNIST's heavy mass at 0 and some structure to learn."""
+    """n uint8 28x28 images of ten stroke patterns (label = pattern), mostly 0 with saturated strokes."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:28, 0:28] - 13.5
-    imgs = np.zeros((n, 28, 28), dtype=np.uint8)
-    for i in range(n):
-        a = rng.uniform(0, np.pi)
-        dist = np.abs(xx * np.sin(a) - yy * np.cos(a))
-        stroke = np.clip(1.5 - dist / 1.5, 0, 1) * (np.hypot(xx, yy) < 10)
-        imgs[i] = np.round(255 * stroke).astype(np.uint8)
     labels = rng.integers(0, 10, n).astype(np.uint8)
-    return imgs, labels
+    yy, xx = np.mgrid[0:28, 0:28]
+    images = np.zeros((n, 28, 28), dtype=np.float64)
+    for i, k in enumerate(labels):
+        cy, cx = 14 + rng.normal(0, 1.5), 14 + rng.normal(0, 1.5)
+        angle = k * np.pi / 10
+        r = 4 + k % 4 * 1.5
+        # a ring of radius r plus a bar at an angle set by the label
+        ring = np.exp(-((np.hypot(yy - cy, xx - cx) - r) ** 2) / 1.5)
+        d = np.abs((yy - cy) * np.cos(angle) - (xx - cx) * np.sin(angle))
+        bar = np.exp(-(d**2) / 1.2) * (np.hypot(yy - cy, xx - cx) < 10)
+        images[i] = np.clip(1.6 * np.maximum(ring * (k % 2 == 0), bar), 0, 1)
+    return (images * 255).round().astype(np.uint8), labels
 
 
 def write_mnist_dir(root: Path, n_train: int, n_test: int = 0, gz: bool = True, seed: int = 0) -> Path:
@@ -73,3 +78,28 @@ def real_subset(tmp_path_factory) -> Path:
     write_idx(out / (FILES["train-images"][0] + ".gz"), imgs)
     write_idx(out / (FILES["train-labels"][0] + ".gz"), labels)
     return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("mnist")
+    real = os.environ.get("FLOWMNIST_TEST_DATA")
+    if real and Path(real, "train-images-idx3-ubyte.gz").is_file():
+        images = read_idx(Path(real, "train-images-idx3-ubyte.gz"))[:N_FIGURE_IMAGES]
+        labels = read_idx(Path(real, "train-labels-idx1-ubyte.gz"))[:N_FIGURE_IMAGES]
+    else:
+        images, labels = synthetic_digits(N_FIGURE_IMAGES)
+    write_idx(d / "train-images-idx3-ubyte.gz", images)
+    write_idx(d / "train-labels-idx1-ubyte.gz", labels)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_run(data_dir, tmp_path_factory) -> Path:
+    """A `simple` (uniform dequantization) model trained for one short epoch."""
+    from flowmnist.config import Config
+    from flowmnist.train import train
+
+    run = tmp_path_factory.mktemp("runs") / "simple"
+    train(Config(model="simple", data_dir=str(data_dir), epochs=1, batch_size=16, log_every=1), run, progress=False)
+    return run

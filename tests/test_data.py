@@ -8,11 +8,10 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import write_mnist_dir
 
 from flowmnist import data as D
 from flowmnist.data import DataError, load_mnist, parse_idx, read_idx, write_idx
-
-from .conftest import write_mnist_dir
 
 
 def _idx(dims, payload=None, magic=b"\x00\x00\x08"):

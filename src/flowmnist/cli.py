@@ -140,6 +140,156 @@ def cmd_sample(a: argparse.Namespace) -> int:
     return 0
 
 
+# --- Figures and report (flowmnist.figures, flowmnist.toy, flowmnist.report) ---------------------
+
+
+def _out_dir(arg: str) -> Path:
+    out = Path(arg)
+    if out.exists() and not out.is_dir():
+        raise FlowmnistError(f"--out {out}: exists and is not a directory")
+    _writable_parent(out / "x", "--out")
+    return out
+
+
+def _print_paths(paths) -> int:
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_curves(a: argparse.Namespace) -> int:
+    from .figures import plot_curves
+
+    return _print_paths(plot_curves(a.run_dirs, _out_dir(a.out)))
+
+
+def cmd_samples(a: argparse.Namespace) -> int:
+    from .figures import plot_samples
+
+    return _print_paths(plot_samples(a.run_dirs, _out_dir(a.out), a.n, a.seed, a.temperature, a.device))
+
+
+def cmd_interpolate(a: argparse.Namespace) -> int:
+    from .figures import plot_interpolations
+
+    out = _out_dir(a.out)
+    paths = plot_interpolations(
+        a.run_dirs, out, a.pairs, a.steps, a.seed, a.spherical, _data_dir(a.data_dir) if a.data_dir else None, a.device
+    )
+    return _print_paths(paths)
+
+
+def cmd_dequant(a: argparse.Namespace) -> int:
+    from .figures import plot_dequant
+
+    out = _out_dir(a.out)
+    data_dir = _data_dir(a.data_dir) if a.data_dir else None
+    return _print_paths(plot_dequant(a.run_dirs, out, a.images, a.draws, a.seed, data_dir, a.device))
+
+
+def _toy_fit(probs: list[float], seed: int):
+    """Fit the toy models; a renormalisation notice goes to stderr as one line."""
+    import warnings
+
+    from .toy import fit_toy
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = fit_toy(probs, seed)
+    for w in caught:
+        print(f"flowmnist: note: {w.message}", file=sys.stderr)
+    return fit
+
+
+def cmd_concepts(a: argparse.Namespace) -> int:
+    from .toy import plot_concepts
+
+    out = _out_dir(a.out)
+    return _print_paths(plot_concepts(_toy_fit(a.probs, a.seed), out))
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from .report import build_report
+
+    out = _out_dir(a.out)
+    data_dir = _data_dir(a.data_dir) if a.data_dir else None
+    index = build_report(
+        a.run_dirs,
+        out,
+        seed=a.seed,
+        pairs=a.pairs,
+        steps=a.steps,
+        samples=a.n,
+        dequant_images=a.images,
+        probs=a.probs,
+        data_dir=data_dir,
+        device=a.device,
+        notice=lambda msg: print(f"flowmnist report: note: {msg}", file=sys.stderr),
+    )
+    print(index)
+    return 0
+
+
+def _add_figure_commands(sub) -> None:
+    from .toy import DEFAULT_PROBS
+
+    def runs(p, help_text: str):
+        p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+        p.add_argument("--out", required=True, help=help_text)
+
+    def data_and_device(p):
+        p.add_argument("--data-dir", help="real digits from this directory (default: each run's own data)")
+        p.add_argument("--device", default="cpu")
+
+    c = sub.add_parser("curves", help="train and val bpd vs step of one or more runs (train_log.png, val_log.png)")
+    runs(c, "output folder")
+    c.set_defaults(func=cmd_curves)
+
+    s = sub.add_parser("samples", help="the runs' sample grids side by side (samples.png)")
+    runs(s, "output folder")
+    s.add_argument("--n", type=_positive_int, default=36, help="samples per run (default 36)")
+    s.add_argument("--seed", type=_nonneg_int, default=0)
+    s.add_argument("--temperature", type=_positive_float, default=1.0, help="prior std scale (1.0: exact)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_samples)
+
+    i = sub.add_parser("interpolate", help="latent walks between real digits (interpolation.png)")
+    runs(i, "output folder")
+    i.add_argument("--pairs", type=_positive_int, default=2, help="digit pairs per run (default 2)")
+    i.add_argument("--steps", type=_positive_int, default=8, help="images per walk, ends included (default 8)")
+    i.add_argument("--seed", type=_nonneg_int, default=0, help="chooses the digit pairs (encoding is deterministic)")
+    i.add_argument("--spherical", action="store_true", help="spherical (slerp) instead of linear interpolation")
+    data_and_device(i)
+    i.set_defaults(func=cmd_interpolate)
+
+    d = sub.add_parser("dequant", help="distribution of the dequantized values v = x + u (dequant_MODEL.png)")
+    runs(d, "output folder")
+    d.add_argument("--images", type=_positive_int, default=64, help="real digits to dequantize (default 64)")
+    d.add_argument("--draws", type=_positive_int, default=1, help="noise draws per digit (default 1)")
+    d.add_argument("--seed", type=_nonneg_int, default=0)
+    data_and_device(d)
+    d.set_defaults(func=cmd_dequant)
+
+    k = sub.add_parser("concepts", help="dequantization explained on a toy 1-D distribution (concept_*.png)")
+    k.add_argument("--out", required=True, help="output folder")
+    k.add_argument(
+        "--probs", type=float, nargs="+", default=list(DEFAULT_PROBS), help="probabilities of 0, 1, ... (normalised)"
+    )
+    k.add_argument("--seed", type=_nonneg_int, default=0)
+    k.set_defaults(func=cmd_concepts)
+
+    r = sub.add_parser("report", help="all figures and the results table in one static index.html")
+    runs(r, "output folder (index.html and the PNGs)")
+    r.add_argument("--n", type=_positive_int, default=36, help="samples per run (default 36)")
+    r.add_argument("--pairs", type=_positive_int, default=2)
+    r.add_argument("--steps", type=_positive_int, default=8)
+    r.add_argument("--images", type=_positive_int, default=64, help="digits for the dequantization figure")
+    r.add_argument("--probs", type=float, nargs="+", default=list(DEFAULT_PROBS), help="toy distribution")
+    r.add_argument("--seed", type=_nonneg_int, default=0)
+    data_and_device(r)
+    r.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="flowmnist", description="Normalizing flows on MNIST: train, evaluate, sample.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -196,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=_positive_float, default=1.0, help="prior std scale (1.0: exact)")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_sample)
+
+    _add_figure_commands(sub)
     return p
 
 

@@ -1,0 +1,98 @@
+"""The static HTML report: its content, and every image loading in a headless browser."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from helpers import assert_png
+
+from flowmnist.cli import main
+from flowmnist.report import markdown_table_html
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+]
+
+
+def test_markdown_table_html_escapes_and_aligns():
+    md = "| Model | bpd |\n|---|---:|\n| <b>x</b> | 1.000 |"
+    out = markdown_table_html(md)
+    assert "<th>Model</th>" in out and "&lt;b&gt;x&lt;/b&gt;" in out and "<b>" not in out
+    assert '<td class="num">1.000</td>' in out and "<td>&lt;b&gt;x&lt;/b&gt;</td>" in out
+
+
+@pytest.fixture(scope="module")
+def report(tiny_run, tmp_path_factory) -> Path:
+    # A results.json as `flowmnist evaluate` writes it (evaluating for real would only add minutes).
+    results = {
+        "model": "simple",
+        "params": 556312,
+        "bpd": {"train": 2.5, "val": 2.75},
+        "inference_ms_per_64": 900.0,
+        "sampling_ms_per_64": 1000.0,
+    }
+    (tiny_run / "results.json").write_text(json.dumps(results))
+    out = tmp_path_factory.mktemp("report")
+    assert main(["report", str(tiny_run), "--out", str(out), "--n", "16", "--images", "16", "--steps", "5"]) == 0
+    return out / "index.html"
+
+
+def test_report_links_local_images_only(report):
+    page = report.read_text()
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert len(srcs) == 9  # 2 curves, samples, 2 interpolations, 1 dequant, 3 concepts
+    for src in srcs:
+        assert not src.startswith(("/", "http:", "https:", "file:")), src
+        assert_png(report.parent / src)
+    assert not re.search(r"(src|href)=\"(https?:)?//", page)  # nothing fetched from the network
+    assert "<td>simple</td>" in page and '<td class="num">2.750</td>' in page  # the results table
+    assert "&quot;model&quot;: &quot;simple&quot;" in page  # the run config
+    assert "flowmnist interpolate " in page and "flowmnist report " in page  # the commands
+
+
+def _dump_dom(index: Path) -> str:
+    with tempfile.TemporaryDirectory() as profile:
+        cmd = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom"]
+        done = subprocess.run([*cmd, index.as_uri()], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def _body_flags(dom: str) -> tuple[str | None, str | None]:
+    body = re.search(r"<body([^>]*)>", dom)
+    assert body, "no <body> in the dumped DOM"
+    ok = re.search(r'data-images-ok="(\w+)"', body.group(1))
+    count = re.search(r'data-images-count="(\d+)"', body.group(1))
+    return (ok and ok.group(1)), (count and count.group(1))
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="chromium not installed (apt-get install chromium) - skipping browser check"
+)
+def test_report_renders_with_every_image_loaded(report, tmp_path):
+    assert _body_flags(_dump_dom(report)) == ("true", "9")
+    # A screenshot renders too (the page lays out offline).
+    with tempfile.TemporaryDirectory() as profile:
+        shot = tmp_path / "shot.png"
+        cmd = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--window-size=1200,2400", f"--screenshot={shot}"]
+        subprocess.run([*cmd, report.as_uri()], capture_output=True, timeout=120, check=True)
+    assert_png(shot, min_w=1000, min_h=2000)
+    # The check can fail: a copy of the report with one image broken reports it.
+    broken = tmp_path / "broken"
+    shutil.copytree(report.parent, broken)
+    (broken / "samples.png").write_bytes(b"not a png")
+    assert _body_flags(_dump_dom(broken / "index.html")) == ("false", "9")
