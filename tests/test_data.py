@@ -89,7 +89,7 @@ def test_test_split_from_t10k_files(tiny_data):
     data = load_mnist(tiny_data)
     assert data.splits == ["train", "val", "test"]
     images, labels = data.split("test")
-    assert images.shape == (16, 1, 28, 28) and labels.shape == (16,)
+    assert images.shape == (8, 1, 28, 28) and labels.shape == (8,)
 
 
 def test_missing_test_split_fails_clearly(tmp_path):

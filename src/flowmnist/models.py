@@ -66,6 +66,10 @@ class FlowModel(nn.Module):
     def device(self) -> torch.device:
         return self._ref().device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._ref().dtype
+
     def _prep(self, x: Tensor) -> Tensor:
         ref = self._ref()
         return x.to(device=ref.device, dtype=ref.dtype)

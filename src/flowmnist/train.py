@@ -114,6 +114,8 @@ def train(
         probe.unlink()
     except OSError as e:
         raise FlowmnistError(f"{run_dir}: cannot write to the run directory ({e.strerror or e})") from e
+    for stale in run_dir.glob(".*.tmp"):  # left by a write that a kill -9 interrupted
+        stale.unlink()
 
     data = load_mnist(cfg.data_dir, cfg.split_seed, cfg.val_fraction)
     train_x, val_x = data.images["train"], data.images["val"]
@@ -126,6 +128,7 @@ def train(
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.lr_decay)
     st = {"step": 0, "epoch": 0, "batch": 0, "seconds": 0.0, "best_val": math.inf, "nonfinite": 0}
     rows: list[dict[str, Any]] = []
+    running: list[float] = []  # train bpd of the steps since the last train row
 
     if resume:
         ckpt = load_checkpoint(run_dir / "last.pt")
@@ -140,6 +143,7 @@ def train(
         sched.load_state_dict(ckpt["scheduler"])
         st.update(ckpt["state"])
         torch.set_rng_state(ckpt["rng"])
+        running = st.pop("running", [])  # the train-bpd average in progress when the run stopped
         # Drop log rows written after this checkpoint: they will be produced again.
         rows = read_metrics(run_dir)[: ckpt["metrics_rows"]]
     _write_metrics(run_dir / "metrics.csv", rows)
@@ -174,7 +178,7 @@ def train(
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
-                "state": dict(st),
+                "state": {**st, "running": list(running)},
                 "rng": torch.get_rng_state(),
                 "metrics_rows": len(rows),
             },
@@ -199,7 +203,7 @@ def train(
         return val
 
     stopped_by = "epochs"
-    running, consecutive_bad = [], 0
+    consecutive_bad = 0
     model.train()
     with _StopFlag() as stop:
         while st["epoch"] < cfg.epochs:
@@ -255,8 +259,9 @@ def train(
                 checkpoint()
                 continue
             break
-        if running:
+        if running and not stopped_by.startswith("SIG"):  # a signal stop carries it in the checkpoint
             log("train", sum(running) / len(running))
+            running = []
         # A budget stop ends with a validation (the run's final val bpd); a signal stops at once.
         if stopped_by == "minutes" and (not rows or rows[-1]["split"] != "val" or rows[-1]["step"] != st["step"]):
             validate()

@@ -1,0 +1,318 @@
+"""Nothing lost, nothing let in: fuzzed IDX input, kills at random points, signals, crafted checkpoints."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_mnist_dir
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flowmnist import config as C
+from flowmnist.cli import main
+from flowmnist.config import Config, FlowmnistError, load_checkpoint, save_checkpoint
+from flowmnist.data import DataError, parse_idx, read_idx, write_idx
+from flowmnist.evaluate import load_model
+from flowmnist.models import build_model
+from flowmnist.train import read_metrics
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+# --- bad data input ---------------------------------------------------------------------------
+
+
+def _valid_idx(dims: tuple[int, ...], seed: int = 0) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, dims, dtype=np.uint8)
+    return bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims) + arr.tobytes()
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=64))
+def test_fuzz_random_bytes(buf):
+    """Random bytes: a valid array or the project's DataError, never anything else."""
+    try:
+        arr = parse_idx(buf)
+    except DataError:
+        return
+    assert arr.dtype == np.uint8 and arr.size == len(buf) - 4 - 4 * buf[3]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dims=st.lists(st.integers(0, 6), min_size=1, max_size=4),
+    cut=st.integers(0, 400),
+    flip=st.tuples(st.integers(0, 30), st.integers(0, 255)),
+    gz=st.booleans(),
+)
+def test_fuzz_truncated_and_corrupted_files(tmp_path_factory, dims, cut, flip, gz):
+    """Valid IDX files, truncated at a random point and with one random byte changed, raw or gzipped:
+    read_idx returns an array consistent with its header or raises DataError."""
+    buf = bytearray(_valid_idx(tuple(dims)))
+    if flip[0] < len(buf):
+        buf[flip[0]] = flip[1]
+    data = bytes(buf)
+    if gz:
+        data = gzip.compress(data)
+    data = data[: len(data) - min(cut, len(data))] if cut % 3 else data
+    path = tmp_path_factory.mktemp("fuzz") / ("f.idx.gz" if gz else "f.idx")
+    path.write_bytes(data)
+    try:
+        arr = read_idx(path)
+    except DataError as e:
+        assert str(path) in str(e)
+        return
+    assert arr.dtype == np.uint8 and arr.ndim >= 1
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("magic", "bad magic number"),
+        ("ndim", "expected N x 28 x 28 images"),
+        ("count", "truncated"),
+        ("gz-truncated", "not a valid gzip file"),
+        ("not-gz", "not a valid gzip file"),
+        ("counts-differ", "images but train-labels-idx1-ubyte.gz has"),
+        ("empty", "too short for an IDX header"),
+        ("no-dir", "data directory does not exist"),
+    ],
+)
+def test_cli_reports_damaged_data_in_one_line(tmp_path, capsys, damage, message):
+    root = write_mnist_dir(tmp_path / "d", 24)
+    images = root / "train-images-idx3-ubyte.gz"
+    raw = gzip.decompress(images.read_bytes())
+    if damage == "magic":
+        images.write_bytes(gzip.compress(b"\x00\x00\x0d\x03" + raw[4:]))
+    elif damage == "ndim":
+        write_idx(images, np.zeros((24, 28 * 28), np.uint8))
+    elif damage == "count":
+        images.write_bytes(gzip.compress(raw[:4] + (25).to_bytes(4, "big") + raw[8:]))
+    elif damage == "gz-truncated":
+        images.write_bytes(images.read_bytes()[:-20])
+    elif damage == "not-gz":
+        images.write_bytes(raw)
+    elif damage == "counts-differ":
+        write_idx(root / "train-labels-idx1-ubyte.gz", np.zeros(23, np.uint8))
+    elif damage == "empty":
+        images.unlink()
+        (root / "train-images-idx3-ubyte").write_bytes(b"")
+    elif damage == "no-dir":
+        root = tmp_path / "missing"
+    code = main(["train", "--data-dir", str(root), "--out", str(tmp_path / "run"), "--epochs", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.count("\n") == 0 and message in err and "Traceback" not in err
+    if damage != "no-dir":
+        assert str(root) in err  # names the file
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+# --- interrupted training ---------------------------------------------------------------------
+
+
+def _train_cmd(data: Path, run: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "flowmnist",
+        "train",
+        "--model",
+        "simple",
+        "--data-dir",
+        str(data),
+        "--out",
+        str(run),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--val-every",
+        "1",
+        "--log-every",
+        "1",
+        *extra,
+    ]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+
+
+def _same_run(a: Path, b: Path) -> None:
+    ca, cb = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert ca["state"]["step"] == cb["state"]["step"]
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(read_metrics(a)) == strip(read_metrics(b))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> tuple[Path, Path]:
+    """The reference: the same run, never interrupted."""
+    tmp = tmp_path_factory.mktemp("straight")
+    data = write_mnist_dir(tmp / "data", 48)
+    subprocess.run(_train_cmd(data, tmp / "run"), env=_env(), check=True, capture_output=True, timeout=600)
+    return data, tmp / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_checkpoint_then_resume_matches(straight_run, tmp_path, sig, code):
+    data, reference = straight_run
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(data, run), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err.decode()[-2000:]
+    assert b"checkpoint saved" in err
+    step = load_checkpoint(run / "last.pt")["state"]["step"]
+    assert 0 < step < 15
+    subprocess.run(_train_cmd(data, run, "--resume"), env=_env(), check=True, capture_output=True, timeout=600)
+    _same_run(run, reference)
+
+
+@pytest.mark.slow
+def test_kill9_at_random_points_loses_nothing(straight_run, tmp_path):
+    """SIGKILL at random moments (checkpoints are written every step, so some kills land inside a
+    write): each time the last checkpoint must load, and resuming to the end must give exactly the
+    uninterrupted run."""
+    data, reference = straight_run
+    run = tmp_path / "run"
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(6):
+        resume = ["--resume"] if (run / "last.pt").exists() else []
+        if not resume and run.exists():
+            resume = ["--force"]  # killed before the first checkpoint: start again
+        proc = subprocess.Popen(
+            _train_cmd(data, run, *resume), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        # Wait past start-up (torch import, data), then kill somewhere inside training.
+        while not (run / "metrics.csv").exists() and proc.poll() is None:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is None:
+            proc.kill()
+            kills += 1
+        proc.wait(timeout=60)
+        if (run / "last.pt").exists():
+            ckpt = load_checkpoint(run / "last.pt")  # never half-written
+            assert ckpt["state"]["step"] >= 0
+        assert not any(p.name == "last.pt" and p.stat().st_size == 0 for p in run.iterdir())
+    assert kills >= 3
+    final = ["--resume"] if (run / "last.pt").exists() else ["--force"]
+    subprocess.run(_train_cmd(data, run, *final), env=_env(), check=True, capture_output=True, timeout=600)
+    _same_run(run, reference)
+    assert not list(run.glob(".*.tmp"))  # stale temporary files from killed writes are cleared
+
+
+def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    """A failure after part of the new checkpoint is written leaves the old one intact and no temp file."""
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"config": Config().to_dict(), "model": {"w": torch.ones(3)}})
+
+    def dying_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(C.os, "fsync", dying_fsync)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, {"config": Config().to_dict(), "model": {"w": torch.zeros(3)}})
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+# --- numerical faults -------------------------------------------------------------------------
+
+
+def test_nan_is_never_dropped_from_an_average():
+    from flowmnist.evaluate import dataset_bpd
+
+    model = build_model("simple")
+    with torch.no_grad():
+        model.flows[0].net.net[-1].bias.fill_(float("nan"))
+    bpd, single = dataset_bpd(model, torch.zeros(4, 1, 28, 28, dtype=torch.uint8), k=2)
+    assert np.isnan(bpd) and np.isnan(single)
+
+
+# --- untrusted checkpoints --------------------------------------------------------------------
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_crafted_pickle_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"format_version": 1, "config": {}, "model": {}, "x": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(FlowmnistError, match="evil.pt: not a loadable flowmnist checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_other_version_and_other_model_are_refused(tmp_path):
+    cfg = Config(model="simple").to_dict()
+    torch.save({"format_version": 99, "config": cfg, "model": {}}, tmp_path / "v.pt")
+    with pytest.raises(FlowmnistError, match="format version 99, this flowmnist reads version 1"):
+        load_checkpoint(tmp_path / "v.pt")
+    save_checkpoint(tmp_path / "m.pt", {"config": cfg, "model": build_model("vardeq").state_dict()})
+    with pytest.raises(FlowmnistError, match="weights do not fit model 'simple'"):
+        load_model(tmp_path / "m.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a zip")
+    with pytest.raises(FlowmnistError, match="junk.pt: not a loadable"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+# --- bad options ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "big"], "argument --model: invalid choice: 'big'"),
+        (["--epochs", "-1"], "argument --epochs: must be a positive integer, got '-1'"),
+        (["--minutes", "0"], "argument --minutes: must be a positive finite number, got '0'"),
+        (["--lr", "nan"], "argument --lr: must be a positive finite number"),
+        (["--batch-size", "x"], "argument --batch-size: must be a positive integer, got 'x'"),
+    ],
+)
+def test_bad_options_fail_before_work(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
+
+
+def test_unwritable_out_fails_before_work(tiny_data, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user that ignores directory permissions (root)")
+        assert main(["train", "--data-dir", str(tiny_data), "--out", str(locked / "run")]) == 2
+        assert "is not writable" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_out_is_a_file_fails_clearly(tiny_data, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["train", "--data-dir", str(tiny_data), "--out", str(tmp_path / "file")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
