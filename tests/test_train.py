@@ -10,6 +10,8 @@ import torch
 
 from flowmnist.cli import main
 from flowmnist.config import Config, FlowmnistError, load_checkpoint
+from flowmnist.data import load_mnist
+from flowmnist.evaluate import load_model, roundtrip_fraction
 from flowmnist.train import read_metrics, train
 
 
@@ -32,6 +34,10 @@ def test_short_real_data_run_learns(real_subset, tmp_path):
     rows = read_metrics(tmp_path / "run")
     train_bpd = [r["bpd"] for r in rows if r["split"] == "train"]
     assert train_bpd[-1] < train_bpd[0]
+    # Encoding then decoding every validation image of the trained model returns it exactly.
+    model, cfg = load_model(tmp_path / "run")
+    val = load_mnist(real_subset, cfg.split_seed, cfg.val_fraction).images["val"]
+    assert roundtrip_fraction(model, val) == 1.0
 
 
 def test_same_seed_same_numbers(tiny_data, tmp_path):
@@ -133,6 +139,7 @@ def test_cli_train_evaluate_table_sample(tiny_data, tmp_path, capsys):
     # Importance weighting can only tighten the bound (same draws): IW bpd <= single-sample bpd.
     assert all(r["bpd"][s] <= r["bpd_single_sample"][s] + 1e-6 for s in r["bpd"])
     assert json.loads((tmp_path / "run/results.json").read_text())["bpd"] == r["bpd"]
+    assert set(r["roundtrip_exact"]) == {"train", "val", "test"}
 
     assert main(["table", run]) == 0
     table = capsys.readouterr().out

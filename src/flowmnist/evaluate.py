@@ -77,6 +77,16 @@ def dataset_bpd(
     return iw_sum / n, single_sum / n
 
 
+@torch.inference_mode()
+def roundtrip_fraction(model: FlowModel, images: Tensor, batch_size: int = 256) -> float:
+    """Fraction of images that decode(encode(x)) returns exactly (encoding at the bin centre)."""
+    exact = 0
+    for i in range(0, len(images), batch_size):
+        x = images[i : i + batch_size].to(model.device)
+        exact += int((model.decode(model.encode(x)) == x).flatten(1).all(dim=1).sum())
+    return exact / len(images)
+
+
 def _median_ms(fn, reps: int) -> float:
     fn()  # warm-up
     times = []
@@ -113,11 +123,12 @@ def evaluate_run(
     model, cfg = load_model(run, device)
     data = load_mnist(data_dir if data_dir is not None else cfg.data_dir, cfg.split_seed, cfg.val_fraction)
     splits = splits or data.splits
-    bpd, single, counts = {}, {}, {}
+    bpd, single, counts, exact = {}, {}, {}, {}
     for split in splits:
         images = data.split(split)[0][:max_images]
         bpd[split], single[split] = (round(v, 5) for v in dataset_bpd(model, images, k, seed=seed))
         counts[split] = len(images)
+        exact[split] = roundtrip_fraction(model, images)
     results = {
         "model": cfg.model,
         "params": count_params(model),
@@ -125,6 +136,7 @@ def evaluate_run(
         "bpd_single_sample": single,
         "importance_samples": k,
         "images": counts,
+        "roundtrip_exact": exact,  # fraction of images with decode(encode(x)) == x
         **timings(model, data.images["val"], timing_reps),
         "data_dir": str(data.root),
         "checkpoint": str(checkpoint_path(run)),
