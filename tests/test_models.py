@@ -27,13 +27,19 @@ def _perturb(model: torch.nn.Module, scale: float = 0.02, seed: int = 0) -> torc
 
 
 @pytest.mark.parametrize("with_coupling", [False, True], ids=["identity", "coupling"])
-def test_one_pixel_density_sums_to_one(with_coupling):
+def test_one_pixel_density_sums_to_the_prior_mass_it_reaches(with_coupling):
     """For a 1-pixel image, P(x) = integral over the bin of exp(log p(x, u0)) du0. Summed over the 256
-    values it must be 1, up to the prior mass outside the logit's alpha-squeezed range (~1e-34) and
-    the quadrature error: the likelihood is a proper density over the discrete values."""
+    values it must equal the prior mass of the interval that the flow maps [0, 256) onto,
+    Phi(z_hi) - Phi(z_lo): the alpha-squeezed logit reaches |z| <= 12.2 only, and a coupling may
+    shrink that range. So the likelihood is a proper density over the discrete values (no mass
+    counted twice, none invented), which a wrong Jacobian term anywhere would break."""
+    torch.manual_seed(0)
     flows = []
-    if with_coupling:  # a 1x1 'checkerboard' coupling is a learned affine map: still volume-correct
-        flows = [_perturb(AffineCoupling(GatedConvNet(1, 4, num_layers=1), checkerboard_mask(1, 1), 1), 0.5)]
+    if with_coupling:  # a 1x1 'checkerboard' coupling is a learned affine map z -> (z + t) e^s
+        coupling = _perturb(AffineCoupling(GatedConvNet(1, 4, num_layers=1), checkerboard_mask(1, 1), 1), 0.5)
+        with torch.no_grad():
+            coupling.net.net[-1].bias[0] -= 3.0  # log-scale s < 0: the flow shrinks the latent range
+        flows = [coupling]
     model = FlowModel(Dequantization(alpha=1e-5), flows, image_shape=(1, 1, 1)).double()
     # Quadrature in w = logit(u0): nodes crowd exponentially towards the bin edges, where the density
     # can be sharply peaked (next to v = 0 and v = 1 the logit's Jacobian is huge).
@@ -43,9 +49,17 @@ def test_one_pixel_density_sums_to_one(with_coupling):
     x = torch.arange(256, dtype=torch.float64).view(256, 1).expand(256, nodes)
     with torch.no_grad():
         lp = model.log_prob_single(x.reshape(-1, 1, 1, 1), noise=u0.expand(256, nodes).reshape(-1, 1, 1, 1))
+        ends = model.encode(
+            torch.tensor([0.0, 255.0]).view(2, 1, 1, 1), noise=torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)
+        )
     p_x = (lp.view(256, nodes).exp() * weight).sum(dim=1)
-    assert abs(float(p_x.sum()) - 1) < 1e-4
-    if not with_coupling:
+    normal = torch.distributions.Normal(0.0, 1.0)
+    reached = float(normal.cdf(ends.max()) - normal.cdf(ends.min()))
+    assert abs(float(p_x.sum()) - reached) < 1e-6
+    if with_coupling:
+        assert reached < 0.999  # the case is not vacuous: this coupling shrinks the range
+    else:
+        assert reached > 1 - 1e-12
         # Uniform dequantization + logit with an identity flow is far from uniform over values.
         assert p_x.max() / p_x.min() > 10
 
