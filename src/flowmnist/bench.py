@@ -69,26 +69,29 @@ def _interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, li
     return times
 
 
-def time_model(name: str, steps: int = 5, batch_size: int = 128, reps: int = 5) -> dict[str, dict[str, float]]:
+def time_model(
+    name: str, steps: int = 5, batch_size: int = 128, reps: int = 5, eval_batch: int = 64
+) -> dict[str, dict[str, float]]:
     """Training images/s (median over ``steps`` interleaved steps), eval and sampling ms per 64 (median of
-    ``reps``), for each path of model ``name``."""
+    ``reps``, timed on batches of ``eval_batch`` and scaled to 64), for each path of model ``name``."""
     models = _models(name)
     opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items()}
     x = _images(batch_size).float()
     for m in models.values():
         m.train()
     train = _interleaved({k: (lambda k=k: _train_step(models[k], opts[k], x)) for k in PATHS}, steps)
-    x64 = _images(64, seed=1)
+    xe = _images(eval_batch, seed=1)
     for m in models.values():
         m.eval()
     with torch.inference_mode():
-        ev = _interleaved({k: (lambda k=k: models[k].log_prob_single(x64)) for k in PATHS}, reps)
-        sa = _interleaved({k: (lambda k=k: models[k].sample(64)) for k in PATHS}, reps)
+        ev = _interleaved({k: (lambda k=k: models[k].log_prob_single(xe)) for k in PATHS}, reps)
+        sa = _interleaved({k: (lambda k=k: models[k].sample(eval_batch)) for k in PATHS}, reps)
+    per64 = 1000 * 64 / eval_batch
     return {
         k: {
             "train_img_per_s": round(batch_size / statistics.median(train[k]), 2),
-            "eval_ms_per_64": round(1000 * statistics.median(ev[k]), 1),
-            "sample_ms_per_64": round(1000 * statistics.median(sa[k]), 1),
+            "eval_ms_per_64": round(per64 * statistics.median(ev[k]), 1),
+            "sample_ms_per_64": round(per64 * statistics.median(sa[k]), 1),
         }
         for k in PATHS
     }
@@ -139,13 +142,15 @@ def run_bench(
     batch_size: int = 128,
     memory: bool = True,
     progress: Callable[[str], None] | None = None,
+    reps: int = 5,
+    eval_batch: int = 64,
 ) -> dict[str, Any]:
     """All figures for each model and path, plus fast/reference ratios and the conditions."""
     results: dict[str, Any] = {}
     for name in models or MODELS:
         if progress:
             progress(f"timing {name}")
-        r = time_model(name, steps, batch_size)
+        r = time_model(name, steps, batch_size, reps, eval_batch)
         if memory:
             for path in PATHS:
                 if progress:
@@ -166,7 +171,8 @@ def run_bench(
             "cpus": os.cpu_count(),
             "batch_size": batch_size,
             "train_steps_per_path": steps,
-            "eval_and_sample_batch": 64,
+            "eval_and_sample_batch": eval_batch,
+            "eval_and_sample_reps": reps,
         },
     }
 
@@ -195,7 +201,8 @@ def bench_table(bench: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"torch {c['torch']}, {c['threads']} threads on {c['cpus']} CPUs, train batch {c['batch_size']} "
-        f"({c['train_steps_per_path']} interleaved steps per path), eval/sampling batch 64; "
+        f"({c['train_steps_per_path']} interleaved steps per path), eval/sampling batch {c['eval_and_sample_batch']} "
+        f"(median of {c['eval_and_sample_reps']}); "
         "ratios >1 mean the fast path is better (memory: fast / reference)."
     )
     return "\n".join(lines)
