@@ -102,6 +102,33 @@ class FastLayerNormChannels(LayerNormChannels):
         return y.permute(0, 3, 1, 2)
 
 
+class _GateFn(torch.autograd.Function):
+    """y = x + a * sigmoid(b) with [a, b] = h split along channels; backward writes dh in one buffer:
+
+        dx = dy,   da = dy * s,   db = dy * a * s * (1 - s),   s = sigmoid(b)
+
+    Saves h (alive anyway as the conv's output) and recomputes s, where autograd would keep s as well
+    and concatenate da and db in an extra copy.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, h: Tensor) -> Tensor:
+        a, b = h.chunk(2, dim=1)
+        ctx.save_for_backward(h)
+        return torch.addcmul(x, a, torch.sigmoid(b))
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor]:
+        (h,) = ctx.saved_tensors
+        a, b = h.chunk(2, dim=1)
+        s = torch.sigmoid(b)
+        dh = torch.empty_like(h)
+        da, db = dh.chunk(2, dim=1)
+        torch.mul(dy, s, out=da)
+        torch.ops.aten.sigmoid_backward(dy * a, s, grad_input=db)  # dy * a * s * (1 - s)
+        return dy, dh
+
+
 class GatedConv(nn.Module):
     """Gated residual block: x + a * sigmoid(b)."""
 
@@ -117,9 +144,9 @@ class GatedConv(nn.Module):
         self.fast = fast
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = self.net(x).chunk(2, dim=1)
         if self.fast:
-            return torch.addcmul(x, a, torch.sigmoid(b))  # one kernel for x + a * s
+            return _GateFn.apply(x, self.net(x))
+        a, b = self.net(x).chunk(2, dim=1)
         return x + a * torch.sigmoid(b)
 
 
