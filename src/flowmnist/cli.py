@@ -1,4 +1,4 @@
-"""Command line: `flowmnist train | evaluate | table | sample`. Each subcommand is a small function
+"""Command line: `flowmnist train | evaluate | table | sample | bench`. Each subcommand is a small function
 calling the modules; user errors print one line and exit 2 (`--debug` shows the traceback)."""
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ def cmd_train(a: argparse.Namespace) -> int:
             setattr(cfg, key, given[key])
     if "data_dir" in given:
         cfg.data_dir = _data_dir(a.data_dir)
+    if a.reference:
+        cfg.fast = False
     _writable_parent(run_dir, "--out")
     summary = train(cfg, run_dir, resume=a.resume, force=a.force, device=a.device)
     print(json.dumps(summary))
@@ -290,6 +292,23 @@ def _add_figure_commands(sub) -> None:
     r.set_defaults(func=cmd_report)
 
 
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import bench_table, run_bench
+
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    models = a.models.split(",") if a.models else None
+    bad = [m for m in models or [] if m not in MODELS]
+    if bad:
+        raise FlowmnistError(f"--models: unknown model {bad[0]!r}; choose from {', '.join(MODELS)}")
+    say = None if a.json else (lambda msg: print(f"flowmnist bench: {msg} ...", file=sys.stderr, flush=True))
+    b = run_bench(models, a.steps, a.batch_size, memory=not a.no_memory, progress=say)
+    print(json.dumps(b) if a.json else bench_table(b))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="flowmnist", description="Normalizing flows on MNIST: train, evaluate, sample.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -311,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     t.add_argument("--force", action="store_true", help="replace a run already in --out")
     t.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    t.add_argument("--reference", action="store_true", help="train with the plain reference code, not the fast path")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="bpd per split, inference and sampling time; writes results.json")
@@ -348,6 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sample)
 
     _add_figure_commands(sub)
+    bn = sub.add_parser("bench", help="reference vs fast path: train img/s, eval and sampling ms, peak memory")
+    bn.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (default all)")
+    bn.add_argument("--steps", type=_positive_int, default=5, help="timed training steps per path (default 5)")
+    bn.add_argument("--batch-size", type=_positive_int, default=128, help="training batch size (default 128)")
+    bn.add_argument("--threads", type=_positive_int, help="torch intra-op threads (default: torch's choice)")
+    bn.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    bn.add_argument("--json", action="store_true", help="print one JSON object")
+    bn.set_defaults(func=cmd_bench)
     return p
 
 

