@@ -58,7 +58,15 @@ class GatedConv(nn.Module):
 
 
 class GatedConvNet(nn.Module):
-    """The coupling network: maps (masked input [+ condition]) to c_out channels (scale and shift)."""
+    """The coupling network: maps (masked input [+ condition]) to c_out channels (scale and shift).
+
+    ``autocast_dtype`` (set by ``set_autocast``, e.g. bfloat16 for `train --bf16`) runs the network's
+    convolutions in that dtype and returns float32: only the nets, the bulk of the compute, go low
+    precision, while the couplings' scale, shift and log-determinant sums stay float32 (a bfloat16
+    sum over 784 pixels would be off by whole nats).
+    """
+
+    autocast_dtype: torch.dtype | None = None
 
     def __init__(self, c_in: int, hidden: int = 32, c_out: int | None = None, num_layers: int = 3):
         super().__init__()
@@ -73,4 +81,14 @@ class GatedConvNet(nn.Module):
         nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        if self.autocast_dtype is None:
+            return self.net(x)
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+            return self.net(x).float()
+
+
+def set_autocast(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Run every coupling network in ``model`` under autocast to ``dtype`` (None: plain float32)."""
+    for m in model.modules():
+        if isinstance(m, GatedConvNet):
+            m.autocast_dtype = dtype
