@@ -151,6 +151,39 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         raise FlowmnistError(f"{run_dir}: already holds a run; pass --resume to continue it or --force to replace it")
 
 
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise FlowmnistError(f"{run_dir}: cannot write to the run directory ({e.strerror or e})") from e
+
+
+def _check_batch_size(batch_size: int, n_train: int, world: int) -> None:
+    if n_train < batch_size:
+        raise FlowmnistError(f"--batch-size {batch_size} is larger than the {n_train} training images")
+    if batch_size % world:
+        raise FlowmnistError(
+            f"--batch-size {batch_size} is the global batch and must divide evenly over the {world} ranks "
+            f"(WORLD_SIZE={world})"
+        )
+
+
+def _resume_point(run_dir: Path, cfg: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """last.pt, checked against ``cfg``, and the log rows it counts (rows written after it are dropped:
+    the resumed run produces them again)."""
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    old = Config.from_dict(ckpt["config"])
+    for key in ("model", "alpha", "seed", "batch_size", "split_seed", "val_fraction"):
+        if getattr(old, key) != getattr(cfg, key):
+            raise FlowmnistError(
+                f"{run_dir}: cannot resume with {key}={getattr(cfg, key)!r}; the run has {getattr(old, key)!r}"
+            )
+    return ckpt, read_metrics(run_dir)[: ckpt["metrics_rows"]]
+
+
 def train(
     cfg: Config,
     run_dir: str | Path,
@@ -179,49 +212,27 @@ def _train(
     cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, progress: bool | None, tf32: bool, bf16: bool
 ) -> dict[str, Any]:
     device = env.device
-    with env.agreed():  # a setup error on any rank stops every rank
+    with env.agreed():  # a setup error on any rank stops every rank; all read, only rank 0 writes
         check_run_dir(run_dir, resume, force)
         if env.is_main:
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                probe = run_dir / ".write-test"
-                probe.write_bytes(b"")
-                probe.unlink()
-            except OSError as e:
-                raise FlowmnistError(f"{run_dir}: cannot write to the run directory ({e.strerror or e})") from e
-
+            _check_writable(run_dir)
         data = load_mnist(cfg.data_dir, cfg.split_seed, cfg.val_fraction)
-        train_x, val_x = data.images["train"], data.images["val"]
-        if len(train_x) < cfg.batch_size:
-            raise FlowmnistError(f"--batch-size {cfg.batch_size} is larger than the {len(train_x)} training images")
-        if cfg.batch_size % env.world:
-            raise FlowmnistError(
-                f"--batch-size {cfg.batch_size} is the global batch and must divide evenly over the "
-                f"{env.world} ranks (WORLD_SIZE={env.world})"
-            )
+        _check_batch_size(cfg.batch_size, len(data.images["train"]), env.world)
+        ckpt, rows = _resume_point(run_dir, cfg) if resume else (None, [])
+    train_x, val_x = data.images["train"], data.images["val"]
 
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, cfg.alpha).to(device)
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.lr_decay)
-        st = {"step": 0, "epoch": 0, "batch": 0, "seconds": 0.0, "best_val": math.inf, "nonfinite": 0}
-        rows: list[dict[str, Any]] = []
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.alpha).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.lr_decay)
+    st = {"step": 0, "epoch": 0, "batch": 0, "seconds": 0.0, "best_val": math.inf, "nonfinite": 0}
 
-        if resume:
-            ckpt = load_checkpoint(run_dir / "last.pt")
-            old = Config.from_dict(ckpt["config"])
-            for key in ("model", "alpha", "seed", "batch_size", "split_seed", "val_fraction"):
-                if getattr(old, key) != getattr(cfg, key):
-                    raise FlowmnistError(
-                        f"{run_dir}: cannot resume with {key}={getattr(cfg, key)!r}; the run has {getattr(old, key)!r}"
-                    )
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            st.update(ckpt["state"])
-            torch.set_rng_state(ckpt["rng"])  # rank 0's; training noise is reseeded per step (noise_seed)
-            # Drop log rows written after this checkpoint: they will be produced again.
-            rows = read_metrics(run_dir)[: ckpt["metrics_rows"]]
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        st.update(ckpt["state"])
+        torch.set_rng_state(ckpt["rng"])  # rank 0's; training noise is reseeded per step (noise_seed)
     if env.is_main:
         _write_metrics(run_dir / "metrics.csv", rows)
         write_json(run_dir / "config.json", cfg.to_dict())
