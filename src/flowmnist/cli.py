@@ -58,6 +58,11 @@ def _data_dir(arg: str | None) -> str | None:
     return str(Path(d).resolve()) if d else None
 
 
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun launch (or a plain process): the one that prints results and errors."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _writable_parent(path: Path, option: str) -> None:
     parent = path.resolve().parent
     while not parent.exists():
@@ -83,13 +88,15 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.reference:
         cfg.fast = False
     _writable_parent(run_dir, "--out")
-    summary = train(cfg, run_dir, resume=a.resume, force=a.force, device=a.device)
-    print(json.dumps(summary))
+    summary = train(cfg, run_dir, resume=a.resume, force=a.force, device=a.device, tf32=a.tf32, bf16=a.bf16)
+    if _is_main_process():
+        print(json.dumps(summary))
     if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
-        print(
-            f"flowmnist train: stopped by {summary['stopped_by']}; checkpoint saved, continue with --resume",
-            file=sys.stderr,
-        )
+        if _is_main_process():
+            print(
+                f"flowmnist train: stopped by {summary['stopped_by']}; checkpoint saved, continue with --resume",
+                file=sys.stderr,
+            )
         return 130 if summary["stopped_by"] == "SIGINT" else 143
     return 0
 
@@ -314,13 +321,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a model into a run directory")
+    t = sub.add_parser(
+        "train",
+        help="train a model into a run directory",
+        description="Train a model into a run directory. Runs unchanged under torchrun, one process per GPU "
+        "(e.g. torchrun --standalone --nproc_per_node=4 -m flowmnist train ...): NCCL on GPUs, gloo on CPUs.",
+    )
     t.add_argument("--model", choices=MODELS, help=f"model variant (default {DEFAULTS.model})")
     t.add_argument("--data-dir", help="directory with MNIST IDX files (default: $FLOWMNIST_DATA, else download)")
     t.add_argument("--out", default="runs/run", help="run directory (default runs/run)")
     t.add_argument("--epochs", type=_positive_int, help=f"epochs (default {DEFAULTS.epochs})")
     t.add_argument("--minutes", type=_positive_float, help="wall-clock budget; stops at a step boundary")
-    t.add_argument("--batch-size", type=_positive_int, help=f"batch size (default {DEFAULTS.batch_size})")
+    t.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        help=f"global batch size (default {DEFAULTS.batch_size}); under torchrun it is split evenly across the "
+        "ranks and must be divisible by their number",
+    )
     t.add_argument("--lr", type=_positive_float, help=f"Adam learning rate (default {DEFAULTS.lr})")
     t.add_argument("--seed", type=_nonneg_int, help=f"random seed (default {DEFAULTS.seed})")
     t.add_argument(
@@ -329,7 +346,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--val-every", type=_nonneg_int, help="steps between validations (default 0: each epoch)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     t.add_argument("--force", action="store_true", help="replace a run already in --out")
-    t.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    t.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default: the GPU of this local rank if CUDA is present, else the CPU), cpu, cuda or cuda:N",
+    )
+    t.add_argument("--tf32", action="store_true", help="TF32 math for float32 convolutions and matmuls (GPU)")
+    t.add_argument(
+        "--bf16", action="store_true", help="bfloat16 autocast for the coupling networks; log-densities stay float32"
+    )
     t.add_argument("--reference", action="store_true", help="train with the plain reference code, not the fast path")
     t.set_defaults(func=cmd_train)
 
@@ -386,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     except FlowmnistError as e:
         if args.debug:
             raise
-        print(f"flowmnist {args.command}: error: {e}", file=sys.stderr)
+        if _is_main_process():  # every rank of a launch has the same error (dist.Dist.agreed)
+            print(f"flowmnist {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"flowmnist {args.command}: interrupted", file=sys.stderr)

@@ -151,7 +151,15 @@ class GatedConv(nn.Module):
 
 
 class GatedConvNet(nn.Module):
-    """The coupling network: maps (masked input [+ condition]) to c_out channels (scale and shift)."""
+    """The coupling network: maps (masked input [+ condition]) to c_out channels (scale and shift).
+
+    ``autocast_dtype`` (set by ``set_autocast``, e.g. bfloat16 for `train --bf16`) runs the network's
+    convolutions in that dtype and returns float32: only the nets, the bulk of the compute, go low
+    precision, while the couplings' scale, shift and log-determinant sums stay float32 (a bfloat16
+    sum over 784 pixels would be off by whole nats).
+    """
+
+    autocast_dtype: torch.dtype | None = None
 
     def __init__(self, c_in: int, hidden: int = 32, c_out: int | None = None, num_layers: int = 3, fast: bool = False):
         super().__init__()
@@ -169,8 +177,21 @@ class GatedConvNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.fast:
-            return self.net(x)
+            return self._run(x)
         # Channels-last inside the net (convs and layer norms are faster there), plain NCHW outside:
         # the few output channels are cheap to copy back, and the coupling's elementwise ops then see
         # operands of one layout.
-        return self.net(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return self._run(x.contiguous(memory_format=torch.channels_last)).contiguous()
+
+    def _run(self, x: Tensor) -> Tensor:
+        if self.autocast_dtype is None:
+            return self.net(x)
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+            return self.net(x).float()
+
+
+def set_autocast(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Run every coupling network in ``model`` under autocast to ``dtype`` (None: plain float32)."""
+    for m in model.modules():
+        if isinstance(m, GatedConvNet):
+            m.autocast_dtype = dtype

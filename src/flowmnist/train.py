@@ -4,11 +4,17 @@ atomic latest/best checkpoints, exact resume, skipped non-finite steps, and clea
 Run directory:
     config.json   the Config            metrics.csv  step,epoch,split,bpd,lr,seconds
     last.pt       resumable state       best.pt      best model by val bpd
+
+Distributed (torchrun; see dist.py): the batch size is global and each rank takes a strided slice of
+every global batch, so the ranks of one step together see exactly the batch one process would see.
+DistributedDataParallel averages the gradients; validation is sharded and its sums all-reduced; rank 0
+alone writes files. A checkpoint holds the unwrapped model, so it resumes on any number of ranks.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import signal
@@ -19,21 +25,71 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .config import Config, FlowmnistError, atomic_write_bytes, load_checkpoint, save_checkpoint, write_json
 from .data import load_mnist
-from .evaluate import dataset_bpd
-from .models import build_model
+from .dist import Dist, process_group, set_tf32
+from .models import FlowModel, build_model
+from .nets import set_autocast
 
 METRIC_FIELDS = ("step", "epoch", "split", "bpd", "lr", "seconds")
 RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.csv")
+_STOP_MINUTES = 1  # stop code for the budget; below every signal number, so a signal wins the ranks' MAX
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The batch order of an epoch, a function of (seed, epoch) only, so a resumed run that
     restarts mid-epoch sees exactly the batches it would have seen."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def noise_seed(seed: int, rank: int, epoch: int, batch: int) -> int:
+    """The seed of one rank's dequantization noise at one step (epoch, batch of the epoch).
+
+    Training noise is a pure function of (seed, rank, step), not a random stream carried from step to
+    step: ranks draw different noise; a resumed run draws what the uninterrupted run would have drawn;
+    and resuming on another number of ranks is well defined (rank r draws what rank r of a run on that
+    many ranks draws), with no per-rank random state to save. The hash keeps neighbouring steps' and
+    ranks' seeds unrelated."""
+    digest = hashlib.blake2b(f"{seed}:{rank}:{epoch}:{batch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def val_noise(images: Tensor, seed: int) -> Tensor:
+    """Dequantization noise u0 for a run's validation split (``seed``: the run's), drawn once: image i
+    always gets row i, so the val bpd does not depend on how the split is sharded over ranks or batched,
+    and the validations of a run are comparable with each other."""
+    return torch.rand(images.shape, generator=torch.Generator().manual_seed(seed + 12345))
+
+
+@torch.inference_mode()
+def sharded_bpd(model: FlowModel, images: Tensor, noise: Tensor, env: Dist, batch_size: int = 256) -> float:
+    """The bpd of a whole split from this rank's shard of it (``images``, ``noise``: rows rank, rank +
+    world, ...). Sums and counts are all-reduced, not per-rank means, so unequal shards weigh right."""
+    total = torch.zeros(2, dtype=torch.float64, device=model.device)
+    for i in range(0, len(images), batch_size):
+        x, u = images[i : i + batch_size], noise[i : i + batch_size]
+        lp = model.log_prob_single(x, u.to(model.device)).double()
+        total[0] -= lp.sum() / (model.dims * math.log(2))
+        total[1] += len(x)
+    total = env.all_sum(total)
+    return float(total[0] / total[1])
+
+
+class _BatchLoss(nn.Module):
+    """The training objective, mean bpd of a batch, as a module's forward: DistributedDataParallel
+    synchronises gradients only for work done through the forward of the module it wraps (``bpd`` is
+    not ``forward``). The one place where the step's computation could be compiled."""
+
+    def __init__(self, model: FlowModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.bpd(x).mean()
 
 
 class _StopFlag:
@@ -95,18 +151,7 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         raise FlowmnistError(f"{run_dir}: already holds a run; pass --resume to continue it or --force to replace it")
 
 
-def train(
-    cfg: Config,
-    run_dir: str | Path,
-    resume: bool = False,
-    force: bool = False,
-    device: str = "cpu",
-    progress: bool | None = None,
-) -> dict[str, Any]:
-    """Train ``cfg.model``; returns a summary dict. Every state change that matters is on disk in
-    ``run_dir`` before this returns or raises."""
-    run_dir = Path(run_dir)
-    check_run_dir(run_dir, resume, force)
+def _check_writable(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -117,43 +162,105 @@ def train(
     for stale in run_dir.glob(".*.tmp"):  # left by a write that a kill -9 interrupted
         stale.unlink()
 
-    data = load_mnist(cfg.data_dir, cfg.split_seed, cfg.val_fraction)
+
+def _check_batch_size(batch_size: int, n_train: int, world: int) -> None:
+    if n_train < batch_size:
+        raise FlowmnistError(f"--batch-size {batch_size} is larger than the {n_train} training images")
+    if batch_size % world:
+        raise FlowmnistError(
+            f"--batch-size {batch_size} is the global batch and must divide evenly over the {world} ranks "
+            f"(WORLD_SIZE={world})"
+        )
+
+
+def _resume_point(run_dir: Path, cfg: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """last.pt, checked against ``cfg``, and the log rows it counts (rows written after it are dropped:
+    the resumed run produces them again)."""
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    old = Config.from_dict(ckpt["config"])
+    for key in ("model", "alpha", "seed", "batch_size", "split_seed", "val_fraction"):
+        if getattr(old, key) != getattr(cfg, key):
+            raise FlowmnistError(
+                f"{run_dir}: cannot resume with {key}={getattr(cfg, key)!r}; the run has {getattr(old, key)!r}"
+            )
+    return ckpt, read_metrics(run_dir)[: ckpt["metrics_rows"]]
+
+
+def train(
+    cfg: Config,
+    run_dir: str | Path,
+    resume: bool = False,
+    force: bool = False,
+    device: str = "cpu",
+    progress: bool | None = None,
+    *,
+    tf32: bool = False,
+    bf16: bool = False,
+) -> dict[str, Any]:
+    """Train ``cfg.model``; returns a summary dict. Every state change that matters is on disk in
+    ``run_dir`` before this returns or raises.
+
+    Under torchrun (RANK and WORLD_SIZE in the environment, or a process group already made) every
+    rank calls this with the same arguments; ``cfg.batch_size`` is the global batch. ``device``:
+    cpu, cuda[:N], or auto (this local rank's GPU if CUDA is present, else the CPU). ``tf32`` and
+    ``bf16`` are GPU speed options (see dist.set_tf32 and nets.GatedConvNet); like the device they
+    are not part of the run's Config.
+    """
+    with process_group(device) as env:
+        return _train(cfg, Path(run_dir), resume, force, env, progress, tf32, bf16)
+
+
+def _train(
+    cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, progress: bool | None, tf32: bool, bf16: bool
+) -> dict[str, Any]:
+    device = env.device
+    with env.agreed():  # a setup error on any rank stops every rank; all read, only rank 0 writes
+        check_run_dir(run_dir, resume, force)
+        if env.is_main:
+            _check_writable(run_dir)
+        data = load_mnist(cfg.data_dir, cfg.split_seed, cfg.val_fraction)
+        _check_batch_size(cfg.batch_size, len(data.images["train"]), env.world)
+        ckpt, rows = _resume_point(run_dir, cfg) if resume else (None, [])
     train_x, val_x = data.images["train"], data.images["val"]
-    if len(train_x) < cfg.batch_size:
-        raise FlowmnistError(f"--batch-size {cfg.batch_size} is larger than the {len(train_x)} training images")
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.alpha, fast=cfg.fast).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.lr_decay)
     st = {"step": 0, "epoch": 0, "batch": 0, "seconds": 0.0, "best_val": math.inf, "nonfinite": 0}
-    rows: list[dict[str, Any]] = []
     running: list[float] = []  # train bpd of the steps since the last train row
 
-    if resume:
-        ckpt = load_checkpoint(run_dir / "last.pt")
-        old = Config.from_dict(ckpt["config"])
-        for key in ("model", "alpha", "seed", "batch_size", "split_seed", "val_fraction"):
-            if getattr(old, key) != getattr(cfg, key):
-                raise FlowmnistError(
-                    f"{run_dir}: cannot resume with {key}={getattr(cfg, key)!r}; the run has {getattr(old, key)!r}"
-                )
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         st.update(ckpt["state"])
-        torch.set_rng_state(ckpt["rng"])
+        torch.set_rng_state(ckpt["rng"])  # rank 0's; training noise is reseeded per step (noise_seed)
         running = st.pop("running", [])  # the train-bpd average in progress when the run stopped
-        # Drop log rows written after this checkpoint: they will be produced again.
-        rows = read_metrics(run_dir)[: ckpt["metrics_rows"]]
-    _write_metrics(run_dir / "metrics.csv", rows)
-    write_json(run_dir / "config.json", cfg.to_dict())
+    if env.is_main:
+        _write_metrics(run_dir / "metrics.csv", rows)
+        write_json(run_dir / "config.json", cfg.to_dict())
+
+    if device.type == "cuda":
+        set_tf32(tf32)
+    set_autocast(model, torch.bfloat16 if bf16 else None)
+    # MNIST is 47 MB as uint8: keep it resident on the device, so a step copies nothing from the host
+    # (cheaper than pinned memory and non_blocking copies, which would still copy every batch).
+    train_x = train_x.to(device)
+    val_u = val_noise(val_x, cfg.seed)[env.rank :: env.world].to(device)
+    val_x = val_x[env.rank :: env.world].to(device)
+    # The step's computation; DDP averages its gradients over ranks. (The place for an optional
+    # torch.compile: compile step_loss after the DDP wrap, as PyTorch recommends for DDP.)
+    step_loss: nn.Module = _BatchLoss(model)
+    if env.distributed:
+        ids = [device.index] if device.type == "cuda" else None
+        step_loss = DistributedDataParallel(step_loss, device_ids=ids)
 
     n = len(train_x)
     nb = n // cfg.batch_size  # drop the last partial batch: constant shapes, unbiased over epochs
     budget = cfg.minutes * 60 if cfg.minutes is not None else math.inf
     t0 = time.perf_counter() - st["seconds"]
-    show = sys.stderr.isatty() if progress is None else progress
+    show = env.is_main and (sys.stderr.isatty() if progress is None else progress)
     bar = tqdm(total=cfg.epochs * nb, initial=st["epoch"] * nb + st["batch"], disable=not show, unit="step")
 
     def log(split: str, bpd: float) -> None:
@@ -170,6 +277,8 @@ def train(
 
     def checkpoint() -> None:
         st["seconds"] = time.perf_counter() - t0
+        if not env.is_main:
+            return
         _write_metrics(run_dir / "metrics.csv", rows)  # rows first: the checkpoint says how many count
         save_checkpoint(
             run_dir / "last.pt",
@@ -186,20 +295,20 @@ def train(
 
     def validate() -> float:
         model.eval()
-        # fork_rng: validation noise is fixed and does not shift the training stream (exact resume).
-        val = dataset_bpd(model, val_x, k=1, seed=cfg.seed + 12345)[1]
+        val = sharded_bpd(model, val_x, val_u, env)  # fixed noise: no draw from the training stream
         model.train()
         log("val", val)
         if val < st["best_val"]:
             st["best_val"] = val
-            save_checkpoint(
-                run_dir / "best.pt",
-                {
-                    "config": cfg.to_dict(),
-                    "model": model.state_dict(),
-                    "state": {"step": st["step"], "epoch": st["epoch"], "val_bpd": val},
-                },
-            )
+            if env.is_main:
+                save_checkpoint(
+                    run_dir / "best.pt",
+                    {
+                        "config": cfg.to_dict(),
+                        "model": model.state_dict(),
+                        "state": {"step": st["step"], "epoch": st["epoch"], "val_bpd": val},
+                    },
+                )
         return val
 
     stopped_by = "epochs"
@@ -207,29 +316,36 @@ def train(
     model.train()
     with _StopFlag() as stop:
         while st["epoch"] < cfg.epochs:
-            order = epoch_order(n, cfg.seed, st["epoch"])
+            order = epoch_order(n, cfg.seed, st["epoch"]).to(device)
             while st["batch"] < nb:
-                if stop.signum is not None:
-                    stopped_by = signal.Signals(stop.signum).name
+                # A stop one rank sees (its signal, its clock) is agreed by all: none is left in a collective.
+                code = stop.signum or (_STOP_MINUTES if time.perf_counter() - t0 >= budget else 0)
+                code = env.agree_max(code)
+                if code:
+                    stopped_by = "minutes" if code == _STOP_MINUTES else signal.Signals(code).name
                     break
-                if time.perf_counter() - t0 >= budget:
-                    stopped_by = "minutes"
-                    break
-                idx = order[st["batch"] * cfg.batch_size : (st["batch"] + 1) * cfg.batch_size]
-                x = train_x[idx].to(device, non_blocking=True)
-                loss = model.bpd(x).mean()
+                # This rank's shard: a strided slice of the global batch (one process: all of it).
+                start = st["batch"] * cfg.batch_size
+                idx = order[start + env.rank : start + cfg.batch_size : env.world]
+                torch.manual_seed(noise_seed(cfg.seed, env.rank, st["epoch"], st["batch"]))
+                loss = step_loss(train_x[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 st["batch"] += 1
-                if not (torch.isfinite(loss) and torch.isfinite(gnorm)):
+                # The gradients (so gnorm) are already common; agree on the loss and its finiteness too.
+                bad = ~(torch.isfinite(loss) & torch.isfinite(gnorm))
+                loss_sum, n_bad = env.all_sum(torch.stack([loss.detach().double(), bad.double()])).tolist()
+                loss_value = loss_sum / env.world
+                if n_bad:
                     # Skip the update, keep the weights; give up after too many in a row.
                     st["nonfinite"] += 1
                     consecutive_bad += 1
-                    log("nonfinite", loss.item())
+                    log("nonfinite", loss_value)
                     if consecutive_bad >= cfg.max_nonfinite:
                         bar.close()
-                        _write_metrics(run_dir / "metrics.csv", rows)
+                        if env.is_main:
+                            _write_metrics(run_dir / "metrics.csv", rows)
                         raise FlowmnistError(
                             f"training stopped: {consecutive_bad} non-finite losses or gradients in a row at "
                             f"step {st['step']}; the last good checkpoint is kept in {run_dir / 'last.pt'}"
@@ -238,7 +354,7 @@ def train(
                 consecutive_bad = 0
                 opt.step()
                 st["step"] += 1
-                running.append(loss.item())
+                running.append(loss_value)
                 bar.update(1)
                 if st["step"] % cfg.log_every == 0:
                     log("train", sum(running) / len(running))
@@ -267,6 +383,7 @@ def train(
             validate()
         checkpoint()
     bar.close()
+    env.barrier()  # no rank returns before rank 0's files are complete
     vals = [r["bpd"] for r in rows if r["split"] == "val"]
     return {
         "run_dir": str(run_dir),
@@ -278,4 +395,5 @@ def train(
         "best_val_bpd": st["best_val"],
         "seconds": round(time.perf_counter() - t0, 1),
         "nonfinite_steps": st["nonfinite"],
+        "world_size": env.world,
     }
