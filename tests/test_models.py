@@ -114,8 +114,8 @@ def test_every_parameter_gets_a_gradient(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_save_load_reproduces_log_prob(name, tmp_path):
     torch.manual_seed(0)
-    model = _perturb(build_model(name))
-    cfg = Config(model=name)
+    cfg = Config(model=name)  # the fast path, as training builds it
+    model = _perturb(build_model(name, fast=cfg.fast))
     save_checkpoint(tmp_path / "best.pt", {"config": cfg.to_dict(), "model": model.state_dict()})
     loaded, loaded_cfg = load_model(tmp_path)
     assert loaded_cfg == cfg
