@@ -274,6 +274,8 @@ def _train(
                 "seconds": round(time.perf_counter() - t0, 3),
             }
         )
+        if env.is_main:  # visible at once (the file is small); resume trims rows the checkpoint lacks
+            _write_metrics(run_dir / "metrics.csv", rows)
 
     def checkpoint() -> None:
         st["seconds"] = time.perf_counter() - t0
