@@ -281,7 +281,7 @@ def _train(
         st["seconds"] = time.perf_counter() - t0
         if not env.is_main:
             return
-        _write_metrics(run_dir / "metrics.csv", rows)  # rows first: the checkpoint says how many count
+        # metrics.csv already holds every row (log writes it); metrics_rows says how many this state covers.
         save_checkpoint(
             run_dir / "last.pt",
             {
@@ -346,8 +346,6 @@ def _train(
                     log("nonfinite", loss_value)
                     if consecutive_bad >= cfg.max_nonfinite:
                         bar.close()
-                        if env.is_main:
-                            _write_metrics(run_dir / "metrics.csv", rows)
                         raise FlowmnistError(
                             f"training stopped: {consecutive_bad} non-finite losses or gradients in a row at "
                             f"step {st['step']}; the last good checkpoint is kept in {run_dir / 'last.pt'}"
