@@ -101,5 +101,6 @@ def tiny_run(data_dir, tmp_path_factory) -> Path:
     from flowmnist.train import train
 
     run = tmp_path_factory.mktemp("runs") / "simple"
-    train(Config(model="simple", data_dir=str(data_dir), epochs=1, batch_size=16, log_every=1), run, progress=False)
+    cfg = Config(model="simple", data_dir=str(data_dir), epochs=1, batch_size=16, log_every=1, compile=False)
+    train(cfg, run, progress=False)
     return run

@@ -140,6 +140,9 @@ def _train_cmd(data: Path, run: Path, *extra: str) -> list[str]:
         "1",
         "--log-every",
         "1",
+        "--no-compile",
+        "--precision",
+        "float32",
         *extra,
     ]
 

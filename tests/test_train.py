@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -16,7 +18,9 @@ from flowmnist.train import read_metrics, train
 
 
 def _cfg(data, **kw) -> Config:
-    base = dict(model="simple", data_dir=str(data), epochs=1, batch_size=8, log_every=1)
+    base = dict(
+        model="simple", data_dir=str(data), epochs=1, batch_size=8, log_every=1, compile=False, precision="float32"
+    )
     return Config(**{**base, **kw})
 
 
@@ -49,16 +53,46 @@ def test_same_seed_same_numbers(tiny_data, tmp_path):
     assert c["val_bpd"] != a["val_bpd"]
 
 
-def test_resume_continues_exactly(tiny_data, tmp_path):
-    """Two epochs straight == one epoch, then --resume for the second: same weights, same log."""
-    train(_cfg(tiny_data, epochs=2), tmp_path / "straight")
-    train(_cfg(tiny_data, epochs=1), tmp_path / "split")
-    train(_cfg(tiny_data, epochs=2), tmp_path / "split", resume=True)
+def _train_until(cfg: Config, run, steps: int) -> dict:
+    """Train in this process and stop it with SIGINT (a user's Ctrl-C) during step ``steps``: the loop
+    finishes that step, checkpoints and returns."""
+    import flowmnist.train as T
+
+    real, calls = T.noise_seed, []
+
+    def seed(*args):
+        calls.append(args)
+        if len(calls) == steps:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    T.noise_seed = seed
+    try:
+        s = train(cfg, run)
+    finally:
+        T.noise_seed = real
+    assert s["stopped_by"] == "SIGINT" and s["step"] == steps
+    return s
+
+
+@pytest.mark.parametrize("schedule", ["step", "cosine"])
+def test_resume_continues_exactly(tiny_data, tmp_path, schedule):
+    """Two epochs straight == one epoch, then --resume for the second: same weights, EMA and log. (An
+    interrupted run resumes with its own --epochs; the cosine schedule spans them, so to stop after
+    epoch 1 the step schedule, which does not look ahead, can use a 1-epoch config; the cosine run is
+    stopped by a signal.)"""
+    train(_cfg(tiny_data, epochs=2, schedule=schedule), tmp_path / "straight")
+    if schedule == "step":
+        train(_cfg(tiny_data, epochs=1, schedule=schedule), tmp_path / "split")
+    else:  # stop the 2-epoch run after its first epoch the way a user would: a signal between steps
+        _train_until(_cfg(tiny_data, epochs=2, schedule=schedule), tmp_path / "split", steps=5)
+    train(_cfg(tiny_data, epochs=2, schedule=schedule), tmp_path / "split", resume=True)
     a, b = load_checkpoint(tmp_path / "straight/last.pt"), load_checkpoint(tmp_path / "split/last.pt")
     assert a["state"]["step"] == b["state"]["step"] == 10
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 2
+    for k in a["ema"]["avg"]:
+        assert torch.equal(a["ema"]["avg"][k], b["ema"]["avg"][k]), k
     assert _strip_time(read_metrics(tmp_path / "straight")) == _strip_time(read_metrics(tmp_path / "split"))
 
 
@@ -112,6 +146,7 @@ def test_cli_train_evaluate_table_sample(tiny_data, tmp_path, capsys):
                 "1",
                 "--batch-size",
                 "8",
+                "--no-compile",
             ]
         )
         == 0
@@ -166,3 +201,104 @@ def test_cli_errors_are_one_line(tiny_data, tmp_path, capsys):
     assert "invalid choice: 'tiny'" in capsys.readouterr().err
     assert main(["table", str(tmp_path)]) == 2
     assert "run `flowmnist evaluate" in capsys.readouterr().err
+
+
+def test_lr_schedule_warmup_cosine_and_step():
+    from flowmnist.train import lr_at
+
+    cfg = Config(lr=2e-3, warmup_steps=4, schedule="cosine", lr_min=0.1)
+    assert lr_at(cfg, 0, 0, 0.0) == pytest.approx(0.5e-3)  # (0 + 1) / 4 of the peak
+    assert lr_at(cfg, 3, 0, 0.0) == pytest.approx(2e-3)
+    assert lr_at(cfg, 10, 0, 0.5) == pytest.approx(2e-3 * (0.1 + 0.9 * 0.5))
+    assert lr_at(cfg, 10, 0, 1.0) == pytest.approx(2e-4)
+    assert lr_at(cfg, 10, 0, 7.0) == pytest.approx(2e-4)  # past the budget: the floor
+    step = Config(lr=1e-3, schedule="step", lr_decay=0.5)
+    assert lr_at(step, 100, 2, 0.9) == pytest.approx(2.5e-4)
+
+
+def test_logged_lr_follows_the_schedule(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, epochs=2, lr=1e-3, warmup_steps=3, schedule="cosine", lr_min=0.0)
+    train(cfg, tmp_path / "run")
+    rows = [r for r in read_metrics(tmp_path / "run") if r["split"] == "train"]
+    nb, total = 5, 10  # 40 train images / batch 8 per epoch, 2 epochs
+    assert len(rows) == total
+    for r in rows:  # row of step s logs the LR its last step used (step index s - 1)
+        i = r["step"] - 1
+        want = 1e-3 * min(1, (i + 1) / 3) * 0.5 * (1 + math.cos(math.pi * i / total))
+        assert r["lr"] == pytest.approx(want), r
+    assert nb * 2 == total
+
+
+def test_ema_weights_are_validated_saved_and_evaluated(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    s = train(_cfg(tiny_data, epochs=2, ema=0.9, lr=3e-3), run)
+    last = load_checkpoint(run / "last.pt")
+    best = load_checkpoint(run / "best.pt")
+    avg = last["ema"]["avg"]
+    assert last["ema"]["n"] == s["step"] == 10
+    name = "flows.0.net.net.0.weight"
+    assert not torch.equal(avg[name], last["model"][name])  # the average lags the raw weights
+    # best.pt holds the averaged weights it was validated with; evaluate rebuilds them from last.pt too.
+    if best["state"]["step"] == s["step"]:
+        assert torch.equal(best["model"][name], avg[name])
+    model, _ = load_model(run / "last.pt")
+    assert torch.equal(model.state_dict()[name], avg[name])
+    # The logged final val bpd is the averaged weights' bpd with the run's fixed validation noise.
+    from flowmnist.dist import Dist
+    from flowmnist.train import sharded_bpd, val_noise
+
+    val = load_mnist(str(tiny_data), 42, 1 / 6).images["val"]
+    got = sharded_bpd(model, val, val_noise(val, 0), Dist())
+    assert got == pytest.approx(read_metrics(run)[-1]["bpd"], rel=1e-6)
+
+
+def test_bf16_training_validates_in_float32(tiny_data, tmp_path):
+    """precision=bfloat16 changes the training steps only: the logged val bpd is the float32 bpd of the
+    saved weights (a bfloat16 validation would differ in the 3rd-4th digit)."""
+    run = tmp_path / "run"
+    s = train(_cfg(tiny_data, precision="bfloat16"), run)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["precision"] == "bfloat16"
+    from flowmnist.dist import Dist
+    from flowmnist.train import sharded_bpd, val_noise
+
+    model, _ = load_model(run / "last.pt")
+    val = load_mnist(str(tiny_data), 42, 1 / 6).images["val"]
+    assert sharded_bpd(model, val, val_noise(val, 0), Dist()) == pytest.approx(s["val_bpd"], rel=1e-7)
+
+
+def test_auto_precision_is_saved_resolved(tiny_data, tmp_path):
+    from flowmnist.nets import native_bf16
+
+    train(_cfg(tiny_data, precision="auto"), tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["precision"]
+    assert saved == ("bfloat16" if native_bf16("cpu") else "float32")
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"schedule": "linear"}, "schedule must be"),
+        ({"precision": "fp16"}, "precision must be"),
+        ({"ema": 1.0}, "ema must be"),
+        ({"lr_min": 2.0}, "lr_min must be"),
+        ({"warmup_steps": -1}, "warmup_steps must be"),
+    ],
+)
+def test_bad_recipe_values_are_refused(tiny_data, tmp_path, kw, message):
+    with pytest.raises(FlowmnistError, match=message):
+        train(_cfg(tiny_data, **kw), tmp_path / "run")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_cli_recipe_options(capsys):
+    for args, message in (
+        (["--ema", "1"], "--ema: must be a number in [0, 1), got '1'"),
+        (["--lr-min", "-0.5"], "--lr-min: must be a number in [0, 1], got '-0.5'"),
+        (["--precision", "fp16"], "--precision: invalid choice: 'fp16'"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["train", *args])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err

@@ -1,17 +1,26 @@
-"""`flowmnist bench`: the reference path and the fast path, side by side, on this machine.
+"""`flowmnist bench`: the reference path and the fast paths, side by side, on this machine.
 
-For each model it measures, in one process and interleaved (reference, fast, reference, fast, ...) so
-that a busy machine slows both alike and the ratios stay meaningful:
+Paths (one model each, sharing one set of weights):
+
+* ``reference``: the plain implementation (eager, float32, NCHW, written as the formulas read);
+* ``eager``: the fast modules run eagerly (channels-last nets, fused layer norm, lean ConcatELU/gate);
+* ``compiled``: those nets under torch.compile (nets.compile_nets), float32 throughout;
+* ``fast``: what ``flowmnist train`` does by default here: compiled, and training steps at the default
+  ``precision`` ("auto": bfloat16 nets where the device has native bf16). Evaluation and sampling are
+  float32 in every path (as ``flowmnist evaluate``), so ``fast`` and ``compiled`` differ in training only.
+
+For each model it measures, in one process and interleaved (reference, eager, compiled, fast,
+reference, ...) so that a busy machine slows all alike and the ratios stay meaningful:
 
 * training images/s: forward + backward + Adam step at ``batch_size`` (128 as in training),
 * evaluation ms per batch of 64 (``log_prob_single`` under ``inference_mode``),
 * sampling ms per 64 images,
+* the first call's seconds (compilation, for the compiled paths; not in the medians),
 
 and, in a fresh subprocess per (model, path), the peak resident memory (RSS high-water mark) of a
 few training steps, so each figure is that configuration's own peak and not the process's history.
 
 Inputs are random pixels (no data set needed): the cost of every layer does not depend on the values.
-Both paths share one set of weights, perturbed away from the zero initialisation of the output convs.
 """
 
 from __future__ import annotations
@@ -29,20 +38,35 @@ from typing import Any
 import torch
 
 from .models import MODELS, FlowModel, build_model
+from .nets import compile_nets, native_bf16, set_autocast
 
-PATHS = ("reference", "fast")
+PATHS = ("reference", "eager", "compiled", "fast")
+
+
+def _train_dtype(path: str) -> torch.dtype | None:
+    """The nets' dtype in training steps: bfloat16 for ``fast`` where native (precision "auto")."""
+    return torch.bfloat16 if path == "fast" and native_bf16("cpu") else None
+
+
+def _build(name: str, path: str) -> FlowModel:
+    model = build_model(name, fast=path != "reference")
+    if path in ("compiled", "fast"):
+        compile_nets(model)
+    return model
 
 
 def _models(name: str, seed: int = 0) -> dict[str, FlowModel]:
-    """The reference and the fast model with identical (non-trivial) weights."""
+    """A model per path with identical (non-trivial) weights."""
     torch.manual_seed(seed)
     ref = build_model(name)
     with torch.no_grad():  # leave the identity initialisation: every coupling does real work
         for p in ref.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    fast = build_model(name, fast=True)
-    fast.load_state_dict(ref.state_dict())
-    return {"reference": ref, "fast": fast}
+    models = {"reference": ref}
+    for path in PATHS[1:]:
+        models[path] = _build(name, path)
+        models[path].load_state_dict(ref.state_dict())
+    return models
 
 
 def _images(n: int, seed: int = 0) -> torch.Tensor:
@@ -56,17 +80,21 @@ def _train_step(model: FlowModel, opt: torch.optim.Optimizer, x: torch.Tensor) -
     opt.step()
 
 
-def _interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each fn, alternating between them ``rounds`` times (after one warm-up each)."""
-    for fn in fns.values():
+def _interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per call of each fn, alternating between them ``rounds`` times, after one warm-up call
+    each (returned apart: it includes compilation for a compiled path)."""
+    first = {}
+    for k, fn in fns.items():
+        t = time.perf_counter()
         fn()
+        first[k] = time.perf_counter() - t
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
-    return times
+    return times, first
 
 
 def time_model(
@@ -77,21 +105,26 @@ def time_model(
     models = _models(name)
     opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items()}
     x = _images(batch_size).float()
-    for m in models.values():
+    for k, m in models.items():
         m.train()
-    train = _interleaved({k: (lambda k=k: _train_step(models[k], opts[k], x)) for k in PATHS}, steps)
+        set_autocast(m, _train_dtype(k))
+    train, train_first = _interleaved({k: (lambda k=k: _train_step(models[k], opts[k], x)) for k in PATHS}, steps)
     xe = _images(eval_batch, seed=1)
     for m in models.values():
         m.eval()
+        set_autocast(m, None)
     with torch.inference_mode():
-        ev = _interleaved({k: (lambda k=k: models[k].log_prob_single(xe)) for k in PATHS}, reps)
-        sa = _interleaved({k: (lambda k=k: models[k].sample(eval_batch)) for k in PATHS}, reps)
+        ev, ev_first = _interleaved({k: (lambda k=k: models[k].log_prob_single(xe)) for k in PATHS}, reps)
+        sa, _ = _interleaved({k: (lambda k=k: models[k].sample(eval_batch)) for k in PATHS}, reps)
     per64 = 1000 * 64 / eval_batch
     return {
         k: {
             "train_img_per_s": round(batch_size / statistics.median(train[k]), 2),
             "eval_ms_per_64": round(per64 * statistics.median(ev[k]), 1),
             "sample_ms_per_64": round(per64 * statistics.median(sa[k]), 1),
+            "first_train_step_s": round(train_first[k], 1),
+            "first_eval_s": round(ev_first[k], 1),
+            "train_precision": "bfloat16" if _train_dtype(k) else "float32",
         }
         for k in PATHS
     }
@@ -119,7 +152,8 @@ def peak_memory_child(name: str, path: str, batch_size: int, steps: int = 2) -> 
     """Run in a fresh interpreter: a few training steps of one (model, path); prints the peak RSS.
     Two steps suffice: the first allocates Adam's moments, the second is a steady-state step."""
     torch.manual_seed(0)
-    model = build_model(name, fast=path == "fast")
+    model = _build(name, path)
+    set_autocast(model, _train_dtype(path))
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = _images(batch_size).float()
     for _ in range(steps):
@@ -156,11 +190,14 @@ def run_bench(
                 if progress:
                     progress(f"peak memory {name} {path}")
                 r[path]["peak_train_rss_mb"] = peak_memory(name, path, batch_size)
-        ref, fast = r["reference"], r["fast"]
+        ref = r["reference"]
         r["speedup"] = {
-            "train": round(fast["train_img_per_s"] / ref["train_img_per_s"], 2),
-            "eval": round(ref["eval_ms_per_64"] / fast["eval_ms_per_64"], 2),
-            "sample": round(ref["sample_ms_per_64"] / fast["sample_ms_per_64"], 2),
+            path: {
+                "train": round(r[path]["train_img_per_s"] / ref["train_img_per_s"], 2),
+                "eval": round(ref["eval_ms_per_64"] / r[path]["eval_ms_per_64"], 2),
+                "sample": round(ref["sample_ms_per_64"] / r[path]["sample_ms_per_64"], 2),
+            }
+            for path in PATHS[1:]
         }
         results[name] = r
     return {
@@ -178,31 +215,33 @@ def run_bench(
 
 
 def bench_table(bench: dict[str, Any]) -> str:
-    """Markdown: one row per (model, path), then the model's fast/reference ratio."""
+    """Markdown: one row per (model, path) with its ratios to the reference path."""
     lines = [
-        "| Model | Path | Train (img/s) | Eval (ms/64) | Sampling (ms/64) | Peak train RSS (MB) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| Model | Path | Train (img/s) | Eval (ms/64) | Sampling (ms/64) | Peak train RSS (MB) | "
+        "Speed-up train / eval / sampling | First step (s) |",
+        "|---|---|---:|---:|---:|---:|---|---:|",
     ]
     for name, r in bench["results"].items():
         for path in PATHS:
             f = r[path]
             mem = f.get("peak_train_rss_mb")
+            s = r["speedup"].get(path)
+            ratios = "1 (baseline)" if s is None else " / ".join(f"{s[k]:.2f}x" for k in ("train", "eval", "sample"))
+            if path == "fast":
+                ratios = f"**{ratios}**"
+            label = path if f["train_precision"] == "float32" else f"{path} (train {f['train_precision']})"
             lines.append(
-                f"| {name} | {path} | {f['train_img_per_s']:.1f} | {f['eval_ms_per_64']:.0f} | "
-                f"{f['sample_ms_per_64']:.0f} | {'–' if mem is None else f'{mem:,.0f}'} |"
+                f"| {name} | {label} | {f['train_img_per_s']:.1f} | {f['eval_ms_per_64']:.0f} | "
+                f"{f['sample_ms_per_64']:.0f} | {'–' if mem is None else f'{mem:,.0f}'} | {ratios} | "
+                f"{f['first_train_step_s']:.1f} |"
             )
-        s = r["speedup"]
-        mem = ""
-        if "peak_train_rss_mb" in r["fast"]:
-            mem = f"{r['fast']['peak_train_rss_mb'] / r['reference']['peak_train_rss_mb']:.2f}x"
-        ratios = " | ".join(f"**{s[k]:.2f}x**" for k in ("train", "eval", "sample"))
-        lines.append(f"| {name} | **fast / ref** | {ratios} | {mem} |")
     c = bench["conditions"]
     lines.append("")
     lines.append(
         f"torch {c['torch']}, {c['threads']} threads on {c['cpus']} CPUs, train batch {c['batch_size']} "
-        f"({c['train_steps_per_path']} interleaved steps per path), eval/sampling batch {c['eval_and_sample_batch']} "
-        f"(median of {c['eval_and_sample_reps']}); "
-        "ratios >1 mean the fast path is better (memory: fast / reference)."
+        f"({c['train_steps_per_path']} interleaved steps per path, median), eval/sampling batch "
+        f"{c['eval_and_sample_batch']} (median of {c['eval_and_sample_reps']}, float32 in every path); speed-ups are "
+        "the reference's time over the path's; first step: the first training step's seconds (compilation for "
+        "the compiled paths; inductor's on-disk cache makes later runs' shorter), not in the medians."
     )
     return "\n".join(lines)

@@ -42,6 +42,25 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _float_in(s: str, lo: float, hi: float, closed_hi: bool) -> float:
+    want = f"a number in [{lo:g}, {hi:g}{']' if closed_hi else ')'}"
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {want}, got {s!r}") from None
+    if not (lo <= v <= hi if closed_hi else lo <= v < hi):
+        raise argparse.ArgumentTypeError(f"must be {want}, got {s!r}")
+    return v
+
+
+def _unit_float(s: str) -> float:
+    return _float_in(s, 0.0, 1.0, closed_hi=True)
+
+
+def _ema_decay(s: str) -> float:
+    return _float_in(s, 0.0, 1.0, closed_hi=False)
+
+
 def _nonneg_int(s: str) -> int:
     try:
         v = int(s)
@@ -88,7 +107,12 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.reference:
         cfg.fast = False
     _writable_parent(run_dir, "--out")
-    summary = train(cfg, run_dir, resume=a.resume, force=a.force, device=a.device, tf32=a.tf32, bf16=a.bf16)
+    for key in ("precision", "schedule", "warmup_steps", "ema", "lr_min"):
+        if key in given:
+            setattr(cfg, key, given[key])
+    if a.no_compile:
+        cfg.compile = False
+    summary = train(cfg, run_dir, resume=a.resume, force=a.force, device=a.device, tf32=a.tf32)
     if _is_main_process():
         print(json.dumps(summary))
     if summary["stopped_by"] in ("SIGINT", "SIGTERM"):
@@ -112,6 +136,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         a.max_images,
         a.device,
         timing_reps=a.timing_reps,
+        compile=a.compile,
     )
     print(json.dumps(r) if a.json else results_table([r]))
     return 0
@@ -353,8 +378,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--tf32", action="store_true", help="TF32 math for float32 convolutions and matmuls (GPU)")
     t.add_argument(
-        "--bf16", action="store_true", help="bfloat16 autocast for the coupling networks; log-densities stay float32"
+        "--precision",
+        choices=("auto", "float32", "bfloat16"),
+        help=f"precision of the coupling nets in training steps (default {DEFAULTS.precision}: bfloat16 where the "
+        "device has it natively); weights, log-determinants, validation and evaluation stay float32",
     )
+    t.add_argument("--no-compile", action="store_true", help="run the nets eagerly (no torch.compile warm-up)")
+    t.add_argument(
+        "--schedule",
+        choices=("cosine", "step"),
+        help=f"LR schedule (default {DEFAULTS.schedule}: over the --minutes budget if given, else the epochs)",
+    )
+    t.add_argument(
+        "--warmup-steps", type=_nonneg_int, help=f"linear LR warm-up steps (default {DEFAULTS.warmup_steps})"
+    )
+    t.add_argument(
+        "--lr-min", type=_unit_float, help=f"final cosine LR as a fraction of --lr (default {DEFAULTS.lr_min})"
+    )
+    t.add_argument("--ema", type=_ema_decay, help=f"weight EMA decay, 0 for none (default {DEFAULTS.ema})")
     t.add_argument("--reference", action="store_true", help="train with the plain reference code, not the fast path")
     t.set_defaults(func=cmd_train)
 
@@ -377,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--timing-reps", type=_positive_int, default=5, help="timed repetitions (median; default 5)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--device", default="cpu")
+    e.add_argument(
+        "--compile", action="store_true", help="torch.compile the coupling nets: faster on many images, ~1 min warm-up"
+    )
     e.set_defaults(func=cmd_evaluate)
 
     tb = sub.add_parser("table", help="Markdown results table from runs' results.json")

@@ -37,14 +37,17 @@ def load_model(run: str | Path, device: str = "cpu") -> tuple[FlowModel, Config]
         model = build_model(cfg.model, cfg.alpha, fast=cfg.fast)
     except ValueError as e:
         raise FlowmnistError(f"{path}: {e}") from e
-    missing, unexpected = _state_mismatch(model.state_dict(), ckpt["model"])
+    weights = dict(ckpt["model"])
+    if ckpt.get("ema"):  # last.pt of a run with an EMA: evaluate the averaged weights, as best.pt holds
+        weights.update(ckpt["ema"]["avg"])
+    missing, unexpected = _state_mismatch(model.state_dict(), weights)
     if missing or unexpected:
         raise FlowmnistError(
             f"{path}: weights do not fit model {cfg.model!r} "
             f"({len(missing)} missing, {len(unexpected)} unexpected or mis-shaped tensors, e.g. "
             f"{(missing + unexpected)[0]})"
         )
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(weights)
     return model.to(device).eval(), cfg
 
 
@@ -116,11 +119,17 @@ def evaluate_run(
     device: str = "cpu",
     seed: int = 0,
     timing_reps: int = 5,
+    compile: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a run's best checkpoint; writes results.json into the run directory."""
+    """Evaluate a run's best checkpoint; writes results.json into the run directory. ``compile``: run
+    the coupling nets through torch.compile (faster on thousands of images; the timings' warm-up call
+    absorbs the compilation)."""
     from .data import load_mnist
+    from .nets import compile_nets
 
     model, cfg = load_model(run, device)
+    if compile:
+        compile_nets(model)
     data = load_mnist(data_dir if data_dir is not None else cfg.data_dir, cfg.split_seed, cfg.val_fraction)
     splits = splits or data.splits
     bpd, single, counts, exact = {}, {}, {}, {}
@@ -142,6 +151,7 @@ def evaluate_run(
         "checkpoint": str(checkpoint_path(run)),
         "threads": torch.get_num_threads(),
         "device": device,
+        "compiled": compile,
     }
     run = Path(run)
     if run.is_dir():

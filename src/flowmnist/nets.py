@@ -64,10 +64,25 @@ class _ConcatELUFn(torch.autograd.Function):
         return (g[:, :, :, 0] - g[:, :, :, 1]).permute(0, 3, 1, 2)
 
 
+def concat_elu_one_exp(x: Tensor) -> Tensor:
+    """[ELU(x), ELU(-x)] with one exponential per element: of x and -x only the negative one needs
+    exp, and it is exp(-|x|) for both,
+
+        e = expm1(-|x|):   ELU(x) = x if x > 0 else e,   ELU(-x) = e if x > 0 else -x.
+
+    Plain ops, written for torch.compile: inductor fuses it (and its derivative) into one pass."""
+    e = torch.expm1(-x.abs())
+    pos = x > 0
+    return torch.cat([torch.where(pos, x, e), torch.where(pos, e, -x)], dim=1)
+
+
 class FastConcatELU(ConcatELU):
-    """ConcatELU with the memory-lean backward of ``_ConcatELUFn``; same values."""
+    """ConcatELU with the memory-lean backward of ``_ConcatELUFn`` when eager, and the one-exp form
+    of ``concat_elu_one_exp`` under torch.compile (which cannot fuse through a custom Function)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return concat_elu_one_exp(x)
         return _ConcatELUFn.apply(x)
 
 
@@ -144,7 +159,7 @@ class GatedConv(nn.Module):
         self.fast = fast
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fast:
+        if self.fast and not torch.compiler.is_compiling():  # compiled: plain ops, which inductor fuses
             return _GateFn.apply(x, self.net(x))
         a, b = self.net(x).chunk(2, dim=1)
         return x + a * torch.sigmoid(b)
@@ -195,3 +210,46 @@ def set_autocast(model: nn.Module, dtype: torch.dtype | None) -> None:
     for m in model.modules():
         if isinstance(m, GatedConvNet):
             m.autocast_dtype = dtype
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether ``device`` computes bfloat16 convolutions natively (faster than float32): CUDA GPUs with
+    bf16 support (Ampere and later), CPUs whose oneDNN has bf16 kernels (AVX512-BF16 or AMX).
+    Elsewhere bfloat16 is emulated and slower, so ``precision="auto"`` keeps float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a build without oneDNN
+            return False
+    return False
+
+
+def compile_nets(model: nn.Module) -> int:
+    """``torch.compile`` the blocks of every coupling network of ``model`` in place (parameter names
+    unchanged, so checkpoints are unaffected); returns the number of networks.
+
+    What is compiled: each ``GatedConv`` (ConcatELU, conv, ConcatELU, conv, gate), each layer norm and
+    the final ConcatELU, the bulk of the work; inductor fuses their elementwise chains (and derivatives)
+    into a few loops around oneDNN's convolutions. With ``dynamic=True`` one graph serves every channel
+    count, batch size and resolution of a block type, so a model compiles a handful of small graphs
+    (about 30 s cold, seconds with inductor's on-disk cache warm) instead of one per shape.
+    Measured on 2 CPU cores (issue 4), compiling these blocks trained multi-vardeq faster than compiling
+    each whole net (about 110 vs 60 img/s with bfloat16 nets), whose single graph inductor also fails to
+    build with dynamic shapes in torch 2.13.
+
+    If compilation fails (say, no C++ compiler on the machine), the blocks run eagerly with a warning
+    from PyTorch: slower, same results.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.suppress_errors = True
+    nets = [m for m in model.modules() if isinstance(m, GatedConvNet)]
+    for net in nets:
+        for block in net.modules():
+            if isinstance(block, (GatedConv, LayerNormChannels)) or type(block) is FastConcatELU:
+                block.compile(dynamic=True)
+    return len(nets)

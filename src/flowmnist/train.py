@@ -1,5 +1,7 @@
-"""The training loop: Adam, per-epoch LR decay, gradient clipping, a wall-clock budget, metrics log,
-atomic latest/best checkpoints, exact resume, skipped non-finite steps, and clean stops on signals.
+"""The training loop: Adam, LR warm-up and schedule (cosine over the wall-clock budget, or the reference's
+per-epoch decay), an EMA of the weights, bfloat16 mixed precision and compiled nets where they pay,
+gradient clipping, a metrics log, atomic latest/best checkpoints, exact resume, skipped non-finite
+steps, and clean stops on signals.
 
 Run directory:
     config.json   the Config            metrics.csv  step,epoch,split,bpd,lr,seconds
@@ -33,7 +35,7 @@ from .config import Config, FlowmnistError, atomic_write_bytes, load_checkpoint,
 from .data import load_mnist
 from .dist import Dist, process_group, set_tf32
 from .models import FlowModel, build_model
-from .nets import set_autocast
+from .nets import compile_nets, native_bf16, set_autocast
 
 METRIC_FIELDS = ("step", "epoch", "split", "bpd", "lr", "seconds")
 RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.csv")
@@ -77,6 +79,63 @@ def sharded_bpd(model: FlowModel, images: Tensor, noise: Tensor, env: Dist, batc
         total[1] += len(x)
     total = env.all_sum(total)
     return float(total[0] / total[1])
+
+
+def lr_at(cfg: Config, step: int, epoch: int, progress: float) -> float:
+    """The learning rate of optimizer step ``step`` (0-based) in ``epoch``; ``progress`` in [0, 1] is the
+    fraction of the run done (of the wall-clock budget, or of all steps; used by "cosine").
+
+        warm-up:  x min(1, (step + 1) / warmup_steps)
+        cosine:   lr_min + (1 - lr_min) (1 + cos(pi progress)) / 2      (Loshchilov & Hutter 2017)
+        step:     lr_decay ** epoch                                      (the reference's StepLR)
+
+    A function of the run's position rather than a scheduler object: nothing to checkpoint, and a
+    resumed run continues the same curve. (For a budget run the position is the clock, so its LR
+    sequence, unlike an epochs run's, depends on the machine's speed.)"""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    if cfg.schedule == "step":
+        return cfg.lr * warm * cfg.lr_decay**epoch
+    p = min(max(progress, 0.0), 1.0)
+    return cfg.lr * warm * (cfg.lr_min + (1 - cfg.lr_min) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+class _EMA:
+    """An exponential moving average of the parameters (Polyak averaging), the weights that validation,
+    best.pt and evaluate use. The decay ramps up as min(ema, (1 + n) / (10 + n)) after n updates, so
+    early averages are not dominated by the initial weights."""
+
+    def __init__(self, model: nn.Module, decay: float, state: dict[str, Tensor] | None = None):
+        self.decay, self.n = decay, 0
+        self.names = [k for k, _ in model.named_parameters()]
+        self.params = [p for _, p in model.named_parameters()]
+        self.avg = [p.detach().clone() for p in self.params]
+        if state is not None:
+            self.n = int(state["n"])
+            for a, k in zip(self.avg, self.names, strict=True):
+                a.copy_(state["avg"][k])
+
+    @torch.no_grad()
+    def update(self) -> None:
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        torch._foreach_lerp_(self.avg, [p.detach() for p in self.params], 1 - d)
+        self.n += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "avg": {k: a for k, a in zip(self.names, self.avg, strict=True)}}
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the model's weights and the average (twice restores both)."""
+        for p, a in zip(self.params, self.avg, strict=True):
+            tmp = p.detach().clone()
+            p.copy_(a)
+            a.copy_(tmp)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    return precision
 
 
 class _BatchLoss(nn.Module):
@@ -195,26 +254,26 @@ def train(
     progress: bool | None = None,
     *,
     tf32: bool = False,
-    bf16: bool = False,
 ) -> dict[str, Any]:
     """Train ``cfg.model``; returns a summary dict. Every state change that matters is on disk in
     ``run_dir`` before this returns or raises.
 
     Under torchrun (RANK and WORLD_SIZE in the environment, or a process group already made) every
     rank calls this with the same arguments; ``cfg.batch_size`` is the global batch. ``device``:
-    cpu, cuda[:N], or auto (this local rank's GPU if CUDA is present, else the CPU). ``tf32`` and
-    ``bf16`` are GPU speed options (see dist.set_tf32 and nets.GatedConvNet); like the device they
-    are not part of the run's Config.
+    cpu, cuda[:N], or auto (this local rank's GPU if CUDA is present, else the CPU). ``tf32`` is a GPU
+    speed option (see dist.set_tf32); like the device it is not part of the run's Config.
     """
     with process_group(device) as env:
-        return _train(cfg, Path(run_dir), resume, force, env, progress, tf32, bf16)
+        return _train(cfg, Path(run_dir), resume, force, env, progress, tf32)
 
 
 def _train(
-    cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, progress: bool | None, tf32: bool, bf16: bool
+    cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, progress: bool | None, tf32: bool
 ) -> dict[str, Any]:
     device = env.device
     with env.agreed():  # a setup error on any rank stops every rank; all read, only rank 0 writes
+        cfg.check()
+        cfg.precision = resolve_precision(cfg.precision, device)  # saved resolved: the run's actual recipe
         check_run_dir(run_dir, resume, force)
         if env.is_main:
             _check_writable(run_dir)
@@ -226,14 +285,12 @@ def _train(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.alpha, fast=cfg.fast).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.lr_decay)
     st = {"step": 0, "epoch": 0, "batch": 0, "seconds": 0.0, "best_val": math.inf, "nonfinite": 0}
     running: list[float] = []  # train bpd of the steps since the last train row
 
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
         st.update(ckpt["state"])
         torch.set_rng_state(ckpt["rng"])  # rank 0's; training noise is reseeded per step (noise_seed)
         running = st.pop("running", [])  # the train-bpd average in progress when the run stopped
@@ -241,9 +298,12 @@ def _train(
         _write_metrics(run_dir / "metrics.csv", rows)
         write_json(run_dir / "config.json", cfg.to_dict())
 
+    ema = _EMA(model, cfg.ema, ckpt.get("ema") if ckpt is not None else None) if cfg.ema else None
     if device.type == "cuda":
         set_tf32(tf32)
-    set_autocast(model, torch.bfloat16 if bf16 else None)
+    train_dtype = torch.bfloat16 if cfg.precision == "bfloat16" else None  # validation: always float32
+    if cfg.compile:
+        compile_nets(model)
     # MNIST is 47 MB as uint8: keep it resident on the device, so a step copies nothing from the host
     # (cheaper than pinned memory and non_blocking copies, which would still copy every batch).
     train_x = train_x.to(device)
@@ -288,7 +348,7 @@ def _train(
                 "config": cfg.to_dict(),
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
                 "state": {**st, "running": list(running)},
                 "rng": torch.get_rng_state(),
                 "metrics_rows": len(rows),
@@ -297,8 +357,10 @@ def _train(
 
     def validate() -> float:
         model.eval()
+        set_autocast(model, None)
+        if ema is not None:
+            ema.swap()  # validate (and keep as best.pt) the averaged weights
         val = sharded_bpd(model, val_x, val_u, env)  # fixed noise: no draw from the training stream
-        model.train()
         log("val", val)
         if val < st["best_val"]:
             st["best_val"] = val
@@ -311,11 +373,17 @@ def _train(
                         "state": {"step": st["step"], "epoch": st["epoch"], "val_bpd": val},
                     },
                 )
+        if ema is not None:
+            ema.swap()
+        set_autocast(model, train_dtype)
+        model.train()
         return val
 
     stopped_by = "epochs"
     consecutive_bad = 0
+    total_steps = cfg.epochs * nb
     model.train()
+    set_autocast(model, train_dtype)
     with _StopFlag() as stop:
         while st["epoch"] < cfg.epochs:
             order = epoch_order(n, cfg.seed, st["epoch"]).to(device)
@@ -330,6 +398,10 @@ def _train(
                 start = st["batch"] * cfg.batch_size
                 idx = order[start + env.rank : start + cfg.batch_size : env.world]
                 torch.manual_seed(noise_seed(cfg.seed, env.rank, st["epoch"], st["batch"]))
+                # Whichever limit ends the run first: the clock (a budget) or the epochs.
+                progress = max((time.perf_counter() - t0) / budget, st["step"] / total_steps)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(cfg, st["step"], st["epoch"], progress)
                 loss = step_loss(train_x[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -353,6 +425,8 @@ def _train(
                     continue
                 consecutive_bad = 0
                 opt.step()
+                if ema is not None:
+                    ema.update()
                 st["step"] += 1
                 running.append(loss_value)
                 bar.update(1)
@@ -369,7 +443,6 @@ def _train(
                     running = []
                 if not cfg.val_every:
                     validate()
-                sched.step()
                 st["epoch"] += 1
                 st["batch"] = 0
                 checkpoint()

@@ -1,0 +1,79 @@
+"""The CPU-budget protocol (issue 4): train multi-vardeq with several recipes for the same wall-clock
+budget on this machine, one after another, and compare their validation bpd.
+
+    python benchmarks/budget_recipe.py --data-dir ../shared/data/mnist-10k --minutes 10 \
+        --recipes default,reference-recipe [--out runs/recipe]
+
+Each recipe is `flowmnist train --minutes M` with the options below (a run directory per recipe under
+--out). Printed per recipe: optimizer steps taken, the run's final validation bpd (single-sample, the
+run's fixed per-image noise, float32; with an EMA these are the averaged weights), the same for the raw
+weights of last.pt (what the EMA bought), and the best validation bpd. Run it alone on the machine:
+the budget is wall-clock time, so anything else running steals steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from flowmnist.config import load_checkpoint
+from flowmnist.data import load_mnist
+from flowmnist.dist import Dist
+from flowmnist.evaluate import load_model
+from flowmnist.train import sharded_bpd, val_noise
+
+RECIPES = {
+    # The package defaults: compiled nets, bfloat16 training steps where native, the tuned schedule.
+    "default": [],
+    # The same speed, the reference's recipe: Adam 1e-3, x0.99 per epoch, no warm-up, no EMA.
+    "reference-recipe": ["--schedule", "step", "--lr", "1e-3", "--warmup-steps", "0", "--ema", "0"],
+    # The tuned recipe without the EMA (what the average adds).
+    "no-ema": ["--ema", "0"],
+    # The tuned recipe in float32 (what bfloat16 training steps buy, at equal wall-clock).
+    "float32": ["--precision", "float32"],
+}
+
+
+def raw_val_bpd(run: Path) -> float:
+    """Validation bpd of last.pt's raw weights (not the EMA), with the run's fixed validation noise."""
+    model, cfg = load_model(run / "last.pt")
+    model.load_state_dict(load_checkpoint(run / "last.pt")["model"])
+    val = load_mnist(cfg.data_dir, cfg.split_seed, cfg.val_fraction).images["val"]
+    return sharded_bpd(model, val, val_noise(val, cfg.seed), Dist())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--minutes", type=float, default=10.0)
+    ap.add_argument("--recipes", default="default,reference-recipe", help=f"comma-separated of {', '.join(RECIPES)}")
+    ap.add_argument("--out", default="runs/recipe")
+    ap.add_argument("--val-every", type=int, default=150, help="steps between validations (default 150)")
+    a = ap.parse_args()
+    rows = []
+    for name in a.recipes.split(","):
+        run = Path(a.out) / name
+        cmd = [sys.executable, "-m", "flowmnist", "train", "--model", "multi-vardeq", "--data-dir", a.data_dir]
+        cmd += ["--minutes", str(a.minutes), "--out", str(run), "--force", "--val-every", str(a.val_every)]
+        cmd += RECIPES[name]
+        print("$", " ".join(cmd), file=sys.stderr, flush=True)
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+        s = json.loads(out.strip().splitlines()[-1])
+        cfg = json.loads((run / "config.json").read_text())
+        raw = raw_val_bpd(run) if cfg["ema"] else s["val_bpd"]
+        rows.append((name, s["step"], s["val_bpd"], raw, s["best_val_bpd"], cfg["precision"]))
+        print(json.dumps({"recipe": name, **s, "raw_val_bpd": raw}), flush=True)
+    print(f"\nmulti-vardeq, {a.minutes:g} min each on {torch.get_num_threads()} threads, data {a.data_dir}\n")
+    print("| recipe | steps | val bpd (final) | val bpd, raw weights | best val bpd | train precision |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, steps, val, raw, best, prec in rows:
+        print(f"| {name} | {steps} | {val:.4f} | {raw:.4f} | {best:.4f} | {prec} |")
+
+
+if __name__ == "__main__":
+    main()
