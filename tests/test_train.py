@@ -302,3 +302,14 @@ def test_cli_recipe_options(capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err
+
+
+def test_old_configs_keep_their_recipe():
+    """A config saved before the recipe fields existed resumes with the recipe it ran with."""
+    old = {k: v for k, v in Config(lr=1e-3, batch_size=128).to_dict().items()}
+    for k in ("schedule", "warmup_steps", "ema", "lr_min", "compile", "precision"):
+        del old[k]
+    cfg = Config.from_dict(old)
+    assert (cfg.schedule, cfg.warmup_steps, cfg.ema, cfg.compile, cfg.precision) == ("step", 0, 0.0, False, "float32")
+    assert (cfg.lr, cfg.batch_size) == (1e-3, 128)
+    assert Config.from_dict(Config().to_dict()) == Config()  # a current config round-trips unchanged

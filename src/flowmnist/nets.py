@@ -198,11 +198,22 @@ class GatedConvNet(nn.Module):
         # operands of one layout.
         return self._run(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
+    def _layers(self, x: Tensor) -> Tensor:
+        h = self.net[0](x)
+        if self.fast:
+            # With one input channel, x is both NCHW- and channels-last-contiguous, and oneDNN then
+            # returns the first conv's output as NCHW: the first block would run its convolutions in
+            # the slower layout (a compiled block is traced for the layout it sees). Pin the layout.
+            h = h.contiguous(memory_format=torch.channels_last)
+        for layer in self.net[1:]:
+            h = layer(h)
+        return h
+
     def _run(self, x: Tensor) -> Tensor:
         if self.autocast_dtype is None:
-            return self.net(x)
+            return self._layers(x)
         with torch.autocast(x.device.type, dtype=self.autocast_dtype):
-            return self.net(x).float()
+            return self._layers(x).float()
 
 
 def set_autocast(model: nn.Module, dtype: torch.dtype | None) -> None:
