@@ -81,12 +81,12 @@ def test_resume_continues_exactly(tiny_data, tmp_path, schedule):
     interrupted run resumes with its own --epochs; the cosine schedule spans them, so to stop after
     epoch 1 the step schedule, which does not look ahead, can use a 1-epoch config; the cosine run is
     stopped by a signal.)"""
-    train(_cfg(tiny_data, epochs=2, schedule=schedule), tmp_path / "straight")
+    train(_cfg(tiny_data, epochs=2, schedule=schedule, ema=0.5), tmp_path / "straight")
     if schedule == "step":
-        train(_cfg(tiny_data, epochs=1, schedule=schedule), tmp_path / "split")
+        train(_cfg(tiny_data, epochs=1, schedule=schedule, ema=0.5), tmp_path / "split")
     else:  # stop the 2-epoch run after its first epoch the way a user would: a signal between steps
-        _train_until(_cfg(tiny_data, epochs=2, schedule=schedule), tmp_path / "split", steps=5)
-    train(_cfg(tiny_data, epochs=2, schedule=schedule), tmp_path / "split", resume=True)
+        _train_until(_cfg(tiny_data, epochs=2, schedule=schedule, ema=0.5), tmp_path / "split", steps=5)
+    train(_cfg(tiny_data, epochs=2, schedule=schedule, ema=0.5), tmp_path / "split", resume=True)
     a, b = load_checkpoint(tmp_path / "straight/last.pt"), load_checkpoint(tmp_path / "split/last.pt")
     assert a["state"]["step"] == b["state"]["step"] == 10
     for k in a["model"]:
