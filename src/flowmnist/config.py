@@ -29,9 +29,10 @@ class Config:
     seed: int = 0  # model init, batch order and dequantization noise
     epochs: int = 200  # the seed's GPU budget; on a CPU, `minutes` usually ends the run first
     minutes: float | None = None  # wall-clock budget for training (validation included)
-    # Half the reference's 128: on a CPU the throughput per image is the same at 64 (measured, 2 cores),
-    # so a budget buys twice the updates; 10-minute multi-vardeq val bpd 1.19 vs 1.23 at 128
-    # (benchmarks/budget_recipe.py). Global under torchrun.
+    # Half the reference's 128: on a CPU the throughput per image is the same at 64 (multi-vardeq on 2
+    # cores, `flowmnist bench --batch-size 64`: 116 img/s vs 118 at 128), so a budget buys twice the
+    # updates; 10-minute multi-vardeq val bpd 1.19 vs 1.23 at 128 (benchmarks/budget_recipe.py).
+    # Global under torchrun.
     batch_size: int = 64
     lr: float = 2e-3  # Adam's peak LR: 2x the reference's 1e-3, affordable with the warm-up and a schedule
     # that ends near zero, and faster progress in a short budget
@@ -59,9 +60,10 @@ class Config:
     # The CPU fast path (channels-last nets, fused layer norm, lean ConcatELU): the same function and
     # state_dict as the reference within float rounding, ~1.3x faster and ~40% less memory to train.
     fast: bool = True
-    # torch.compile the coupling nets (nets.compile_nets): inductor fuses their elementwise work, ~1.4x
-    # faster again on a CPU; the first steps pay the compilation (about a minute cold, seconds with
-    # inductor's on-disk cache warm). Same function, float rounding aside.
+    # torch.compile the coupling nets' blocks (nets.compile_nets): inductor fuses their elementwise work,
+    # ~1.3x faster again on a CPU (`flowmnist bench`: compiled vs eager); the first steps pay the
+    # compilation (tens of seconds cold, seconds with inductor's on-disk cache). Same function, float
+    # rounding aside.
     compile: bool = True
     # Precision of the coupling nets' convolutions in training steps: "float32", "bfloat16" (mixed
     # precision: weights, optimizer, couplings, log-determinants and validation stay float32; only the

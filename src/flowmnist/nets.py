@@ -16,6 +16,10 @@ either): the plain reference (``fast=False``, NCHW, written as the formulas read
 ~1.6x faster there, and the channel layer norm becomes a contiguous ``F.layer_norm`` over the last axis,
 ~10x faster than ``var`` over the strided channel axis of NCHW) and saves fewer activations for backward
 (``ConcatELU`` as one autograd function keeping only its output, which the next conv keeps anyway).
+
+On top of the fast path, ``compile_nets`` compiles the nets' blocks with torch.compile; under
+compilation the fast modules switch to plain ops (``concat_elu_one_exp``, the gate as written) that
+inductor fuses, since it cannot fuse through a custom autograd Function.
 """
 
 from __future__ import annotations
@@ -247,9 +251,8 @@ def compile_nets(model: nn.Module) -> int:
     into a few loops around oneDNN's convolutions. With ``dynamic=True`` one graph serves every channel
     count, batch size and resolution of a block type, so a model compiles a handful of small graphs
     (about 30 s cold, seconds with inductor's on-disk cache warm) instead of one per shape.
-    Measured on 2 CPU cores (issue 4), compiling these blocks trained multi-vardeq faster than compiling
-    each whole net (about 110 vs 60 img/s with bfloat16 nets), whose single graph inductor also fails to
-    build with dynamic shapes in torch 2.13.
+    In trials on 2 CPU cores (issue 4) this trained faster than compiling each whole net, whose single
+    graph inductor also fails to build with dynamic shapes in torch 2.13.
 
     If compilation fails (say, no C++ compiler on the machine), the blocks run eagerly with a warning
     from PyTorch: slower, same results.

@@ -16,6 +16,7 @@ alone writes files. A checkpoint holds the unwrapped model, so it resumes on any
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import math
@@ -104,7 +105,7 @@ class _EMA:
     best.pt and evaluate use. The decay ramps up as min(ema, (1 + n) / (10 + n)) after n updates, so
     early averages are not dominated by the initial weights."""
 
-    def __init__(self, model: nn.Module, decay: float, state: dict[str, Tensor] | None = None):
+    def __init__(self, model: nn.Module, decay: float, state: dict[str, Any] | None = None):
         self.decay, self.n = decay, 0
         self.names = [k for k, _ in model.named_parameters()]
         self.params = [p for _, p in model.named_parameters()]
@@ -133,6 +134,7 @@ class _EMA:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """``Config.precision`` for ``device``: "auto" becomes bfloat16 where it is native, else float32."""
     if precision == "auto":
         return "bfloat16" if native_bf16(device) else "float32"
     return precision
@@ -273,7 +275,8 @@ def _train(
     device = env.device
     with env.agreed():  # a setup error on any rank stops every rank; all read, only rank 0 writes
         cfg.check()
-        cfg.precision = resolve_precision(cfg.precision, device)  # saved resolved: the run's actual recipe
+        # Saved resolved: the run's actual recipe. (A copy: the caller's Config is left as it was.)
+        cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
         check_run_dir(run_dir, resume, force)
         if env.is_main:
             _check_writable(run_dir)
