@@ -1,6 +1,7 @@
-"""Where a training step's time goes: convolutions vs everything else, per path.
+"""Where a training step's (or sampling's) time goes: convolutions vs everything else, per path.
 
     python benchmarks/profile_step.py [--model multi-vardeq] [--batch-size 128] [--paths eager,fast]
+    python benchmarks/profile_step.py --sample [--batch-size 64]      # model.sample(64), float32
 
 Builds each path as `flowmnist bench` does (same weights), runs 3 warm-up steps (compilation), then
 profiles 2 steps with torch.profiler and prints, per path: wall seconds per step, the self-CPU time of
@@ -27,23 +28,36 @@ def main() -> None:
     ap.add_argument("--model", default="multi-vardeq")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--paths", default="reference,eager,compiled,fast")
+    ap.add_argument("--sample", action="store_true", help="profile sampling (inference mode) instead")
     a = ap.parse_args()
     x = _images(a.batch_size).float()
     for path in a.paths.split(","):
         torch.manual_seed(0)
         model = _build(a.model, path)
-        set_autocast(model, _train_dtype(path))
-        opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+        if a.sample:
+            model.eval()
+
+            def work(model=model):
+                with torch.inference_mode():
+                    model.sample(a.batch_size)
+        else:
+            set_autocast(model, _train_dtype(path))
+            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+            def work(model=model, opt=opt):
+                _train_step(model, opt, x)
+
         for _ in range(3):
-            _train_step(model, opt, x)
+            work()
         t = time.perf_counter()
         with profile() as prof:
             for _ in range(2):
-                _train_step(model, opt, x)
+                work()
         wall = (time.perf_counter() - t) / 2
         conv = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in CONV_OPS) / 2e6
+        what = "sampling" if a.sample else "training"
         print(
-            f"{a.model} {path:9s} batch {a.batch_size}: {wall:.2f} s/step ({a.batch_size / wall:.1f} img/s); "
+            f"{a.model} {what} {path:9s} batch {a.batch_size}: {wall:.2f} s/step ({a.batch_size / wall:.1f} img/s); "
             f"convolutions {conv:.2f} s ({100 * conv / wall:.0f}%), the rest {wall - conv:.2f} s",
             flush=True,
         )
