@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import Config, FlowmnistError, load_checkpoint
+from .config import PRECISIONS, SCHEDULES, Config, FlowmnistError, load_checkpoint
 from .models import MODELS
 
 DEFAULTS = Config()
@@ -99,19 +99,19 @@ def cmd_train(a: argparse.Namespace) -> int:
         cfg = Config.from_dict(load_checkpoint(run_dir / "last.pt")["config"])
     else:
         cfg = Config(data_dir=_data_dir(a.data_dir))
-    for key in ("model", "seed", "epochs", "minutes", "batch_size", "lr", "log_every", "val_every"):
+    for key in (
+        *("model", "seed", "epochs", "minutes", "batch_size", "lr", "log_every", "val_every"),
+        *("precision", "schedule", "warmup_steps", "ema", "lr_min"),
+    ):
         if key in given:
             setattr(cfg, key, given[key])
     if "data_dir" in given:
         cfg.data_dir = _data_dir(a.data_dir)
     if a.reference:
         cfg.fast = False
-    _writable_parent(run_dir, "--out")
-    for key in ("precision", "schedule", "warmup_steps", "ema", "lr_min"):
-        if key in given:
-            setattr(cfg, key, given[key])
     if a.no_compile:
         cfg.compile = False
+    _writable_parent(run_dir, "--out")
     summary = train(cfg, run_dir, resume=a.resume, force=a.force, device=a.device, tf32=a.tf32)
     if _is_main_process():
         print(json.dumps(summary))
@@ -379,14 +379,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tf32", action="store_true", help="TF32 math for float32 convolutions and matmuls (GPU)")
     t.add_argument(
         "--precision",
-        choices=("auto", "float32", "bfloat16"),
+        choices=PRECISIONS,
         help=f"precision of the coupling nets in training steps (default {DEFAULTS.precision}: bfloat16 where the "
         "device has it natively); weights, log-determinants, validation and evaluation stay float32",
     )
     t.add_argument("--no-compile", action="store_true", help="run the nets eagerly (no torch.compile warm-up)")
     t.add_argument(
         "--schedule",
-        choices=("cosine", "step"),
+        choices=SCHEDULES,
         help=f"LR schedule (default {DEFAULTS.schedule}: over the --minutes budget if given, else the epochs)",
     )
     t.add_argument(

@@ -15,6 +15,10 @@ import torch
 FORMAT_VERSION = 1  # bump when the checkpoint layout changes; loading refuses other versions
 
 
+SCHEDULES = ("cosine", "step")
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
 class FlowmnistError(Exception):
     """An error the user can fix (bad file, bad option); the CLI prints it as one line."""
 
@@ -74,10 +78,10 @@ class Config:
 
     def check(self) -> None:
         """Refuse values no run can use, naming the option (the CLI checks types and signs itself)."""
-        if self.schedule not in ("cosine", "step"):
-            raise FlowmnistError(f"schedule must be 'cosine' or 'step', got {self.schedule!r}")
-        if self.precision not in ("auto", "float32", "bfloat16"):
-            raise FlowmnistError(f"precision must be 'auto', 'float32' or 'bfloat16', got {self.precision!r}")
+        if self.schedule not in SCHEDULES:
+            raise FlowmnistError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise FlowmnistError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0 <= self.ema < 1:
             raise FlowmnistError(f"ema must be in [0, 1), got {self.ema}")
         if not 0 <= self.lr_min <= 1:

@@ -203,13 +203,14 @@ class GatedConvNet(nn.Module):
         return self._run(x.contiguous(memory_format=torch.channels_last)).contiguous()
 
     def _layers(self, x: Tensor) -> Tensor:
-        h = self.net[0](x)
+        layers = iter(self.net)  # not self.net[1:], which builds a new Sequential at every call
+        h = next(layers)(x)
         if self.fast:
             # With one input channel, x is both NCHW- and channels-last-contiguous, and oneDNN then
             # returns the first conv's output as NCHW: the first block would run its convolutions in
             # the slower layout (a compiled block is traced for the layout it sees). Pin the layout.
             h = h.contiguous(memory_format=torch.channels_last)
-        for layer in self.net[1:]:
+        for layer in layers:
             h = layer(h)
         return h
 

@@ -143,7 +143,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 class _BatchLoss(nn.Module):
     """The training objective, mean bpd of a batch, as a module's forward: DistributedDataParallel
     synchronises gradients only for work done through the forward of the module it wraps (``bpd`` is
-    not ``forward``). The one place where the step's computation could be compiled."""
+    not ``forward``)."""
 
     def __init__(self, model: FlowModel):
         super().__init__()
@@ -312,8 +312,8 @@ def _train(
     train_x = train_x.to(device)
     val_u = val_noise(val_x, cfg.seed)[env.rank :: env.world].to(device)
     val_x = val_x[env.rank :: env.world].to(device)
-    # The step's computation; DDP averages its gradients over ranks. (The place for an optional
-    # torch.compile: compile step_loss after the DDP wrap, as PyTorch recommends for DDP.)
+    # The step's computation; DDP averages its gradients over ranks. (The nets inside are compiled
+    # above, block by block: see nets.compile_nets.)
     step_loss: nn.Module = _BatchLoss(model)
     if env.distributed:
         ids = [device.index] if device.type == "cuda" else None
