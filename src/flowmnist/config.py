@@ -71,9 +71,10 @@ class Config:
     compile: bool = True
     # Precision of the coupling nets' convolutions in training steps: "float32", "bfloat16" (mixed
     # precision: weights, optimizer, couplings, log-determinants and validation stay float32; only the
-    # nets' convolutions and activations of the gradient computation are bfloat16, ~2x faster convs on a
-    # CPU with AVX512-BF16/AMX), or "auto" (bfloat16 where the device has it natively, else float32;
-    # resolved when training starts and saved resolved). Validation and evaluate are always float32.
+    # nets' convolutions and activations of the gradient computation are bfloat16; on 2 AVX512-BF16
+    # cores a multi-vardeq step's convolutions took 0.71 s vs 1.39 s, benchmarks/profile_step.py), or
+    # "auto" (bfloat16 where the device has it natively, else float32; resolved when training starts and
+    # saved resolved). Validation and evaluate are always float32.
     precision: str = "auto"
 
     def check(self) -> None:
