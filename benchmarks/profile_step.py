@@ -18,7 +18,8 @@ import torch
 from torch.profiler import profile
 
 from flowmnist.bench import _build, _images, _train_dtype, _train_step
-from flowmnist.nets import set_autocast
+from flowmnist.nets import set_autocast, tune_allocator
+from flowmnist.train import make_optimizer
 
 CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution_pointwise")
 
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--paths", default="reference,eager,compiled,fast")
     ap.add_argument("--sample", action="store_true", help="profile sampling (inference mode) instead")
     a = ap.parse_args()
+    tune_allocator()  # as the flowmnist command does
     x = _images(a.batch_size).float()
     for path in a.paths.split(","):
         torch.manual_seed(0)
@@ -42,7 +44,7 @@ def main() -> None:
                     model.sample(a.batch_size)
         else:
             set_autocast(model, _train_dtype(path))
-            opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+            opt = make_optimizer(model, 1e-4, fused=path == "fast")
 
             def work(model=model, opt=opt):
                 _train_step(model, opt, x)

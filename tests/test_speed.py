@@ -216,3 +216,30 @@ def test_native_bf16_is_a_bool_and_auto_resolves():
     assert resolve_precision("auto", cpu) == ("bfloat16" if native_bf16(cpu) else "float32")
     assert resolve_precision("float32", cpu) == "float32"
     assert native_bf16("meta") is False
+
+
+def test_conv_by_taps_is_the_convolution():
+    """The GEMM-and-shifted-sum form of the output convolution computes F.conv2d (padding 1), borders
+    included; OutConv takes it only without gradients and where it pays (9 c_out <= c_in)."""
+    from flowmnist.nets import OutConv, conv3x3_by_taps
+
+    g = torch.Generator().manual_seed(0)
+    for n, c, h, w, o in ((2, 6, 5, 7, 2), (1, 3, 1, 4, 1), (3, 16, 4, 4, 8)):
+        x = torch.randn(n, c, h, w, generator=g, dtype=torch.double)
+        wt = torch.randn(o, c, 3, 3, generator=g, dtype=torch.double)
+        b = torch.randn(o, generator=g, dtype=torch.double)
+        torch.testing.assert_close(conv3x3_by_taps(x, wt, b), F.conv2d(x, wt, b, padding=1))
+    calls = []
+    conv = OutConv(18, 2, kernel_size=3, padding=1)
+    conv.by_taps = lambda *a: calls.append(1) or conv3x3_by_taps(*a)
+    x = torch.randn(2, 18, 5, 5)
+    y = conv(x)  # with gradients: the convolution
+    assert calls == [] and y.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), y.detach(), rtol=1e-5, atol=1e-5)
+    assert calls == [1]
+    wide = OutConv(16, 2, kernel_size=3, padding=1)  # 9 * 2 > 16: the convolution even without gradients
+    wide.by_taps = conv.by_taps
+    with torch.no_grad():
+        wide(torch.randn(1, 16, 3, 3))
+    assert calls == [1]

@@ -5,9 +5,10 @@ Paths (one model each, sharing one set of weights):
 * ``reference``: the plain implementation (eager, float32, NCHW, written as the formulas read);
 * ``eager``: the fast modules run eagerly (channels-last nets, fused layer norm, lean ConcatELU/gate);
 * ``compiled``: those nets under torch.compile (nets.compile_nets), float32 throughout;
-* ``fast``: what ``flowmnist train`` does by default here: compiled, and training steps at the default
-  ``precision`` ("auto": bfloat16 nets where the device has native bf16). Evaluation and sampling are
-  float32 in every path (as ``flowmnist evaluate``), so ``fast`` and ``compiled`` differ in training only.
+* ``fast``: what ``flowmnist train`` does by default here: compiled, training steps at the default
+  ``precision`` ("auto": bfloat16 nets where the device has native bf16) and a fused Adam step.
+  Evaluation and sampling are float32 in every path (as ``flowmnist evaluate``), so ``fast`` and
+  ``compiled`` differ in training only.
 
 For each model it measures, in one process and interleaved (reference, eager, compiled, fast,
 reference, ...) so that a busy machine slows all alike and the ratios stay meaningful:
@@ -38,7 +39,8 @@ from typing import Any
 import torch
 
 from .models import MODELS, FlowModel, build_model
-from .nets import compile_nets, native_bf16, set_autocast
+from .nets import compile_nets, native_bf16, set_autocast, tune_allocator
+from .train import make_optimizer
 
 PATHS = ("reference", "eager", "compiled", "fast")
 
@@ -103,7 +105,7 @@ def time_model(
     """Training images/s (median over ``steps`` interleaved steps), eval and sampling ms per 64 (median of
     ``reps``, timed on batches of ``eval_batch`` and scaled to 64), for each path of model ``name``."""
     models = _models(name)
-    opts = {k: torch.optim.Adam(m.parameters(), lr=1e-4) for k, m in models.items()}
+    opts = {k: make_optimizer(m, 1e-4, fused=k == "fast") for k, m in models.items()}
     x = _images(batch_size).float()
     for k, m in models.items():
         m.train()
@@ -151,10 +153,11 @@ def _peak_rss_mb() -> float:
 def peak_memory_child(name: str, path: str, batch_size: int, steps: int = 2) -> None:
     """Run in a fresh interpreter: a few training steps of one (model, path); prints the peak RSS.
     Two steps suffice: the first allocates Adam's moments, the second is a steady-state step."""
+    tune_allocator()  # as the flowmnist command does
     torch.manual_seed(0)
     model = _build(name, path)
     set_autocast(model, _train_dtype(path))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = make_optimizer(model, 1e-4, fused=path == "fast")
     x = _images(batch_size).float()
     for _ in range(steps):
         _train_step(model, opt, x)

@@ -450,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .nets import tune_allocator
+
+    tune_allocator()  # malloc keeps freed activation buffers mapped: see its docstring
     try:
         return args.func(args)
     except FlowmnistError as e:

@@ -24,6 +24,10 @@ inductor fuses, since it cannot fuse through a custom autograd Function.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -169,6 +173,45 @@ class GatedConv(nn.Module):
         return x + a * torch.sigmoid(b)
 
 
+def conv3x3_by_taps(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """A 3x3 convolution (padding 1) as one matrix product and a shifted sum over the nine taps:
+
+        Z[n, i, j, k] = W_k h[n, :, i, j]                    k = (dy, dx): one GEMM, (NHW x C) by (C x 9 c_out)
+        out[n, :, i, j] = b + sum_k Z[n, i + dy - 1, j + dx - 1, k]      (zero outside the image)
+
+    The same products and sums as the direct convolution, added in another order (float32 rounding).
+    Plain ops, written for torch.compile, which fuses the shifted sum into one pass over Z.
+    """
+    n, c, h, w = x.shape
+    o = weight.shape[0]
+    z = F.linear(x.permute(0, 2, 3, 1), weight.permute(2, 3, 0, 1).reshape(9 * o, c)).view(n, h, w, 3, 3, o)
+    z = F.pad(z, (0, 0, 0, 0, 0, 0, 1, 1, 1, 1))  # a zero border around the image (dims w, then h)
+    out = bias
+    for dy in range(3):
+        for dx in range(3):
+            out = out + z[:, dy : dy + h, dx : dx + w, dy, dx]
+    return out.permute(0, 3, 1, 2)
+
+
+class OutConv(nn.Conv2d):
+    """The net's last 3x3 convolution (2h -> c_out, few output channels), with a faster form for
+    compiled inference.
+
+    oneDNN's direct convolution uses its vector lanes for output channels, so with c_out = 2 (every
+    checkerboard coupling) it wastes most of them. ``compile_nets`` sets ``by_taps`` to a compiled
+    ``conv3x3_by_taps``, used when no gradient is needed and 9 c_out <= c_in (the GEMM's 9 c_out
+    columns then make a shape that BLAS runs well). With gradients, the shifted sum's backward costs
+    more than it saves (``benchmarks/profile_step.py``), so training keeps the convolution.
+    """
+
+    by_taps = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.by_taps is not None and not torch.is_grad_enabled() and 9 * self.out_channels <= self.in_channels:
+            return self.by_taps(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 class GatedConvNet(nn.Module):
     """The coupling network: maps (masked input [+ condition]) to c_out channels (scale and shift).
 
@@ -187,7 +230,8 @@ class GatedConvNet(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(c_in, hidden, kernel_size=3, padding=1)]
         for _ in range(num_layers):
             layers += [GatedConv(hidden, hidden, fast=fast), norm(hidden)]
-        layers += [FastConcatELU() if fast else ConcatELU(), nn.Conv2d(2 * hidden, c_out, kernel_size=3, padding=1)]
+        out = (OutConv if fast else nn.Conv2d)(2 * hidden, c_out, kernel_size=3, padding=1)
+        layers += [FastConcatELU() if fast else ConcatELU(), out]
         self.net = nn.Sequential(*layers)
         self.fast = fast
         # Zero output: every coupling starts as the identity map, so training starts from a stable flow.
@@ -247,8 +291,9 @@ def compile_nets(model: nn.Module) -> int:
     """``torch.compile`` the blocks of every coupling network of ``model`` in place (parameter names
     unchanged, so checkpoints are unaffected); returns the number of networks.
 
-    What is compiled: each ``GatedConv`` (ConcatELU, conv, ConcatELU, conv, gate), each layer norm and
-    the final ConcatELU, the bulk of the work; inductor fuses their elementwise chains (and derivatives)
+    What is compiled: each ``GatedConv`` (ConcatELU, conv, ConcatELU, conv, gate), each layer norm,
+    the final ConcatELU and, for inference, the output convolution's GEMM form (``OutConv``): the bulk
+    of the work; inductor fuses their elementwise chains (and derivatives)
     into a few loops around oneDNN's convolutions. With ``dynamic=True`` one graph serves every channel
     count, batch size and resolution of a block type, so a model compiles a handful of small graphs
     (about 30 s cold, seconds with inductor's on-disk cache warm) instead of one per shape.
@@ -263,8 +308,36 @@ def compile_nets(model: nn.Module) -> int:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.suppress_errors = True
     nets = [m for m in model.modules() if isinstance(m, GatedConvNet)]
+    by_taps = torch.compile(conv3x3_by_taps, dynamic=True)
     for net in nets:
         for block in net.modules():
             if isinstance(block, (GatedConv, LayerNormChannels)) or type(block) is FastConcatELU:
                 block.compile(dynamic=True)
+            elif isinstance(block, OutConv):
+                block.by_taps = by_taps
     return len(nets)
+
+
+def tune_allocator() -> bool:
+    """Let glibc's malloc keep the freed activation buffers of one step for the next; True if applied.
+
+    PyTorch's CPU tensors come from malloc. glibc serves blocks above its mmap threshold (128 KiB at
+    first, raised only as such blocks are freed) with fresh pages from the kernel, which zeroes and maps
+    each page again on first touch, and returns the heap's free top to the kernel above the trim
+    threshold. A training step or a batch of samples allocates and frees hundreds of MB in 1-30 MB
+    blocks, so much of its time went to page faults. ``mallopt`` raises the mmap threshold to glibc's
+    maximum (32 MiB) and the trim threshold out of reach: the blocks come from the heap and are reused
+    while still mapped. What stays mapped is what was in use at the peak, so peak memory is unchanged.
+
+    Called by the ``flowmnist`` command (all paths of ``flowmnist bench`` alike); a no-op off glibc,
+    or with FLOWMNIST_MALLOC=system in the environment (to measure the difference).
+    """
+    if os.environ.get("FLOWMNIST_MALLOC") == "system" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return False
