@@ -31,7 +31,8 @@ def main() -> None:
     ap.add_argument("--paths", default="reference,eager,compiled,fast")
     ap.add_argument("--sample", action="store_true", help="profile sampling (inference mode) instead")
     a = ap.parse_args()
-    tune_allocator()  # as the flowmnist command does
+    if a.sample:
+        tune_allocator()  # as `flowmnist sample` does (`flowmnist train` does not)
     x = _images(a.batch_size).float()
     for path in a.paths.split(","):
         torch.manual_seed(0)

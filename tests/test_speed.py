@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -243,3 +244,20 @@ def test_conv_by_taps_is_the_convolution():
     with torch.no_grad():
         wide(torch.randn(1, 16, 3, 3))
     assert calls == [1]
+
+
+def test_allocator_tuned_for_inference_commands_not_train(monkeypatch, tmp_path):
+    import platform
+
+    import flowmnist.nets as nets
+
+    monkeypatch.setenv("FLOWMNIST_MALLOC", "system")
+    assert nets.tune_allocator() is False
+    monkeypatch.delenv("FLOWMNIST_MALLOC")
+    assert nets.tune_allocator() is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+    calls = []
+    monkeypatch.setattr(nets, "tune_allocator", lambda: calls.append(1) or True)
+    assert main(["bench", "--models", "nope"]) == 2  # tuned, then refused
+    assert calls == [1]
+    assert main(["train", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "run")]) != 0
+    assert calls == [1]  # train keeps glibc's own policy

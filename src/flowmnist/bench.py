@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .models import MODELS, FlowModel, build_model
-from .nets import compile_nets, native_bf16, set_autocast, tune_allocator
+from .nets import compile_nets, native_bf16, set_autocast
 from .train import make_optimizer
 
 PATHS = ("reference", "eager", "compiled", "fast")
@@ -153,8 +153,7 @@ def _peak_rss_mb() -> float:
 def peak_memory_child(name: str, path: str, batch_size: int, steps: int = 2) -> None:
     """Run in a fresh interpreter: a few training steps of one (model, path); prints the peak RSS.
     Two steps suffice: the first allocates Adam's moments, the second is a steady-state step."""
-    tune_allocator()  # as the flowmnist command does
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # malloc untuned, as in `flowmnist train` (see nets.tune_allocator)
     model = _build(name, path)
     set_autocast(model, _train_dtype(path))
     opt = make_optimizer(model, 1e-4, fused=path == "fast")

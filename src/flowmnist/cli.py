@@ -452,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .nets import tune_allocator
 
-    tune_allocator()  # malloc keeps freed activation buffers mapped: see its docstring
+    if args.command != "train":  # see its docstring for why not in training
+        tune_allocator()
     try:
         return args.func(args)
     except FlowmnistError as e:
