@@ -6,7 +6,9 @@
 Builds each path as `flowmnist bench` does (same weights), runs 3 warm-up steps (compilation), then
 profiles 2 steps with torch.profiler and prints, per path: wall seconds per step, the self-CPU time of
 oneDNN convolutions (forward and backward) per step, and the rest. On a CPU the convolutions' FLOPs
-bound what any fusion of the rest can give.
+bound what any fusion of the rest can give. With --sample it also prints the convolutions' float32 rate
+(GFLOP/s, from their shapes; in the compiled path the GEMM output convolutions are not counted as
+convolutions, so its rate is over the true convolutions only).
 """
 
 from __future__ import annotations
@@ -53,15 +55,24 @@ def main() -> None:
         for _ in range(3):
             work()
         t = time.perf_counter()
-        with profile() as prof:
+        with profile(record_shapes=True) as prof:
             for _ in range(2):
                 work()
         wall = (time.perf_counter() - t) / 2
-        conv = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in CONV_OPS) / 2e6
+        events = prof.key_averages()
+        conv = sum(e.self_cpu_time_total for e in events if e.key in CONV_OPS) / 2e6
         what = "sampling" if a.sample else "training"
+        rate = ""
+        if a.sample:  # forward only: FLOPs from each convolution's shapes (stride 1, "same" padding here)
+            flop = 0
+            for e in prof.key_averages(group_by_input_shape=True):
+                if e.key == "aten::mkldnn_convolution":
+                    (n, c, h, w), (o, _, kh, kw) = e.input_shapes[:2]
+                    flop += e.count * 2 * n * o * h * w * c * kh * kw  # 2 per multiply-add
+            rate = f" at {flop / 2e9 / conv:.0f} GFLOP/s ({flop / 2e9:.1f} GFLOP per step)"
         print(
             f"{a.model} {what} {path:9s} batch {a.batch_size}: {wall:.2f} s/step ({a.batch_size / wall:.1f} img/s); "
-            f"convolutions {conv:.2f} s ({100 * conv / wall:.0f}%), the rest {wall - conv:.2f} s",
+            f"convolutions {conv:.2f} s ({100 * conv / wall:.0f}%){rate}, the rest {wall - conv:.2f} s",
             flush=True,
         )
 

@@ -198,10 +198,12 @@ class OutConv(nn.Conv2d):
     compiled inference.
 
     oneDNN's direct convolution uses its vector lanes for output channels, so with c_out = 2 (every
-    checkerboard coupling) it wastes most of them. ``compile_nets`` sets ``by_taps`` to a compiled
+    checkerboard coupling) it leaves most of them idle. ``compile_nets`` sets ``by_taps`` to a compiled
     ``conv3x3_by_taps``, used when no gradient is needed and 9 c_out <= c_in (the GEMM's 9 c_out
-    columns then make a shape that BLAS runs well). With gradients, the shifted sum's backward costs
-    more than it saves (``benchmarks/profile_step.py``), so training keeps the convolution.
+    columns then make a shape that BLAS runs well; at 7x7 with 16 outputs it was slower). Training
+    keeps the convolution: in trials here (bfloat16 steps, batch 128), the GEMM form with autograd's
+    backward of the shifted sum, and with a hand-written one, both made a step's output convolutions
+    slower, not faster.
     """
 
     by_taps = None
