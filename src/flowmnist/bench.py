@@ -152,8 +152,9 @@ def _peak_rss_mb() -> float:
 
 def peak_memory_child(name: str, path: str, batch_size: int, steps: int = 2) -> None:
     """Run in a fresh interpreter: a few training steps of one (model, path); prints the peak RSS.
-    Two steps suffice: the first allocates Adam's moments, the second is a steady-state step."""
-    torch.manual_seed(0)  # malloc untuned, as in `flowmnist train` (see nets.tune_allocator)
+    Two steps suffice: the first allocates Adam's moments, the second is a steady-state step. malloc
+    stays untuned, as in `flowmnist train` (see nets.tune_allocator)."""
+    torch.manual_seed(0)
     model = _build(name, path)
     set_autocast(model, _train_dtype(path))
     opt = make_optimizer(model, 1e-4, fused=path == "fast")

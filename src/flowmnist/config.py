@@ -39,8 +39,8 @@ class Config:
     # Global under torchrun.
     batch_size: int = 64
     lr: float = 2e-3  # Adam's peak LR: 2x the reference's 1e-3, affordable with the warm-up and a schedule
-    # (3e-3 gave the same 10-minute val bpd within noise: benchmarks/budget_recipe.py --recipes lr3e-3)
-    # that ends near zero, and faster progress in a short budget
+    # that ends near zero, and faster progress in a short budget. (3e-3 gave the same 10-minute val bpd
+    # within noise: benchmarks/budget_recipe.py --recipes default,lr3e-3.)
     # The learning-rate schedule after warm-up. "cosine": from lr down to lr * lr_min over the run, where
     # the run is the wall-clock budget when `minutes` is set (progress = elapsed / budget, so the last
     # steps of a budget run are taken at a small LR, whatever the machine's speed) and `epochs` otherwise.
