@@ -8,7 +8,10 @@ profiles 2 steps with torch.profiler and prints, per path: wall seconds per step
 oneDNN convolutions (forward and backward) per step, and the rest. On a CPU the convolutions' FLOPs
 bound what any fusion of the rest can give. With --sample it also prints the convolutions' float32 rate
 (GFLOP/s, from their shapes; in the compiled path the GEMM output convolutions are not counted as
-convolutions, so its rate is over the true convolutions only).
+convolutions, so its rate is over the true convolutions only), the time of a 1-image call (what does
+not scale with the batch: dispatch, guards, Python), and, for scale, the rate of one large float32
+convolution (3x3, 256 -> 256 channels, 28x28, batch 32, channels-last): about the most this CPU's
+oneDNN does, so the model's convolutions can be compared with a measured ceiling.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import profile
 
 from flowmnist.bench import _build, _images, _train_dtype, _train_step
@@ -24,6 +28,22 @@ from flowmnist.nets import set_autocast, tune_allocator
 from flowmnist.train import make_optimizer
 
 CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution_pointwise")
+
+
+def large_conv_rate(reps: int = 10) -> float:
+    """GFLOP/s of a large float32 3x3 convolution (256 -> 256 channels, 28x28, batch 32, channels-last),
+    median of ``reps`` after a warm-up."""
+    x = torch.randn(32, 256, 28, 28).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3).contiguous(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode():
+        for i in range(reps + 2):
+            t = time.perf_counter()
+            F.conv2d(x, w, padding=1)
+            if i >= 2:
+                times.append(time.perf_counter() - t)
+    flop = 2 * 32 * 28 * 28 * 256 * 256 * 9
+    return flop / sorted(times)[len(times) // 2] / 1e9
 
 
 def main() -> None:
@@ -36,6 +56,10 @@ def main() -> None:
     if a.sample:
         tune_allocator()  # as `flowmnist sample` does (`flowmnist train` does not)
     x = _images(a.batch_size).float()
+    with profile(record_shapes=True):  # the profiler's first session costs ~0.5 s of set-up: not in a path's time
+        torch.ones(1).add_(1)
+    if a.sample:
+        print(f"a large float32 convolution (3x3, 256 -> 256, 28x28, batch 32) runs at {large_conv_rate():.0f} GFLOP/s")
     for path in a.paths.split(","):
         torch.manual_seed(0)
         model = _build(a.model, path)
@@ -70,6 +94,13 @@ def main() -> None:
                     (n, c, h, w), (o, _, kh, kw) = e.input_shapes[:2]
                     flop += e.count * 2 * n * o * h * w * c * kh * kw  # 2 per multiply-add
             rate = f" at {flop / 2e9 / conv:.0f} GFLOP/s ({flop / 2e9:.1f} GFLOP per step)"
+            with torch.inference_mode():
+                times = []
+                for _ in range(7):
+                    t = time.perf_counter()
+                    model.sample(1)
+                    times.append(time.perf_counter() - t)
+            rate += f"; one image alone {1e3 * sorted(times)[3]:.1f} ms"
         print(
             f"{a.model} {what} {path:9s} batch {a.batch_size}: {wall:.2f} s/step ({a.batch_size / wall:.1f} img/s); "
             f"convolutions {conv:.2f} s ({100 * conv / wall:.0f}%){rate}, the rest {wall - conv:.2f} s",
