@@ -7,7 +7,9 @@ budget on this machine, one after another, and compare their validation bpd.
 Each recipe is `flowmnist train --minutes M` with the options below (a run directory per recipe under
 --out). Printed per recipe: optimizer steps taken, the run's final validation bpd (single-sample, the
 run's fixed per-image noise, float32; with an EMA these are the averaged weights), the same for the raw
-weights of last.pt (what the EMA bought), and the best validation bpd. Run it alone on the machine:
+weights of last.pt (what the EMA bought), and the best validation bpd. Every recipe validates after the
+same number of training images (--val-images), whatever its batch size, so validations cost each
+recipe the same share of the budget. Run it alone on the machine:
 the budget is wall-clock time, so anything else running steals steps.
 """
 
@@ -21,14 +23,14 @@ from pathlib import Path
 
 import torch
 
-from flowmnist.config import load_checkpoint
+from flowmnist.config import Config, load_checkpoint
 from flowmnist.data import load_mnist
 from flowmnist.dist import Dist
 from flowmnist.evaluate import load_model
 from flowmnist.train import sharded_bpd, val_noise
 
 RECIPES = {
-    # The package defaults: compiled nets, bfloat16 training steps where native, batch 64, LR 2e-3 with a
+    # The package defaults: compiled nets, bfloat16 training steps where native, batch 16, LR 2e-3 with a
     # 50-step warm-up and cosine decay to 0 over the budget, no EMA.
     "default": [],
     # The same speed, the reference's recipe: batch 128, Adam 1e-3, x0.99 per epoch, no warm-up, no EMA.
@@ -40,6 +42,13 @@ RECIPES = {
     "float32": ["--precision", "float32"],
     # The defaults at a higher peak LR.
     "lr3e-3": ["--lr", "3e-3"],
+    # Other batch sizes than the default 16 (on 2 cores a smaller batch trades images/s for updates per
+    # minute), and the default batch at the reference's LR.
+    "batch8": ["--batch-size", "8"],
+    "batch16": ["--batch-size", "16"],
+    "batch16-lr1e-3": ["--batch-size", "16", "--lr", "1e-3"],
+    "batch32": ["--batch-size", "32"],
+    "batch64": ["--batch-size", "64"],
 }
 
 
@@ -57,14 +66,16 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--recipes", default="default,reference-recipe", help=f"comma-separated of {', '.join(RECIPES)}")
     ap.add_argument("--out", default="runs/recipe")
-    ap.add_argument("--val-every", type=int, default=150, help="steps between validations (default 150)")
+    ap.add_argument("--val-images", type=int, default=9600, help="training images between validations (default 9600)")
     a = ap.parse_args()
     rows = []
     for name in a.recipes.split(","):
         run = Path(a.out) / name
         cmd = [sys.executable, "-m", "flowmnist", "train", "--model", "multi-vardeq", "--data-dir", a.data_dir]
-        cmd += ["--minutes", str(a.minutes), "--out", str(run), "--force", "--val-every", str(a.val_every)]
-        cmd += RECIPES[name]
+        opts = RECIPES[name]
+        batch = int(opts[opts.index("--batch-size") + 1]) if "--batch-size" in opts else Config().batch_size
+        val_every = max(1, a.val_images // batch)
+        cmd += ["--minutes", str(a.minutes), "--out", str(run), "--force", "--val-every", str(val_every), *opts]
         print("$", " ".join(cmd), file=sys.stderr, flush=True)
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
         s = json.loads(out.strip().splitlines()[-1])
