@@ -65,8 +65,11 @@ def main() -> None:
         for what in ("eval", "sample"):
             for path in ("reference", "compiled"):
                 r = _run(CHILD, env, a.model, path, what, str(a.reps))
-                print(f"{a.model} malloc {setting:6s} {what:6s} {path:9s}: first call {r['first_ms']:6.1f} ms, "
-                      f"then {r['ms']:6.1f} ms per 64 (tuned: {r['tuned']})", flush=True)
+                print(
+                    f"{a.model} malloc {setting:6s} {what:6s} {path:9s}: first call {r['first_ms']:6.1f} ms, "
+                    f"then {r['ms']:6.1f} ms per 64 (tuned: {r['tuned']})",
+                    flush=True,
+                )
         mb = _run(MEMORY, env, a.model)["peak_rss_mb"]
         print(f"{a.model} malloc {setting:6s} training (fast path, batch 128): peak RSS {mb:,.0f} MB", flush=True)
 

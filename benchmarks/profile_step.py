@@ -86,7 +86,7 @@ def main() -> None:
         events = prof.key_averages()
         conv = sum(e.self_cpu_time_total for e in events if e.key in CONV_OPS) / 2e6
         what = "sampling" if a.sample else "training"
-        rate = ""
+        rate = alone = ""
         if a.sample:  # forward only: FLOPs from each convolution's shapes (stride 1, "same" padding here)
             flop = 0
             for e in prof.key_averages(group_by_input_shape=True):
@@ -94,16 +94,16 @@ def main() -> None:
                     (n, c, h, w), (o, _, kh, kw) = e.input_shapes[:2]
                     flop += e.count * 2 * n * o * h * w * c * kh * kw  # 2 per multiply-add
             rate = f" at {flop / 2e9 / conv:.0f} GFLOP/s ({flop / 2e9:.1f} GFLOP per step)"
+            times = []
             with torch.inference_mode():
-                times = []
-                for _ in range(7):
+                for _ in range(7):  # median of 7: the first call may compile for batch size 1
                     t = time.perf_counter()
                     model.sample(1)
                     times.append(time.perf_counter() - t)
-            rate += f"; one image alone {1e3 * sorted(times)[3]:.1f} ms"
+            alone = f"; a 1-image call {1e3 * sorted(times)[3]:.1f} ms"
         print(
             f"{a.model} {what} {path:9s} batch {a.batch_size}: {wall:.2f} s/step ({a.batch_size / wall:.1f} img/s); "
-            f"convolutions {conv:.2f} s ({100 * conv / wall:.0f}%){rate}, the rest {wall - conv:.2f} s",
+            f"convolutions {conv:.2f} s ({100 * conv / wall:.0f}%){rate}, the rest {wall - conv:.2f} s{alone}",
             flush=True,
         )
 
