@@ -43,10 +43,11 @@ RECIPES = {
     # The defaults at a higher peak LR.
     "lr3e-3": ["--lr", "3e-3"],
     # Other batch sizes than the default 16 (on 2 cores a smaller batch trades images/s for updates per
-    # minute), and the default batch at the reference's LR.
+    # minute), and the default batch at other peak LRs.
     "batch8": ["--batch-size", "8"],
     "batch16": ["--batch-size", "16"],
     "batch16-lr1e-3": ["--batch-size", "16", "--lr", "1e-3"],
+    "batch16-lr3e-3": ["--batch-size", "16", "--lr", "3e-3"],
     "batch32": ["--batch-size", "32"],
     "batch64": ["--batch-size", "64"],
 }

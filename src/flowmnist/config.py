@@ -42,7 +42,7 @@ class Config:
     batch_size: int = 16
     lr: float = 2e-3  # Adam's peak LR: 2x the reference's 1e-3, affordable with the warm-up and a schedule
     # that ends near zero, and faster progress in a short budget. (benchmarks/budget_recipe.py, 10 minutes:
-    # at batch 16, 1e-3 gave val bpd 1.169 vs 1.159; at batch 64, 3e-3 matched 2e-3 within noise.)
+    # at batch 16, 1e-3 gave val bpd 1.169 and 3e-3 1.155 vs 1.159, the latter within the runs' noise.)
     # The learning-rate schedule after warm-up. "cosine": from lr down to lr * lr_min over the run, where
     # the run is the wall-clock budget when `minutes` is set (progress = elapsed / budget, so the last
     # steps of a budget run are taken at a small LR, whatever the machine's speed) and `epochs` otherwise.
