@@ -17,33 +17,33 @@ oneDNN does, so the model's convolutions can be compared with a measured ceiling
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from flowmnist.bench import _build, _images, _train_dtype, _train_step
+from flowmnist.bench import _build, _images, _interleaved, _train_dtype, _train_step
 from flowmnist.nets import set_autocast, tune_allocator
 from flowmnist.train import make_optimizer
 
 CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution_pointwise")
 
 
+def median_seconds(fn, reps: int) -> float:
+    """Median seconds of ``reps`` calls of ``fn`` under inference mode, after a warm-up call."""
+    with torch.inference_mode():
+        times, _ = _interleaved({"fn": fn}, reps)
+    return statistics.median(times["fn"])
+
+
 def large_conv_rate(reps: int = 10) -> float:
-    """GFLOP/s of a large float32 3x3 convolution (256 -> 256 channels, 28x28, batch 32, channels-last),
-    median of ``reps`` after a warm-up."""
+    """GFLOP/s of a large float32 3x3 convolution (256 -> 256 channels, 28x28, batch 32, channels-last)."""
     x = torch.randn(32, 256, 28, 28).contiguous(memory_format=torch.channels_last)
     w = torch.randn(256, 256, 3, 3).contiguous(memory_format=torch.channels_last)
-    times = []
-    with torch.inference_mode():
-        for i in range(reps + 2):
-            t = time.perf_counter()
-            F.conv2d(x, w, padding=1)
-            if i >= 2:
-                times.append(time.perf_counter() - t)
     flop = 2 * 32 * 28 * 28 * 256 * 256 * 9
-    return flop / sorted(times)[len(times) // 2] / 1e9
+    return flop / median_seconds(lambda: F.conv2d(x, w, padding=1), reps) / 1e9
 
 
 def main() -> None:
@@ -56,7 +56,7 @@ def main() -> None:
     if a.sample:
         tune_allocator()  # as `flowmnist sample` does (`flowmnist train` does not)
     x = _images(a.batch_size).float()
-    with profile(record_shapes=True):  # the profiler's first session costs ~0.5 s of set-up: not in a path's time
+    with profile(record_shapes=True):  # the profiler's first session pays its set-up: not in a path's time
         torch.ones(1).add_(1)
     if a.sample:
         print(f"a large float32 convolution (3x3, 256 -> 256, 28x28, batch 32) runs at {large_conv_rate():.0f} GFLOP/s")
@@ -94,13 +94,8 @@ def main() -> None:
                     (n, c, h, w), (o, _, kh, kw) = e.input_shapes[:2]
                     flop += e.count * 2 * n * o * h * w * c * kh * kw  # 2 per multiply-add
             rate = f" at {flop / 2e9 / conv:.0f} GFLOP/s ({flop / 2e9:.1f} GFLOP per step)"
-            times = []
-            with torch.inference_mode():
-                for _ in range(7):  # median of 7: the first call may compile for batch size 1
-                    t = time.perf_counter()
-                    model.sample(1)
-                    times.append(time.perf_counter() - t)
-            alone = f"; a 1-image call {1e3 * sorted(times)[3]:.1f} ms"
+            # (the warm-up call may compile for batch size 1)
+            alone = f"; a 1-image call {1e3 * median_seconds(lambda model=model: model.sample(1), 6):.1f} ms"
         print(
             f"{a.model} {what} {path:9s} batch {a.batch_size}: {wall:.2f} s/step ({a.batch_size / wall:.1f} img/s); "
             f"convolutions {conv:.2f} s ({100 * conv / wall:.0f}%){rate}, the rest {wall - conv:.2f} s{alone}",
