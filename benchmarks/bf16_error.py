@@ -15,8 +15,8 @@ import math
 import torch
 
 from flowmnist.data import load_mnist
-from flowmnist.evaluate import load_model
 from flowmnist.nets import set_autocast
+from flowmnist.runs import load_model
 
 
 def main() -> None:

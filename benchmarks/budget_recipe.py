@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from flowmnist.config import Config, load_checkpoint
+from flowmnist.config import Config
 from flowmnist.data import load_mnist
 from flowmnist.dist import Dist
-from flowmnist.evaluate import load_model
+from flowmnist.runs import load_checkpoint, load_model
 from flowmnist.train import sharded_bpd, val_noise
 
 RECIPES = {

@@ -20,12 +20,13 @@ import torch
 import torch.multiprocessing as mp
 from conftest import write_mnist_dir
 
-from flowmnist.config import Config, FlowmnistError, load_checkpoint
+from flowmnist.config import Config, FlowmnistError
 from flowmnist.data import load_mnist
 from flowmnist.dist import resolve_device
 from flowmnist.models import build_model
 from flowmnist.nets import GatedConvNet, set_autocast
-from flowmnist.train import epoch_order, noise_seed, read_metrics, train, val_noise
+from flowmnist.runs import load_checkpoint, read_metrics
+from flowmnist.train import epoch_order, noise_seed, train, val_noise
 
 WORLD = 2
 TORCHRUN = Path(sys.executable).with_name("torchrun")

@@ -12,7 +12,6 @@ from helpers import assert_png
 
 from flowmnist.cli import main
 from flowmnist.config import Config, FlowmnistError
-from flowmnist.evaluate import load_model
 from flowmnist.figures import (
     conditional_density,
     curve_series,
@@ -26,6 +25,7 @@ from flowmnist.figures import (
     value_density,
 )
 from flowmnist.models import build_model
+from flowmnist.runs import load_model
 
 # --- labels and curves -------------------------------------------------------------------------
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from flowmnist.config import Config, save_checkpoint
-from flowmnist.evaluate import load_model
+from flowmnist.config import Config
 from flowmnist.flows import AffineCoupling, Dequantization, checkerboard_mask
 from flowmnist.models import MODELS, FlowModel, build_model, count_params
 from flowmnist.nets import GatedConvNet
+from flowmnist.runs import load_model, save_checkpoint
 
 PARAMS = {"simple": 556_312, "vardeq": 628_388, "multi-simple": 1_639_742, "multi-vardeq": 1_711_818}
 

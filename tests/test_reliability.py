@@ -20,11 +20,10 @@ from hypothesis import strategies as st
 
 from flowmnist import config as C
 from flowmnist.cli import main
-from flowmnist.config import Config, FlowmnistError, load_checkpoint, save_checkpoint
+from flowmnist.config import Config, FlowmnistError
 from flowmnist.data import DataError, parse_idx, read_idx, write_idx
-from flowmnist.evaluate import load_model
 from flowmnist.models import build_model
-from flowmnist.train import read_metrics
+from flowmnist.runs import load_checkpoint, load_model, read_metrics, save_checkpoint
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from flowmnist.cli import main
-from flowmnist.config import Config, FlowmnistError, load_checkpoint
+from flowmnist.config import Config, FlowmnistError
 from flowmnist.data import load_mnist
-from flowmnist.evaluate import load_model, roundtrip_fraction
-from flowmnist.train import read_metrics, train
+from flowmnist.evaluate import roundtrip_fraction
+from flowmnist.runs import load_checkpoint, load_model, read_metrics
+from flowmnist.train import train
 
 
 def _cfg(data, **kw) -> Config:

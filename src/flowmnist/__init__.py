@@ -2,6 +2,16 @@
 
 from .config import Config, FlowmnistError
 from .models import MODELS, FlowModel, build_model
+from .runs import load_model, load_pretrained, pretrained_names
 
-__all__ = ["Config", "FlowmnistError", "FlowModel", "MODELS", "build_model"]
+__all__ = [
+    "Config",
+    "FlowmnistError",
+    "FlowModel",
+    "MODELS",
+    "build_model",
+    "load_model",
+    "load_pretrained",
+    "pretrained_names",
+]
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import PRECISIONS, SCHEDULES, Config, FlowmnistError, load_checkpoint
+from .config import PRECISIONS, SCHEDULES, Config, FlowmnistError
 from .models import MODELS
 
 DEFAULTS = Config()
@@ -90,12 +90,67 @@ def _writable_parent(path: Path, option: str) -> None:
         raise FlowmnistError(f"{option} {path}: directory {parent} is not writable")
 
 
+def _out_file(arg: str, option: str = "--out") -> Path:
+    """An output file path: not an existing directory, in a writable directory."""
+    out = Path(arg)
+    if out.is_dir():
+        raise FlowmnistError(f"{option} {out}: is a directory; expected a file name")
+    _writable_parent(out, option)
+    return out
+
+
+def _add_run_args(p: argparse.ArgumentParser, many: bool) -> None:
+    """RUN_DIR (or several) and/or --pretrained NAME: a shipped model instead of a run directory."""
+    from .runs import pretrained_names
+
+    names = ", ".join(pretrained_names()) or "none shipped"
+    if many:
+        p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run directories")
+        p.add_argument(
+            "--pretrained",
+            nargs="+",
+            action="extend",
+            metavar="NAME",
+            help=f"shipped models by name, or all ({names}); after any RUN_DIRs",
+        )
+    else:
+        p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run directory")
+        p.add_argument("--pretrained", metavar="NAME", help=f"a shipped model instead of RUN_DIR ({names})")
+
+
+def _runs(a: argparse.Namespace) -> list[Path]:
+    """The run directories of a command: its RUN_DIRs, then its verified shipped runs."""
+    from .runs import pretrained_runs
+
+    given = [Path(r) for r in getattr(a, "run_dirs", None) or ([a.run_dir] if getattr(a, "run_dir", None) else [])]
+    shipped = a.pretrained if isinstance(a.pretrained, list) else [a.pretrained] if a.pretrained else []
+    if not given and not shipped:
+        raise FlowmnistError("give a RUN_DIR or --pretrained NAME")
+    if shipped and "run_dir" in vars(a) and given:
+        raise FlowmnistError("give either RUN_DIR or --pretrained NAME, not both")
+    return given + pretrained_runs(shipped)
+
+
+def _figure_data(a: argparse.Namespace) -> str | None:
+    """Real digits for figures: --data-dir or $FLOWMNIST_DATA; else, when every run is a shipped one,
+    the validation digits shipped with them (no download); else None (each run's own data)."""
+    from .runs import shipped_digits
+
+    if a.data_dir or os.environ.get("FLOWMNIST_DATA"):
+        return _data_dir(a.data_dir)
+    if a.pretrained and not a.run_dirs:
+        return str(shipped_digits())
+    return None
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from .train import train
 
     given = {k: v for k, v in vars(a).items() if v is not None}
     run_dir = Path(a.out)
     if a.resume and (run_dir / "last.pt").is_file():
+        from .runs import load_checkpoint
+
         cfg = Config.from_dict(load_checkpoint(run_dir / "last.pt")["config"])
     else:
         cfg = Config(data_dir=_data_dir(a.data_dir))
@@ -128,8 +183,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_run, results_table
 
+    (run,) = _runs(a)
     r = evaluate_run(
-        a.run_dir,
+        run,
         a.split,
         a.importance_samples,
         _data_dir(a.data_dir),
@@ -137,6 +193,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         a.device,
         timing_reps=a.timing_reps,
         compile=a.compile,
+        write=a.pretrained is None,  # a shipped run is read-only: its results.json is in the manifest
     )
     print(json.dumps(r) if a.json else results_table([r]))
     return 0
@@ -146,8 +203,8 @@ def cmd_table(a: argparse.Namespace) -> int:
     from .evaluate import results_table
 
     results = []
-    for run in a.run_dirs:
-        path = Path(run) / "results.json"
+    for run in _runs(a):
+        path = run / "results.json"
         if not path.is_file():
             raise FlowmnistError(f"{path}: no results; run `flowmnist evaluate {run}` first")
         try:
@@ -161,12 +218,12 @@ def cmd_table(a: argparse.Namespace) -> int:
 def cmd_sample(a: argparse.Namespace) -> int:
     import torch
 
-    from .evaluate import load_model
     from .plots import save_grid
+    from .runs import load_model
 
-    out = Path(a.out)
-    _writable_parent(out, "--out")
-    model, cfg = load_model(a.run_dir, a.device)
+    out = _out_file(a.out)
+    (run,) = _runs(a)
+    model, cfg = load_model(run, a.device)
     g = torch.Generator(device=a.device).manual_seed(a.seed)
     images = model.sample(a.n, temperature=a.temperature, generator=g)
     save_grid(images, out, title=f"{cfg.model} samples (T={a.temperature:g})")
@@ -194,22 +251,20 @@ def _print_paths(paths) -> int:
 def cmd_curves(a: argparse.Namespace) -> int:
     from .figures import plot_curves
 
-    return _print_paths(plot_curves(a.run_dirs, _out_dir(a.out)))
+    return _print_paths(plot_curves(_runs(a), _out_dir(a.out)))
 
 
 def cmd_samples(a: argparse.Namespace) -> int:
     from .figures import plot_samples
 
-    return _print_paths(plot_samples(a.run_dirs, _out_dir(a.out), a.n, a.seed, a.temperature, a.device))
+    return _print_paths(plot_samples(_runs(a), _out_dir(a.out), a.n, a.seed, a.temperature, a.device))
 
 
 def cmd_interpolate(a: argparse.Namespace) -> int:
     from .figures import plot_interpolations
 
     out = _out_dir(a.out)
-    paths = plot_interpolations(
-        a.run_dirs, out, a.pairs, a.steps, a.seed, a.spherical, _data_dir(a.data_dir) if a.data_dir else None, a.device
-    )
+    paths = plot_interpolations(_runs(a), out, a.pairs, a.steps, a.seed, a.spherical, _figure_data(a), a.device)
     return _print_paths(paths)
 
 
@@ -217,8 +272,7 @@ def cmd_dequant(a: argparse.Namespace) -> int:
     from .figures import plot_dequant
 
     out = _out_dir(a.out)
-    data_dir = _data_dir(a.data_dir) if a.data_dir else None
-    return _print_paths(plot_dequant(a.run_dirs, out, a.images, a.draws, a.seed, data_dir, a.device))
+    return _print_paths(plot_dequant(_runs(a), out, a.images, a.draws, a.seed, _figure_data(a), a.device))
 
 
 def _toy_fit(probs: list[float], seed: int):
@@ -246,9 +300,9 @@ def cmd_report(a: argparse.Namespace) -> int:
     from .report import build_report
 
     out = _out_dir(a.out)
-    data_dir = _data_dir(a.data_dir) if a.data_dir else None
+    data_dir = _figure_data(a)
     index = build_report(
-        a.run_dirs,
+        _runs(a),
         out,
         seed=a.seed,
         pairs=a.pairs,
@@ -268,11 +322,15 @@ def _add_figure_commands(sub) -> None:
     from .toy import DEFAULT_PROBS
 
     def runs(p, help_text: str):
-        p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+        _add_run_args(p, many=True)
         p.add_argument("--out", required=True, help=help_text)
 
     def data_and_device(p):
-        p.add_argument("--data-dir", help="real digits from this directory (default: each run's own data)")
+        p.add_argument(
+            "--data-dir",
+            help="real digits from this directory (default: $FLOWMNIST_DATA, else each run's own data; for "
+            "shipped models, the validation digits shipped with them)",
+        )
         p.add_argument("--device", default="cpu")
 
     c = sub.add_parser("curves", help="train and val bpd vs step of one or more runs (train_log.png, val_log.png)")
@@ -400,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="bpd per split, inference and sampling time; writes results.json")
-    e.add_argument("run_dir")
+    _add_run_args(e, many=False)
     e.add_argument(
         "--split",
         action="append",
@@ -424,11 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     tb = sub.add_parser("table", help="Markdown results table from runs' results.json")
-    tb.add_argument("run_dirs", nargs="+")
+    _add_run_args(tb, many=True)
     tb.set_defaults(func=cmd_table)
 
     s = sub.add_parser("sample", help="a grid of generated digits as a PNG")
-    s.add_argument("run_dir")
+    _add_run_args(s, many=False)
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
     s.add_argument("--out", default="samples.png", help="PNG file to write")
     s.add_argument("--seed", type=_nonneg_int, default=0)

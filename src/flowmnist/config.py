@@ -1,19 +1,13 @@
-"""The one run config, the project's error type, and safe checkpoint I/O."""
+"""The one run config, the project's error type, and the atomic file write every module uses."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
-
-FORMAT_VERSION = 1  # bump when the checkpoint layout changes; loading refuses other versions
-
 
 SCHEDULES = ("cosine", "step")
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -128,6 +122,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over ``path``: a crash at
     any moment leaves either the old file or the new one, never a half-written one."""
     path = Path(path)
+    if path.is_dir():  # os.replace would fail with a bare IsADirectoryError
+        raise FlowmnistError(f"{path}: is a directory; expected a file name")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
@@ -140,36 +136,3 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Save tensors and plain containers only (loadable with weights_only=True), atomically."""
-    import io
-
-    buf = io.BytesIO()
-    torch.save({"format_version": FORMAT_VERSION, **state}, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with ``weights_only=True``: a checkpoint cannot run code. Refuses other format versions."""
-    path = Path(path)
-    if not path.is_file():
-        raise FlowmnistError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # pickle errors, refused globals, truncated zip archives
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FlowmnistError(f"{path}: not a loadable flowmnist checkpoint ({first})") from e
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise FlowmnistError(f"{path}: not a flowmnist checkpoint (missing model or config)")
-    version = ckpt.get("format_version")
-    if version != FORMAT_VERSION:
-        raise FlowmnistError(
-            f"{path}: checkpoint format version {version}, this flowmnist reads version {FORMAT_VERSION}"
-        )
-    return ckpt

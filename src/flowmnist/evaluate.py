@@ -11,50 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import Config, FlowmnistError, load_checkpoint, write_json
-from .models import FlowModel, build_model, count_params
-
-
-def checkpoint_path(run: str | Path) -> Path:
-    """A run directory's best.pt (else last.pt), or a checkpoint file itself."""
-    run = Path(run)
-    if run.is_file():
-        return run
-    if not run.is_dir():
-        raise FlowmnistError(f"{run}: no such run directory or checkpoint")
-    for name in ("best.pt", "last.pt"):
-        if (run / name).is_file():
-            return run / name
-    raise FlowmnistError(f"{run}: no checkpoint (best.pt or last.pt) in this run directory")
-
-
-def load_model(run: str | Path, device: str = "cpu") -> tuple[FlowModel, Config]:
-    """Rebuild a model from its checkpoint alone (the config travels inside it)."""
-    path = checkpoint_path(run)
-    ckpt = load_checkpoint(path, map_location=device)
-    cfg = Config.from_dict(ckpt["config"])
-    try:
-        model = build_model(cfg.model, cfg.alpha, fast=cfg.fast)
-    except ValueError as e:
-        raise FlowmnistError(f"{path}: {e}") from e
-    weights = dict(ckpt["model"])
-    if ckpt.get("ema"):  # last.pt of a run with an EMA: evaluate the averaged weights, as best.pt holds
-        weights.update(ckpt["ema"]["avg"])
-    missing, unexpected = _state_mismatch(model.state_dict(), weights)
-    if missing or unexpected:
-        raise FlowmnistError(
-            f"{path}: weights do not fit model {cfg.model!r} "
-            f"({len(missing)} missing, {len(unexpected)} unexpected or mis-shaped tensors, e.g. "
-            f"{(missing + unexpected)[0]})"
-        )
-    model.load_state_dict(weights)
-    return model.to(device).eval(), cfg
-
-
-def _state_mismatch(want: dict[str, Tensor], got: dict[str, Any]) -> tuple[list[str], list[str]]:
-    missing = [k for k in want if k not in got]
-    bad = [k for k in got if k not in want or not isinstance(got[k], Tensor) or got[k].shape != want[k].shape]
-    return missing, bad
+from .models import FlowModel, count_params
+from .runs import checkpoint_path, load_model, training_summary, write_json
 
 
 @torch.inference_mode()
@@ -120,10 +78,11 @@ def evaluate_run(
     seed: int = 0,
     timing_reps: int = 5,
     compile: bool = False,
+    write: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate a run's best checkpoint; writes results.json into the run directory. ``compile``: run
-    the coupling nets through torch.compile (faster on thousands of images; the timings' warm-up call
-    absorbs the compilation)."""
+    """Evaluate a run's best checkpoint; writes results.json into the run directory (unless ``write``
+    is false). ``compile``: run the coupling nets through torch.compile (faster on thousands of images;
+    the timings' warm-up call absorbs the compilation)."""
     from .data import load_mnist
     from .nets import compile_nets
 
@@ -152,27 +111,35 @@ def evaluate_run(
         "threads": torch.get_num_threads(),
         "device": device,
         "compiled": compile,
+        "training": training_summary(run) if Path(run).is_dir() else None,
     }
     run = Path(run)
-    if run.is_dir():
+    if write and run.is_dir():
         write_json(run / "results.json", results)
     return results
 
 
 def results_table(results: list[dict[str, Any]]) -> str:
-    """The seed-style Markdown table."""
+    """The original report's Markdown table, with what each training took (epochs, wall-clock minutes)."""
 
     def fmt(r: dict[str, Any], split: str) -> str:
         v = r["bpd"].get(split)
         return "–" if v is None else f"{v:.3f}"
 
+    def trained(r: dict[str, Any]) -> str:
+        t = r.get("training") or {}
+        epochs = "–" if t.get("epochs") is None else f"{t['epochs']:g}"
+        minutes = "–" if t.get("minutes") is None else f"{t['minutes']:.0f}"
+        return f"{epochs} | {minutes}"
+
     lines = [
-        "| Model | Train bpd | Val bpd | Test bpd | Inference time (ms/64) | Sampling time (ms/64) | Parameters |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| Model | Train bpd | Val bpd | Test bpd | Inference time (ms/64) | Sampling time (ms/64) | Parameters "
+        "| Epochs | Training (min) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['model']} | {fmt(r, 'train')} | {fmt(r, 'val')} | {fmt(r, 'test')} | "
-            f"{r['inference_ms_per_64']:.0f} | {r['sampling_ms_per_64']:.0f} | {r['params']:,} |"
+            f"{r['inference_ms_per_64']:.0f} | {r['sampling_ms_per_64']:.0f} | {r['params']:,} | {trained(r)} |"
         )
     return "\n".join(lines)

@@ -18,10 +18,9 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from torch import Tensor
 
 from .config import Config, FlowmnistError
-from .evaluate import load_model
 from .models import FlowModel
 from .plots import image_grid, plt, save_figure
-from .train import read_metrics
+from .runs import load_model, read_metrics, run_config
 
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
@@ -43,19 +42,6 @@ def run_labels(models: list[str], run_dirs: list[str | Path]) -> list[str]:
         else:
             labels.append(f"{m} ({r})")
     return labels
-
-
-def run_config(run_dir: str | Path) -> Config:
-    """The run's config.json (written by ``train``); no checkpoint needed."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise FlowmnistError(f"{run_dir}: no config.json; not a flowmnist run directory")
-    import json
-
-    try:
-        return Config.from_dict(json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise FlowmnistError(f"{path}: not a valid run config ({e})") from e
 
 
 def eval_images(cfg: Config, data_dir: str | None = None) -> tuple[Tensor, Tensor, str]:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .config import atomic_write_bytes
 from .evaluate import results_table
-from .figures import plot_curves, plot_dequant, plot_interpolations, plot_samples, run_config, run_labels
+from .figures import plot_curves, plot_dequant, plot_interpolations, plot_samples, run_labels
+from .runs import run_config
 from .toy import DEFAULT_PROBS, fit_toy, plot_concepts
 
 CSS = """

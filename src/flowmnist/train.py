@@ -15,10 +15,8 @@ alone writes files. A checkpoint holds the unwrapped model, so it resumes on any
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import math
 import signal
 import sys
@@ -32,14 +30,21 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .config import Config, FlowmnistError, atomic_write_bytes, load_checkpoint, save_checkpoint, write_json
+from .config import Config, FlowmnistError
 from .data import load_mnist
 from .dist import Dist, process_group, set_tf32
 from .models import FlowModel, build_model
 from .nets import compile_nets, native_bf16, set_autocast
+from .runs import (
+    check_run_dir,
+    check_writable,
+    load_checkpoint,
+    read_metrics,
+    save_checkpoint,
+    write_json,
+    write_metrics,
+)
 
-METRIC_FIELDS = ("step", "epoch", "split", "bpd", "lr", "seconds")
-RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.csv")
 _STOP_MINUTES = 1  # stop code for the budget; below every signal number, so a signal wins the ranks' MAX
 
 
@@ -181,56 +186,6 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return [
-            {
-                "step": int(r["step"]),
-                "epoch": int(r["epoch"]),
-                "split": r["split"],
-                "bpd": float(r["bpd"]),
-                "lr": float(r["lr"]),
-                "seconds": float(r["seconds"]),
-            }
-            for r in csv.DictReader(f)
-        ]
-
-
-def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    """Refuse to mix runs: an occupied directory needs --resume (continue) or --force (replace)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise FlowmnistError(f"{run_dir}: exists and is not a directory")
-    if resume:
-        if not (run_dir / "last.pt").is_file():
-            raise FlowmnistError(f"{run_dir}: nothing to resume (no last.pt)")
-        return
-    if any((run_dir / f).exists() for f in RUN_FILES) and not force:
-        raise FlowmnistError(f"{run_dir}: already holds a run; pass --resume to continue it or --force to replace it")
-
-
-def _check_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise FlowmnistError(f"{run_dir}: cannot write to the run directory ({e.strerror or e})") from e
-    for stale in run_dir.glob(".*.tmp"):  # left by a write that a kill -9 interrupted
-        stale.unlink()
-
-
 def _check_batch_size(batch_size: int, n_train: int, world: int) -> None:
     if n_train < batch_size:
         raise FlowmnistError(f"--batch-size {batch_size} is larger than the {n_train} training images")
@@ -286,7 +241,7 @@ def _train(
         cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
         check_run_dir(run_dir, resume, force)
         if env.is_main:
-            _check_writable(run_dir)
+            check_writable(run_dir)
         data = load_mnist(cfg.data_dir, cfg.split_seed, cfg.val_fraction)
         _check_batch_size(cfg.batch_size, len(data.images["train"]), env.world)
         ckpt, rows = _resume_point(run_dir, cfg) if resume else (None, [])
@@ -305,7 +260,7 @@ def _train(
         torch.set_rng_state(ckpt["rng"])  # rank 0's; training noise is reseeded per step (noise_seed)
         running = st.pop("running", [])  # the train-bpd average in progress when the run stopped
     if env.is_main:
-        _write_metrics(run_dir / "metrics.csv", rows)
+        write_metrics(run_dir / "metrics.csv", rows)
         write_json(run_dir / "config.json", cfg.to_dict())
 
     ema = _EMA(model, cfg.ema, ckpt.get("ema") if ckpt is not None else None) if cfg.ema else None
@@ -328,6 +283,7 @@ def _train(
 
     n = len(train_x)
     nb = n // cfg.batch_size  # drop the last partial batch: constant shapes, unbiased over epochs
+    st["batches_per_epoch"] = nb  # saved, so the run's fractional epochs can be read back
     budget = cfg.minutes * 60 if cfg.minutes is not None else math.inf
     t0 = time.perf_counter() - st["seconds"]
     show = env.is_main and (sys.stderr.isatty() if progress is None else progress)
@@ -345,7 +301,7 @@ def _train(
             }
         )
         if env.is_main:  # visible at once (the file is small); resume trims rows the checkpoint lacks
-            _write_metrics(run_dir / "metrics.csv", rows)
+            write_metrics(run_dir / "metrics.csv", rows)
 
     def checkpoint() -> None:
         st["seconds"] = time.perf_counter() - t0
