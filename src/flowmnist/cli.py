@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .config import PRECISIONS, SCHEDULES, Config, FlowmnistError, load_checkpoint
+from .data import DATASETS
 from .models import MODELS
 
 DEFAULTS = Config()
@@ -107,6 +108,12 @@ def cmd_train(a: argparse.Namespace) -> int:
             setattr(cfg, key, given[key])
     if "data_dir" in given:
         cfg.data_dir = _data_dir(a.data_dir)
+    if "dataset" in given:  # names a download; a data directory is read whatever it holds
+        if cfg.data_dir:
+            raise FlowmnistError(
+                f"--dataset applies only without a data directory; {cfg.data_dir} is given (--data-dir/$FLOWMNIST_DATA)"
+            )
+        cfg.dataset = a.dataset
     if a.reference:
         cfg.fast = False
     if a.no_compile:
@@ -354,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--model", choices=MODELS, help=f"model variant (default {DEFAULTS.model})")
     t.add_argument("--data-dir", help="directory with MNIST IDX files (default: $FLOWMNIST_DATA, else download)")
+    t.add_argument(
+        "--dataset",
+        choices=tuple(DATASETS),
+        help=f"download and cache this dataset (default {DEFAULTS.dataset}); only without --data-dir/$FLOWMNIST_DATA",
+    )
     t.add_argument("--out", default="runs/run", help="run directory (default runs/run)")
     t.add_argument("--epochs", type=_positive_int, help=f"epochs (default {DEFAULTS.epochs})")
     t.add_argument("--minutes", type=_positive_float, help="wall-clock budget; stops at a step boundary")

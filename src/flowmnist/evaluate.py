@@ -130,7 +130,7 @@ def evaluate_run(
     model, cfg = load_model(run, device)
     if compile:
         compile_nets(model)
-    data = load_mnist(data_dir if data_dir is not None else cfg.data_dir, cfg.split_seed, cfg.val_fraction)
+    data = load_mnist(data_dir if data_dir is not None else cfg.data_dir, cfg.split_seed, cfg.val_fraction, cfg.dataset)
     splits = splits or data.splits
     bpd, single, counts, exact = {}, {}, {}, {}
     for split in splits:

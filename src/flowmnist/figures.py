@@ -63,7 +63,7 @@ def eval_images(cfg: Config, data_dir: str | None = None) -> tuple[Tensor, Tenso
     val (never train: the figures should show what the model does on digits it did not fit)."""
     from .data import load_mnist
 
-    data = load_mnist(data_dir if data_dir is not None else cfg.data_dir, cfg.split_seed, cfg.val_fraction)
+    data = load_mnist(data_dir if data_dir is not None else cfg.data_dir, cfg.split_seed, cfg.val_fraction, cfg.dataset)
     split = "test" if "test" in data.splits else "val"
     images, labels = data.split(split)
     return images, labels, split
