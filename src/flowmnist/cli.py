@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
 from .config import PRECISIONS, SCHEDULES, Config, FlowmnistError
+from .data import DATASETS
 from .models import MODELS
 
 DEFAULTS = Config()
@@ -162,6 +164,12 @@ def cmd_train(a: argparse.Namespace) -> int:
             setattr(cfg, key, given[key])
     if "data_dir" in given:
         cfg.data_dir = _data_dir(a.data_dir)
+    if "dataset" in given:  # names a download; a data directory is read whatever it holds
+        if cfg.data_dir:
+            raise FlowmnistError(
+                f"--dataset applies only without a data directory; {cfg.data_dir} is given (--data-dir/$FLOWMNIST_DATA)"
+            )
+        cfg.dataset = a.dataset
     if a.reference:
         cfg.fast = False
     if a.no_compile:
@@ -382,6 +390,179 @@ def _add_figure_commands(sub) -> None:
     r.set_defaults(func=cmd_report)
 
 
+# --- OOD scores (flowmnist.ood) ----------------------------------------------------------------
+
+
+def _rounded(v) -> float | None:
+    """A score for CSV/JSON: 6 decimals, None (empty in CSV, null in JSON) when not finite."""
+    v = float(v)
+    return round(v, 6) if math.isfinite(v) else None
+
+
+def _score_format(a: argparse.Namespace) -> str:
+    """The output format, "csv" or "json": --out's extension when given, else --json's choice."""
+    if a.out is None:
+        return "json" if a.json else "csv"
+    suffix = Path(a.out).suffix.lower()
+    if suffix not in (".csv", ".json"):
+        raise FlowmnistError(f"--out {a.out}: must end in .csv or .json")
+    if a.json and suffix == ".csv":
+        raise FlowmnistError(f"--json and --out {a.out} disagree; use a .json file name")
+    _writable_parent(Path(a.out), "--out")
+    return suffix[1:]
+
+
+def _score_input(a: argparse.Namespace, cfg: Config):
+    """(uint8 images, labels, source description) for `score`: a data directory's split, or PNGs."""
+    from .data import load_mnist
+    from .ood import png_files, read_png_digits
+
+    if a.png:
+        if a.split:
+            raise FlowmnistError("--split applies to --data-dir, not to --png")
+        files = png_files(a.png)[: a.max_images]
+        return read_png_digits(files), [str(f) for f in files], {"png": [str(p) for p in a.png]}
+    split = a.split or "val"
+    data = load_mnist(_data_dir(a.data_dir), cfg.split_seed, cfg.val_fraction)
+    images, labels = data.split(split)
+    return images[: a.max_images], labels[: a.max_images].tolist(), {"data_dir": str(data.root), "split": split}
+
+
+def _csv_text(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def cmd_score(a: argparse.Namespace) -> int:
+    from .config import atomic_write_bytes
+    from .ood import score_images
+    from .runs import load_model
+
+    fmt = _score_format(a)
+    (run,) = _runs(a)
+    model, cfg = load_model(run, a.device)
+    images, labels, source = _score_input(a, cfg)
+    s = score_images(model, images, a.importance_samples)
+    rows = [
+        {"index": i, "label": label, **{key: _rounded(s[key][i]) for key in ("bpd", "complexity_bpd", "corrected")}}
+        for i, label in enumerate(labels)
+    ]
+    if fmt == "json":
+        doc = {"run": str(run), **source, "importance_samples": a.importance_samples, "rows": rows}
+        text = json.dumps(doc, indent=1) + "\n"
+    else:
+        text = _csv_text(rows)
+    if a.out:
+        atomic_write_bytes(_out_file(a.out), text.encode())
+        print(a.out)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _ood_table(r: dict) -> str:
+    """The metrics as a Markdown table, then the two sets and the typicality reference as a list."""
+    lines = ["| score | AUROC | AUPR | FPR95 |", "|---|---:|---:|---:|"]
+    for name, m in r["scores"].items():
+        lines.append(f"| {name} | {m['auroc']:.4f} | {m['aupr']:.4f} | {m['fpr95']:.4f} |")
+    lines.append("")
+    for key, title in (("in", "in-distribution"), ("ood", "OOD")):
+        d = r[key]
+        mean = "–" if d["mean_bpd"] is None else f"{d['mean_bpd']:.4f}"
+        lines.append(f"- {title}: {d['data_dir']} ({r['split']}), {d['images']} images, mean bpd {mean}")
+    t = r["typicality"]
+    lines.append(
+        f"- typicality: Ĥ = {t['entropy_bpd']:.4f} bpd from {t['reference_images']} in-distribution images; "
+        f"the other {t['scored_in_images']} are scored"
+    )
+    return "\n".join(lines)
+
+
+def _ood_sets(a: argparse.Namespace, cfg: Config) -> dict:
+    """{"in" | "ood": (data directory, uint8 images)}, both read before any scoring starts."""
+    from .data import load_mnist
+
+    sets = {}
+    for key, arg in (("in", a.in_data), ("ood", a.ood_data)):
+        data = load_mnist(_data_dir(arg), cfg.split_seed, cfg.val_fraction)
+        sets[key] = (str(data.root), data.split(a.split)[0][: a.max_images])
+    return sets
+
+
+def cmd_ood(a: argparse.Namespace) -> int:
+    from .ood import ood_metrics, ood_scores, score_images
+    from .runs import load_model
+
+    out = _out_dir(a.out) if a.out else None
+    (run,) = _runs(a)
+    model, cfg = load_model(run, a.device)
+    sets = _ood_sets(a, cfg)
+    scored = {key: score_images(model, images, a.importance_samples) for key, (_, images) in sets.items()}
+    ins, outs, info = ood_scores(scored["in"], scored["ood"], list(dict.fromkeys(a.batch_sizes)))
+    r = {"scores": {name: {k: round(v, 6) for k, v in ood_metrics(ins[name], outs[name]).items()} for name in ins}}
+    for key, (root, images) in sets.items():
+        r[key] = {"data_dir": root, "images": len(images), "mean_bpd": _rounded(scored[key]["bpd"].mean())}
+    r["split"], r["importance_samples"] = a.split, a.importance_samples
+    r["typicality"] = {k: _rounded(v) if isinstance(v, float) else v for k, v in info.items()}
+    if out is not None:
+        from .figures import plot_ood_histograms
+
+        r["figure"] = str(plot_ood_histograms(ins, outs, out / "ood_scores.png"))
+    print(json.dumps(r) if a.json else _ood_table(r))
+    return 0
+
+
+def _add_ood_commands(sub) -> None:
+    from .ood import BATCH_SIZES
+
+    def common(p):
+        _add_run_args(p, many=False)
+        p.add_argument("--max-images", type=_positive_int, metavar="N", help="only the first N images (of each set)")
+        p.add_argument(
+            "--importance-samples",
+            type=_positive_int,
+            default=8,
+            metavar="K",
+            help="dequantization samples K of the importance-weighted bpd (default 8)",
+        )
+        p.add_argument("--device", default="cpu")
+
+    sc = sub.add_parser("score", help="per-image OOD scores: bpd, PNG complexity, complexity-corrected bpd")
+    common(sc)
+    src = sc.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-dir", metavar="DIR", help="score a split of this IDX directory")
+    src.add_argument("--png", nargs="+", metavar="FILE_OR_DIR", help="score 28x28 PNG files (a directory: its *.png)")
+    sc.add_argument("--split", choices=("train", "val", "test"), help="split of --data-dir (default val)")
+    sc.add_argument("--out", metavar="FILE", help="write the rows to FILE.csv or FILE.json (default: CSV on stdout)")
+    sc.add_argument("--json", action="store_true", help="JSON instead of CSV on stdout")
+    sc.set_defaults(func=cmd_score)
+
+    o = sub.add_parser("ood", help="AUROC, AUPR, FPR95 of each OOD score between two IDX directories")
+    common(o)
+    o.add_argument("--in-data", required=True, metavar="DIR", help="IDX directory of in-distribution images")
+    o.add_argument("--ood-data", required=True, metavar="DIR", help="IDX directory of out-of-distribution images")
+    o.add_argument("--split", choices=("train", "val", "test"), default="val", help="split of both sets (default val)")
+    o.add_argument(
+        "--batch-sizes",
+        type=_positive_int,
+        nargs="+",
+        default=list(BATCH_SIZES),
+        metavar="M",
+        help=f"typicality test batch sizes M (default {' '.join(map(str, BATCH_SIZES))})",
+    )
+    o.add_argument(
+        "--out", metavar="FIG_DIR", help="write the score histograms to FIG_DIR/ood_scores.png (default: no figure)"
+    )
+    o.add_argument("--json", action="store_true", help="print one JSON object")
+    o.set_defaults(func=cmd_ood)
+
+
 def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import bench_table, run_bench
 
@@ -412,6 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--model", choices=MODELS, help=f"model variant (default {DEFAULTS.model})")
     t.add_argument("--data-dir", help="directory with MNIST IDX files (default: $FLOWMNIST_DATA, else download)")
+    t.add_argument(
+        "--dataset",
+        choices=tuple(DATASETS),
+        help=f"download and cache this dataset (default {DEFAULTS.dataset}); only without --data-dir/$FLOWMNIST_DATA",
+    )
     t.add_argument("--out", default="runs/run", help="run directory (default runs/run)")
     t.add_argument("--epochs", type=_positive_int, help=f"epochs (default {DEFAULTS.epochs})")
     t.add_argument("--minutes", type=_positive_float, help="wall-clock budget; stops at a step boundary")
@@ -495,6 +681,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_sample)
 
     _add_figure_commands(sub)
+    _add_ood_commands(sub)
     bn = sub.add_parser("bench", help="reference vs fast path: train img/s, eval and sampling ms, peak memory")
     bn.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (default all)")
     bn.add_argument("--steps", type=_positive_int, default=5, help="timed training steps per path (default 5)")

@@ -24,6 +24,7 @@ class Config:
 
     model: str = "multi-vardeq"  # simple | vardeq | multi-simple | multi-vardeq
     data_dir: str | None = None  # IDX directory; None = the download cache
+    dataset: str = "mnist"  # what data_dir=None downloads (data.DATASETS: mnist | fashion-mnist), cached apart
     seed: int = 0  # model init, batch order and dequantization noise
     epochs: int = 200  # the seed's GPU budget; on a CPU, `minutes` usually ends the run first
     minutes: float | None = None  # wall-clock budget for training (validation included)
@@ -109,6 +110,7 @@ BEFORE_FIELD: dict[str, Any] = {
     "lr_min": 0.0,
     "compile": False,
     "precision": "float32",
+    "dataset": "mnist",
 }
 
 

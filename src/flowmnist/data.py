@@ -1,4 +1,5 @@
-"""MNIST: IDX reading and validation, checksummed download, seeded splits, in-memory batches.
+"""MNIST and Fashion-MNIST: IDX reading and validation, checksummed download, seeded splits, in-memory
+batches.
 
 Images stay in memory as uint8 tensors (N, 1, 28, 28) with values 0..255: MNIST is 47 MB at most,
 so there is no DataLoader and no worker overhead.
@@ -15,6 +16,7 @@ import urllib.request
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,11 +41,43 @@ MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "http://yann.lecun.com/exdb/mnist/",
 )
+# Fashion-MNIST (Xiao et al. 2017): the same IDX format and file names; MD5s of the official .gz files as
+# its README lists them (also in Debian's dataset-fashion-mnist docs). Debian's own .gz files hash
+# differently: their gzip headers are normalised (no file name, the package's mtime), and each is
+# shorter than the official file by exactly its name's length + 1 (t10k-images: 4,422,079 vs 4,422,102).
+FASHION_FILES = {
+    "train-images": ("train-images-idx3-ubyte", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+    "train-labels": ("train-labels-idx1-ubyte", "25c81989df183df01b3e8a0aad5dffbe"),
+    "test-images": ("t10k-images-idx3-ubyte", "bef4ecab320f06d8554ea6380940ec79"),
+    "test-labels": ("t10k-labels-idx1-ubyte", "bb300cfdad3c16e7a12a480ee83cd310"),
+}
+FASHION_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)  # the official one (MD5-checked)
 SPLITS = ("train", "val", "test")
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FLOWMNIST_CACHE", Path.home() / ".cache" / "flowmnist")) / "mnist"
+class Dataset(NamedTuple):
+    """A downloadable IDX dataset: its display name, {key: (file stem, MD5 of the .gz)}, mirrors in order."""
+
+    title: str
+    files: dict[str, tuple[str, str]]
+    mirrors: tuple[str, ...]
+
+
+# The datasets `load_mnist` can download by name (a data directory is read whatever it holds).
+DATASETS = {
+    "mnist": Dataset("MNIST", FILES, MIRRORS),
+    "fashion-mnist": Dataset("Fashion-MNIST", FASHION_FILES, FASHION_MIRRORS),
+}
+
+
+def get_dataset(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def default_cache_dir(dataset: str = "mnist") -> Path:
+    return Path(os.environ.get("FLOWMNIST_CACHE", Path.home() / ".cache" / "flowmnist")) / dataset
 
 
 def parse_idx(buf: bytes, name: str = "<bytes>") -> np.ndarray:
@@ -100,17 +134,19 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def download(root: Path, keys=tuple(FILES), mirrors=MIRRORS, timeout: float = 30) -> None:
-    """Fetch the missing official .gz files into ``root``, verifying each MD5. A file is written
-    under a temporary name and renamed only once its checksum matches, so no partial or corrupt
-    file is ever left under the final name."""
+def download(root: Path, keys=None, mirrors=None, timeout: float = 30, dataset: str = "mnist") -> None:
+    """Fetch the missing official .gz files of ``dataset`` into ``root``, verifying each MD5 (``keys``
+    and ``mirrors`` default to all its files and its mirrors). A file is written under a temporary
+    name and renamed only once its checksum matches, so no partial or corrupt file is ever left
+    under the final name."""
+    ds = get_dataset(dataset)
     root.mkdir(parents=True, exist_ok=True)
-    for key in keys:
-        stem, md5 = FILES[key]
+    for key in keys or tuple(ds.files):
+        stem, md5 = ds.files[key]
         if find_file(root, stem):
             continue
         errors = []
-        for mirror in mirrors:
+        for mirror in mirrors or ds.mirrors:
             url = mirror + stem + ".gz"
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as r:
@@ -125,8 +161,8 @@ def download(root: Path, keys=tuple(FILES), mirrors=MIRRORS, timeout: float = 30
             break
         else:
             raise DataError(
-                f"could not download {stem}.gz ({'; '.join(errors)}); put the MNIST IDX files "
-                f"({', '.join(s + '[.gz]' for s, _ in FILES.values())}) into {root} or pass --data-dir"
+                f"could not download {stem}.gz ({'; '.join(errors)}); put the {ds.title} IDX files "
+                f"({', '.join(s + '[.gz]' for s, _ in ds.files.values())}) into {root} or pass --data-dir"
             )
 
 
@@ -178,12 +214,15 @@ def load_mnist(
     data_dir: str | Path | None = None,
     split_seed: int = 42,
     val_fraction: float = 1 / 6,
+    dataset: str = "mnist",
 ) -> MNIST:
-    """Load MNIST from ``data_dir`` (no download: the user named the directory), or from the cache,
-    downloading what is missing. train/val are a seeded split of the training file; test is t10k."""
+    """Load MNIST from ``data_dir`` (no download: the user named the directory), or from the cache of
+    ``dataset`` (a DATASETS name), downloading what is missing. train/val are a seeded split of the
+    training file; test is t10k."""
+    get_dataset(dataset)  # a bad name is an error even when a directory makes it moot
     if data_dir is None:
-        root = default_cache_dir()
-        download(root)
+        root = default_cache_dir(dataset)
+        download(root, dataset=dataset)
     else:
         root = Path(data_dir)
         if not root.is_dir():

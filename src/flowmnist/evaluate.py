@@ -16,26 +16,36 @@ from .runs import checkpoint_path, load_model, training_summary, write_json
 
 
 @torch.inference_mode()
-def dataset_bpd(
+def image_bpd(
     model: FlowModel, images: Tensor, k: int = 1, batch_size: int = 256, seed: int = 0
-) -> tuple[float, float]:
-    """(importance-weighted bpd over k dequantization samples, single-sample bpd averaged over the
-    same k draws) for the uint8 ``images``. The noise is seeded inside a forked RNG, so evaluation
-    is reproducible and leaves the caller's random stream untouched. NaNs propagate to the mean."""
+) -> tuple[Tensor, Tensor]:
+    """Per image, float64 on the CPU: (importance-weighted bpd over k dequantization samples,
+    single-sample bpd averaged over the same k draws) for the uint8 ``images``. The noise is seeded
+    inside a forked RNG, so the values are reproducible (for the same images, order, batch_size and
+    seed) and the caller's random stream is left untouched."""
     device = model.device
     fork = [device] if device.type == "cuda" else []
     scale = -1.0 / (model.dims * math.log(2))
-    iw_sum = single_sum = 0.0
+    iw_all, single_all = [], []
     with torch.random.fork_rng(devices=fork):
         torch.manual_seed(seed)
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size].to(device)
             lp = torch.stack([model.log_prob_single(x) for _ in range(k)], dim=-1).double()
             iw = torch.logsumexp(lp, dim=-1) - math.log(k)
-            iw_sum += float((iw * scale).sum())
-            single_sum += float((lp.mean(dim=-1) * scale).sum())
-    n = len(images)
-    return iw_sum / n, single_sum / n
+            iw_all.append((iw * scale).cpu())
+            single_all.append((lp.mean(dim=-1) * scale).cpu())
+    empty = torch.zeros(0, dtype=torch.float64)
+    return torch.cat(iw_all) if iw_all else empty, torch.cat(single_all) if single_all else empty
+
+
+def dataset_bpd(
+    model: FlowModel, images: Tensor, k: int = 1, batch_size: int = 256, seed: int = 0
+) -> tuple[float, float]:
+    """(importance-weighted bpd over k dequantization samples, single-sample bpd averaged over the
+    same k draws), each the mean of ``image_bpd`` over the uint8 ``images``. NaNs propagate."""
+    iw, single = image_bpd(model, images, k, batch_size, seed)
+    return float(iw.mean()), float(single.mean())
 
 
 @torch.inference_mode()
@@ -89,7 +99,7 @@ def evaluate_run(
     model, cfg = load_model(run, device)
     if compile:
         compile_nets(model)
-    data = load_mnist(data_dir if data_dir is not None else cfg.data_dir, cfg.split_seed, cfg.val_fraction)
+    data = load_mnist(data_dir if data_dir is not None else cfg.data_dir, cfg.split_seed, cfg.val_fraction, cfg.dataset)
     splits = splits or data.splits
     bpd, single, counts, exact = {}, {}, {}, {}
     for split in splits:

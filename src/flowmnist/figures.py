@@ -49,7 +49,7 @@ def eval_images(cfg: Config, data_dir: str | None = None) -> tuple[Tensor, Tenso
     val (never train: the figures should show what the model does on digits it did not fit)."""
     from .data import load_mnist
 
-    data = load_mnist(data_dir if data_dir is not None else cfg.data_dir, cfg.split_seed, cfg.val_fraction)
+    data = load_mnist(data_dir if data_dir is not None else cfg.data_dir, cfg.split_seed, cfg.val_fraction, cfg.dataset)
     split = "test" if "test" in data.splits else "val"
     images, labels = data.split(split)
     return images, labels, split
@@ -339,3 +339,39 @@ def plot_dequant(
         slug = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label)
         paths.append(save_figure(fig, Path(out_dir) / f"dequant_{slug}.png"))
     return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. OOD score histograms (flowmnist.ood)
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_ood_histograms(
+    inside: dict[str, np.ndarray],
+    outside: dict[str, np.ndarray],
+    path: str | Path,
+    labels: tuple[str, str] = ("in-distribution", "OOD"),
+    bins: int = 40,
+) -> Path:
+    """One panel per score (the keys of ``inside``): the two sets' histograms on shared bins, each
+    normalised to density, higher = more OOD. Non-finite values are left out (the title counts them)."""
+    names = list(inside)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        sets = [np.asarray(inside[name], dtype=np.float64), np.asarray(outside[name], dtype=np.float64)]
+        finite = [v[np.isfinite(v)] for v in sets]
+        dropped = sum(v.size - f.size for v, f in zip(sets, finite, strict=True))
+        both = np.concatenate(finite)
+        edges = np.histogram_bin_edges(both, bins=bins) if both.size else np.linspace(0, 1, bins + 1)
+        for values, label in zip(finite, labels, strict=True):
+            if values.size:
+                ax.hist(values, bins=edges, density=True, alpha=0.5, label=f"{label} ({values.size})")
+        ax.set_title(name + (f" ({dropped} non-finite left out)" if dropped else ""), fontsize=10)
+        ax.set_xlabel("score (higher = more OOD)")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return save_figure(fig, path)

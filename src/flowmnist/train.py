@@ -242,7 +242,7 @@ def _train(
         check_run_dir(run_dir, resume, force)
         if env.is_main:
             check_writable(run_dir)
-        data = load_mnist(cfg.data_dir, cfg.split_seed, cfg.val_fraction)
+        data = load_mnist(cfg.data_dir, cfg.split_seed, cfg.val_fraction, cfg.dataset)
         _check_batch_size(cfg.batch_size, len(data.images["train"]), env.world)
         ckpt, rows = _resume_point(run_dir, cfg) if resume else (None, [])
     train_x, val_x = data.images["train"], data.images["val"]

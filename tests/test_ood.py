@@ -1,0 +1,456 @@
+"""OOD scores and metrics (flowmnist.ood), the `score` and `ood` commands, PNG input, and Fashion-MNIST."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import synthetic_digits, write_mnist_dir
+from helpers import assert_png
+from PIL import Image
+
+import flowmnist.data as D
+from flowmnist import ood
+from flowmnist.cli import build_parser, main
+from flowmnist.config import Config, FlowmnistError
+from flowmnist.data import FILES, DataError, load_mnist, write_idx
+from flowmnist.evaluate import dataset_bpd, load_model
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+
+IN, OUT = [1, 2, 3, 3], [3, 4, 2]  # ties between the sets at 2 and 3
+
+
+def test_auroc_by_hand_with_ties():
+    # pairs (out > in) + ½ (out == in): o=3: 2 + ½·2, o=4: 4, o=2: 1 + ½  ->  8.5 of 12
+    assert ood.auroc(IN, OUT) == pytest.approx(8.5 / 12, abs=1e-12)
+    assert ood.auroc([0, 1], [2, 3]) == 1.0 and ood.auroc([2, 3], [0, 1]) == 0.0
+    assert ood.auroc([5, 5, 5], [5, 5]) == 0.5
+
+
+def test_aupr_by_hand_ties_are_one_threshold():
+    # thresholds 4, 3, 2, 1: (TP, FP) = (1, 0), (2, 2), (3, 3), (3, 4); recall steps 1/3, 1/3, 1/3, 0
+    # AP = 1/3·1 + 1/3·(2/4) + 1/3·(3/6) = 2/3. (Breaking the tie at 3 OOD-first would give 0.7.)
+    assert ood.aupr(IN, OUT) == pytest.approx(2 / 3, abs=1e-12)
+    assert ood.aupr([0, 1], [2, 3]) == 1.0
+    assert ood.aupr([5, 5, 5], [5]) == pytest.approx(1 / 4)  # all tied: precision m/(n+m) at recall 1
+
+
+def test_fpr_at_tpr_by_hand():
+    out = np.arange(1, 21)  # 95% of 20 = 19 detected: threshold = the 19th largest = 2
+    assert ood.fpr_at_tpr([0, 1, 2, 2, 3, 5], out) == pytest.approx(4 / 6)  # in-scores tied at 2 count
+    assert ood.fpr_at_tpr([5, 4], [5, 5, 5, 1], tpr=0.5) == 0.5  # threshold 5 (tied OOD scores)
+    assert ood.fpr_at_tpr([0, 1, 5, 9], [3, 7]) == 0.5  # ⌈0.95·2⌉ = 2: threshold 3 (⌊⌋ would give 7)
+    assert ood.fpr_at_tpr([0, 1, 5, 9], [3, 7], tpr=0.5) == 0.25  # threshold 7
+    assert ood.fpr_at_tpr([0, 1, 2], [1, 2], tpr=1.0) == pytest.approx(2 / 3)
+
+
+def _brute(a, b):
+    """The definitions, spelled out pair by pair and threshold by threshold."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    au = np.mean([(o > i) + 0.5 * (o == i) for o in b for i in a])
+    ap, prev = 0.0, 0.0
+    for t in sorted(set(a) | set(b), reverse=True):
+        tp, fp = np.sum(b >= t), np.sum(a >= t)
+        ap += (tp / len(b) - prev) * tp / (tp + fp)
+        prev = tp / len(b)
+    t = max(t for t in b if np.mean(b >= t) >= 0.95)
+    return au, ap, np.mean(a >= t)
+
+
+def test_metrics_match_their_definitions_on_tied_random_scores():
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 6, 37), rng.integers(2, 9, 23)
+    got = ood.ood_metrics(a, b)
+    assert [got["auroc"], got["aupr"], got["fpr95"]] == pytest.approx(list(_brute(a, b)), abs=1e-12)
+
+
+def test_same_distribution_is_chance():
+    rng = np.random.default_rng(0)
+    m = ood.ood_metrics(rng.normal(size=2000), rng.normal(size=2000))
+    assert abs(m["auroc"] - 0.5) < 0.05 and abs(m["aupr"] - 0.5) < 0.05 and abs(m["fpr95"] - 0.95) < 0.05
+    # heavy ties: only the ½ for ties keeps this at chance (counting ties as 0 gives about 0.4)
+    assert abs(ood.auroc(rng.integers(0, 5, 2000), rng.integers(0, 5, 2000)) - 0.5) < 0.05
+
+
+def test_metrics_refuse_nan_and_empty_sets():
+    with pytest.raises(FlowmnistError, match="NaN"):
+        ood.auroc([0.1, float("nan")], [1.0])
+    with pytest.raises(FlowmnistError, match="both sets"):
+        ood.aupr([], [1.0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Complexity (PNG code length)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_complexity_black_image_far_below_noise():
+    black = np.zeros((1, 1, 28, 28), np.uint8)
+    noise = np.random.default_rng(0).integers(0, 256, (1, 1, 28, 28), dtype=np.uint8)
+    c_black, c_noise = ood.complexity_bpd(black)[0], ood.complexity_bpd(noise)[0]
+    assert c_black < 1.0 < 8.0 < c_noise  # noise does not compress: 8 bits a pixel plus the framing
+    assert c_noise > 8 * c_black
+
+
+def test_png_code_is_lossless_and_counted_whole():
+    digit = synthetic_digits(1, seed=3)[0][0]
+    data = ood.png_encode(digit)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert np.array_equal(ood.png_decode(data), digit)
+    assert ood.complexity_bpd(torch.from_numpy(digit)[None, None])[0] == 8 * len(data) / 784
+    # the docstring's framing: everything but the IDAT payload is 57 bytes
+    pos, payload = 8, 0
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos : pos + 4])
+        payload += n if data[pos + 4 : pos + 8] == b"IDAT" else 0
+        pos += 12 + n
+    assert len(data) - payload == 57
+
+
+# ----------------------------------------------------------------------------------------------
+# Typicality
+# ----------------------------------------------------------------------------------------------
+
+
+def test_typicality_split_is_disjoint_seeded_and_covers_the_set():
+    ref, scored = ood.typicality_split(101, seed=0)
+    assert len(ref) == 50 and len(scored) == 51
+    assert not set(ref) & set(scored) and sorted(set(ref) | set(scored)) == list(range(101))
+    assert all(np.array_equal(u, v) for u, v in zip(ood.typicality_split(101, 0), (ref, scored), strict=True))
+    assert not np.array_equal(ood.typicality_split(101, 1)[0], ref)
+
+
+def test_typicality_scores_use_the_held_out_half_only():
+    n = 11
+    bpd = np.arange(n, dtype=float) * 1.5  # all distinct: any image in both halves would show
+    inside = {"bpd": bpd, "corrected": bpd - 1}
+    outside = {"bpd": np.array([20.0, 21, 22, 23, 24]), "corrected": np.zeros(5)}
+    ins, outs, info = ood.ood_scores(inside, outside, batch_sizes=(1, 4), seed=0)
+    ref, scored = ood.typicality_split(n, 0)
+    h = bpd[ref].mean()
+    assert info == {"entropy_bpd": pytest.approx(h), "reference_images": 5, "scored_in_images": 6}
+    np.testing.assert_allclose(ins["typicality-1"], np.abs(bpd[scored] - h))
+    assert not set(bpd[scored]) & set(bpd[ref])
+    # batches of 4: one batch from the 6 scored images (2 dropped), one from the 5 OOD images
+    np.testing.assert_allclose(ins["typicality-4"], [abs(bpd[scored[:4]].mean() - h)])
+    np.testing.assert_allclose(outs["typicality-4"], [abs(21.5 - h)])
+    assert list(ins) == ["bpd", "complexity", "typicality-1", "typicality-4"]
+    np.testing.assert_array_equal(ins["complexity"], bpd - 1)
+    with pytest.raises(FlowmnistError, match="batch size 7 needs at least 7"):
+        ood.ood_scores(inside, outside, batch_sizes=(7,))
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny trained model separates noise from digits
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ood_data(tmp_path_factory) -> Path:
+    """120 synthetic digits (100 train / 20 val)."""
+    return write_mnist_dir(tmp_path_factory.mktemp("ood") / "data", 120)
+
+
+@pytest.fixture(scope="module")
+def ood_run(ood_data) -> Path:
+    """A `simple` model after 25 steps of 4 synthetic digits (a few seconds on one core). Unlike the
+    shared tiny_run (12 steps, all inside the LR warm-up, on real digits when they are present) it
+    already tells its digits from noise and from inverted digits by bpd."""
+    from flowmnist.train import train
+
+    run = ood_data.parent / "run"
+    cfg = Config(model="simple", data_dir=str(ood_data), epochs=1, batch_size=4, warmup_steps=5, compile=False)
+    train(cfg, run, progress=False)
+    return run
+
+
+def test_tiny_model_separates_noise_and_inverted_digits(ood_run, ood_data):
+    model, cfg = load_model(ood_run)
+    digits = load_mnist(ood_data, cfg.split_seed, cfg.val_fraction).split("val")[0]  # held out from training
+    noise = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (40, 1, 28, 28), dtype=np.uint8))
+    inside, outside = ood.score_images(model, digits, k=2), ood.score_images(model, noise, k=2)
+    ins, outs, _ = ood.ood_scores(inside, outside, batch_sizes=(1, 5))
+    for name in ("bpd", "complexity", "typicality-1", "typicality-5"):
+        assert ood.auroc(ins[name], outs[name]) > 0.95, name
+    assert ood.fpr_at_tpr(ins["bpd"], outs["bpd"]) < 0.1
+    inverted = ood.score_images(model, 255 - digits, k=2)
+    assert ood.auroc(inside["bpd"], inverted["bpd"]) > 0.9
+    # seeded: the same images score the same; the bpd is the evaluate command's
+    again = ood.score_images(model, digits, k=2)
+    assert np.array_equal(again["bpd"], inside["bpd"])
+    assert inside["bpd"].mean() == pytest.approx(dataset_bpd(model, digits, k=2)[0], abs=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# `flowmnist score`
+# ----------------------------------------------------------------------------------------------
+
+
+def _one_line_error(capsys, code: int, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_score_a_data_directory_to_csv(ood_run, tiny_data, tmp_path, capsys):
+    out = tmp_path / "scores.csv"
+    assert (
+        main(["score", str(ood_run), "--data-dir", str(tiny_data), "--importance-samples", "2", "--out", str(out)]) == 0
+    )
+    assert capsys.readouterr().out.strip() == str(out)
+    rows = list(csv.DictReader(out.open()))
+    assert list(rows[0]) == ["index", "label", "bpd", "complexity_bpd", "corrected"]
+    model, cfg = load_model(ood_run)
+    images, labels = load_mnist(tiny_data, cfg.split_seed, cfg.val_fraction).split("val")
+    assert [int(r["index"]) for r in rows] == list(range(len(images))) == list(range(8))
+    assert [int(r["label"]) for r in rows] == labels.tolist()
+    bpd = np.array([float(r["bpd"]) for r in rows])
+    comp = np.array([float(r["complexity_bpd"]) for r in rows])
+    assert bpd.mean() == pytest.approx(dataset_bpd(model, images, k=2)[0], abs=1e-5)
+    np.testing.assert_allclose(comp, ood.complexity_bpd(images), atol=1e-6)
+    np.testing.assert_allclose([float(r["corrected"]) for r in rows], bpd - comp, atol=2e-6)
+
+
+def _write_png(path: Path, pixels: np.ndarray) -> Path:
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_score_png_files_and_directories(ood_run, tmp_path, capsys):
+    digits = synthetic_digits(3, seed=7)[0]
+    pngs = tmp_path / "pngs"
+    pngs.mkdir()
+    for name, img in zip(("b.png", "a.png", "c.PNG"), digits, strict=True):
+        _write_png(pngs / name, img)
+    (pngs / "notes.txt").write_text("not an image")
+    assert main(["score", str(ood_run), "--png", str(pngs), "--importance-samples", "2", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in doc["rows"]] == [str(pngs / n) for n in ("a.png", "b.png", "c.PNG")]
+    model, _ = load_model(ood_run)
+    expect = ood.score_images(model, torch.from_numpy(digits[[1, 0, 2]]).unsqueeze(1), k=2)
+    np.testing.assert_allclose([r["bpd"] for r in doc["rows"]], expect["bpd"], atol=1e-6)
+    np.testing.assert_allclose([r["corrected"] for r in doc["rows"]], expect["corrected"], atol=1e-6)
+    # files in the order given; --max-images keeps the first
+    out = tmp_path / "s.json"
+    argv = ["score", str(ood_run), "--png", str(pngs / "c.PNG"), str(pngs / "a.png"), "--max-images", "1"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert [r["label"] for r in json.loads(out.read_text())["rows"]] == [str(pngs / "c.PNG")]
+
+
+def test_png_reading_gray_rgb_and_alpha(tmp_path):
+    digit = synthetic_digits(1, seed=2)[0][0]
+    rgb = _write_png(tmp_path / "rgb.png", np.stack([digit] * 3, axis=-1))  # gray in RGB: luma = the value
+    opaque = _write_png(tmp_path / "opaque.png", np.dstack([digit] * 3 + [np.full_like(digit, 255)]))
+    x = ood.read_png_digits([rgb, opaque])
+    assert x.dtype == torch.uint8 and x.shape == (2, 1, 28, 28)
+    assert np.array_equal(x[0, 0].numpy(), digit) and np.array_equal(x[1, 0].numpy(), digit)
+    colour = np.zeros((28, 28, 3), np.uint8)
+    colour[..., 0] = 200  # pure red -> 0.299 · 200
+    assert ood.read_png_digits([_write_png(tmp_path / "red.png", colour)])[0, 0, 0, 0] == 60
+    see_through = np.dstack([digit] * 3 + [np.where(digit > 0, 255, 0).astype(np.uint8)])
+    with pytest.raises(DataError, match="see.png: has transparent pixels"):
+        ood.read_png_digits([_write_png(tmp_path / "see.png", see_through)])
+    with pytest.raises(DataError, match="no PNG files given"):
+        ood.read_png_digits([])
+
+
+def test_score_bad_png_is_one_line_without_traceback(ood_run, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("this is not a PNG\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "flowmnist", "score", str(ood_run), "--png", str(bad)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    assert p.stderr.startswith("flowmnist score: error: ") and f"{bad}: not a readable PNG" in p.stderr
+
+
+def test_score_input_errors_name_the_file(ood_run, tiny_data, tmp_path, capsys):
+    run = str(ood_run)
+    small = _write_png(tmp_path / "small.png", np.zeros((28, 27), np.uint8))  # 27 wide, 28 high
+    _one_line_error(capsys, main(["score", run, "--png", str(small)]), "small.png: 27x28 pixels, expected 28x28")
+    jpeg = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(jpeg, format="JPEG")
+    _one_line_error(capsys, main(["score", run, "--png", str(jpeg)]), "photo.png: a JPEG image, not a PNG")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(ood.png_encode(synthetic_digits(1)[0][0])[:60])
+    _one_line_error(capsys, main(["score", run, "--png", str(cut)]), "cut.png: ")
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.zeros((28, 28), np.uint16)).save(deep)
+    _one_line_error(capsys, main(["score", run, "--png", str(deep)]), "deep.png: pixel mode I;16")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(capsys, main(["score", run, "--png", str(empty)]), f"{empty}: no .png files")
+    _one_line_error(capsys, main(["score", run, "--png", str(tmp_path / "gone")]), "gone: no such file")
+    bad_out = ["score", run, "--data-dir", str(tiny_data), "--out", str(tmp_path / "x.txt")]
+    _one_line_error(capsys, main(bad_out), "--out", "x.txt: must end in .csv or .json")
+    split_png = ["score", run, "--png", str(small), "--split", "test"]
+    _one_line_error(capsys, main(split_png), "--split applies to --data-dir")
+    no_test = write_mnist_dir(tmp_path / "no_t10k", 24)
+    _one_line_error(capsys, main(["score", run, "--data-dir", str(no_test), "--split", "test"]), "t10k-images")
+
+
+# ----------------------------------------------------------------------------------------------
+# `flowmnist ood`
+# ----------------------------------------------------------------------------------------------
+
+
+def _noise_dir(root: Path, n_train: int, n_test: int) -> Path:
+    """An IDX directory of uniform-noise images, with t10k files when n_test > 0."""
+    rng = np.random.default_rng(5)
+    root.mkdir(parents=True)
+    write_idx(root / (FILES["train-images"][0] + ".gz"), rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8))
+    write_idx(root / (FILES["train-labels"][0] + ".gz"), np.zeros(n_train, np.uint8))
+    if n_test:
+        write_idx(root / (FILES["test-images"][0] + ".gz"), rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8))
+        write_idx(root / (FILES["test-labels"][0] + ".gz"), np.zeros(n_test, np.uint8))
+    return root
+
+
+def test_ood_test_split_json_and_figure(ood_run, tmp_path, capsys):
+    inside = write_mnist_dir(tmp_path / "in", 24, n_test=12, seed=3)
+    noise = _noise_dir(tmp_path / "noise", 24, n_test=10)
+    argv = ["ood", str(ood_run), "--in-data", str(inside), "--ood-data", str(noise), "--split", "test"]
+    argv += ["--importance-samples", "2", "--batch-sizes", "1", "3", "--out", str(tmp_path / "figs")]
+    assert main([*argv, "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert list(r["scores"]) == ["bpd", "complexity", "typicality-1", "typicality-3"]
+    assert r["in"]["images"] == 12 and r["ood"]["images"] == 10 and r["split"] == "test"
+    assert r["in"]["data_dir"] == str(inside.resolve()) and r["ood"]["data_dir"] == str(noise.resolve())
+    assert r["typicality"]["reference_images"] == 6 and r["typicality"]["scored_in_images"] == 6
+    assert r["ood"]["mean_bpd"] > r["in"]["mean_bpd"] + 1
+    assert r["scores"]["bpd"]["auroc"] > 0.9 and r["scores"]["bpd"]["fpr95"] < 0.5
+    for m in r["scores"].values():
+        assert 0 <= m["auroc"] <= 1 and 0 <= m["aupr"] <= 1 and 0 <= m["fpr95"] <= 1
+    assert_png(r["figure"], min_w=400, min_h=200)
+    # the Markdown table by default, with the same numbers
+    assert main(argv[:-2]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("| score | AUROC | AUPR | FPR95 |")
+    assert f"| bpd | {r['scores']['bpd']['auroc']:.4f} |" in table and "12 images" in table
+
+
+def test_ood_test_split_needs_t10k_in_both(ood_run, tmp_path, capsys):
+    inside = write_mnist_dir(tmp_path / "in", 24, n_test=12)
+    noise = _noise_dir(tmp_path / "noise", 24, n_test=0)
+    argv = ["ood", str(ood_run), "--in-data", str(inside), "--ood-data", str(noise), "--split", "test"]
+    _one_line_error(capsys, main(argv), str(noise.resolve()), "t10k-images-idx3-ubyte")
+    too_big = ["ood", str(ood_run), "--in-data", str(inside), "--ood-data", str(inside), "--batch-sizes", "50"]
+    _one_line_error(capsys, main(too_big), "typicality batch size 50")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fashion-MNIST: the registry, the download, `train --dataset`
+# ----------------------------------------------------------------------------------------------
+
+
+def test_fashion_mnist_debian_files():
+    if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI: Fashion-MNIST not found at {FASHION} (apt-get install dataset-fashion-mnist)")
+        pytest.skip(f"Fashion-MNIST not found at {FASHION} (Debian package dataset-fashion-mnist)")
+    data = load_mnist(FASHION)
+    assert [len(data.images[s]) for s in ("train", "val", "test")] == [50000, 10000, 10000]
+    train_labels = torch.cat([data.labels["train"], data.labels["val"]])
+    assert torch.bincount(train_labels).tolist() == [6000] * 10
+    assert torch.bincount(data.labels["test"]).tolist() == [1000] * 10
+    # Fashion, not MNIST: its published mean pixel (0.2860; MNIST's is 0.1307)
+    mean = torch.cat([data.images["train"], data.images["val"]]).double().mean().item() / 255
+    assert mean == pytest.approx(0.2860, abs=5e-4)
+
+
+def _gz_idx_dir(root: Path, seed: int) -> dict[str, bytes]:
+    """Small synthetic .gz IDX files under the official names; returns their bytes by key."""
+    root.mkdir(parents=True)
+    imgs, labels = synthetic_digits(12, seed)
+    arrays = {"train-images": imgs, "train-labels": labels, "test-images": imgs[:4], "test-labels": labels[:4]}
+    for key, arr in arrays.items():
+        write_idx(root / (FILES[key][0] + ".gz"), arr)
+    return {key: (root / (FILES[key][0] + ".gz")).read_bytes() for key in arrays}
+
+
+def _fake_fashion(monkeypatch, tmp_path, mirrors: list[Path], good: dict[str, bytes]) -> Path:
+    files = {key: (FILES[key][0], hashlib.md5(data).hexdigest()) for key, data in good.items()}
+    urls = tuple(m.as_uri() + "/" for m in mirrors)
+    monkeypatch.setitem(D.DATASETS, "fashion-mnist", D.Dataset("Fashion-MNIST", files, urls))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FLOWMNIST_CACHE", str(cache))
+    return cache
+
+
+def test_fashion_download_checks_md5_into_its_own_cache(tmp_path, monkeypatch):
+    good = _gz_idx_dir(tmp_path / "good", seed=1)
+    _gz_idx_dir(tmp_path / "bad", seed=2)  # same names, other bytes: every MD5 mismatches
+    cache = _fake_fashion(monkeypatch, tmp_path, [tmp_path / "bad", tmp_path / "good"], good)
+    data = load_mnist(None, dataset="fashion-mnist")
+    assert data.root == cache / "fashion-mnist" and not (cache / "mnist").exists()
+    assert sorted(p.name for p in data.root.iterdir()) == sorted(FILES[k][0] + ".gz" for k in good)
+    assert all((data.root / (FILES[k][0] + ".gz")).read_bytes() == v for k, v in good.items())
+    expect = synthetic_digits(12, 1)[0]
+    got = torch.cat([data.images["train"], data.images["val"]])[:, 0].numpy()
+    assert sorted(map(bytes, got)) == sorted(map(bytes, expect))
+
+
+def test_fashion_download_refuses_md5_mismatch(tmp_path, monkeypatch):
+    good = _gz_idx_dir(tmp_path / "good", seed=1)
+    _gz_idx_dir(tmp_path / "bad", seed=2)
+    cache = _fake_fashion(monkeypatch, tmp_path, [tmp_path / "bad"], good)
+    with pytest.raises(DataError) as e:
+        load_mnist(None, dataset="fashion-mnist")
+    msg = str(e.value)
+    assert "MD5" in msg and "discarded" in msg and "Fashion-MNIST IDX files" in msg and "\n" not in msg
+    assert list((cache / "fashion-mnist").iterdir()) == []  # nothing kept, no temporary file left
+
+
+def test_dataset_names_and_cache_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWMNIST_CACHE", str(tmp_path))
+    assert D.default_cache_dir() == tmp_path / "mnist"  # unchanged for MNIST
+    assert D.default_cache_dir("fashion-mnist") == tmp_path / "fashion-mnist"
+    assert D.DATASETS["mnist"].files is FILES and D.DATASETS["mnist"].mirrors == D.MIRRORS
+    assert D.DATASETS["fashion-mnist"].files["train-images"][1] == "8d4fb7e6c68d591d4c3dfef9ec88bf0d"
+
+    def no_network(url, timeout):
+        raise AssertionError(f"no download expected, got {url}")
+
+    monkeypatch.setattr(D.urllib.request, "urlopen", no_network)
+    with pytest.raises(DataError, match=r"^unknown dataset 'cifar'; choose from mnist, fashion-mnist$"):
+        load_mnist(None, dataset="cifar")
+    assert Config().dataset == "mnist"
+    old = {k: v for k, v in Config().to_dict().items() if k != "dataset"}
+    assert Config.from_dict(old).dataset == "mnist"
+
+
+def test_train_dataset_option(tmp_path, monkeypatch, capsys, tiny_data):
+    monkeypatch.delenv("FLOWMNIST_DATA", raising=False)
+    monkeypatch.setenv("FLOWMNIST_CACHE", str(tmp_path / "cache"))
+    write_mnist_dir(tmp_path / "cache" / "fashion-mnist", 48, n_test=8)  # all four files cached: no download
+    monkeypatch.setattr(D.urllib.request, "urlopen", lambda url, timeout: pytest.fail(f"download of {url}"))
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "fashion-mnist", "--model", "simple", "--epochs", "1", "--no-compile"]
+    assert main([*argv, "--out", str(run), "--log-every", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2  # 40 training images: 2 full batches of 16
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["dataset"] == "fashion-mnist" and cfg["data_dir"] is None
+    # with a data directory, --dataset would be ignored: refused instead
+    code = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(tiny_data), "--out", str(tmp_path / "r2")])
+    _one_line_error(capsys, code, "--dataset applies only without a data directory", str(tiny_data))
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", "--dataset", "cifar"])
+    assert e.value.code == 2
