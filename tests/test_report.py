@@ -84,7 +84,7 @@ def _body_flags(dom: str) -> tuple[str | None, str | None]:
     CHROMIUM is None, reason="chromium not installed (apt-get install chromium) - skipping browser check"
 )
 def test_report_renders_with_every_image_loaded(report, tmp_path):
-    assert _body_flags(_dump_dom(report)) == ("true", "9")
+    assert _body_flags(_dump_dom(report)) == ("true", "10")  # 9 figures + the T = 0.7 sample grid
     # A screenshot renders too (the page lays out offline).
     with tempfile.TemporaryDirectory() as profile:
         shot = tmp_path / "shot.png"

@@ -131,7 +131,8 @@ def plot_samples(
     temperature: float = 1.0,
     device: str = "cpu",
 ) -> list[Path]:
-    """samples.png: each run's grid of n samples in one row of panels, from the same seed."""
+    """samples.png (samples_T<T>.png at another temperature): each run's grid of n samples in one row
+    of panels, from the same seed."""
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(3.2 * len(run_dirs), 3.6), squeeze=False)
     loaded = [load_model(r, device) for r in run_dirs]
     labels = run_labels([cfg.model for _, cfg in loaded], run_dirs)
@@ -141,7 +142,8 @@ def plot_samples(
         ax.set_title(label, fontsize=9)
         ax.axis("off")
     fig.suptitle(f"samples (T={temperature:g}, seed {seed})")
-    return [save_figure(fig, Path(out_dir) / "samples.png")]
+    name = "samples.png" if temperature == 1 else f"samples_T{temperature:g}.png"
+    return [save_figure(fig, Path(out_dir) / name)]
 
 
 # ----------------------------------------------------------------------------------------------

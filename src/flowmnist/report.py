@@ -11,13 +11,15 @@ from __future__ import annotations
 import html
 import json
 import shlex
+import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import atomic_write_bytes
 from .evaluate import results_table
 from .figures import plot_curves, plot_dequant, plot_interpolations, plot_samples, run_labels
-from .runs import run_config
+from .runs import PRETRAINED_ROOT, run_config
 from .toy import DEFAULT_PROBS, fit_toy, plot_concepts
 
 CSS = """
@@ -73,11 +75,162 @@ def _command(*parts) -> str:
     return shlex.join(["flowmnist", *[str(p) for p in parts]])
 
 
+def run_args(run_dirs: list[Path]) -> list[str]:
+    """The command-line words that name ``run_dirs``: paths, then ``--pretrained NAME ...`` for the
+    shipped runs (a path inside the installed package means nothing on another machine)."""
+    root = PRETRAINED_ROOT.resolve()
+    paths = [str(r) for r in run_dirs if r.resolve().parent != root]
+    shipped = [r.name for r in run_dirs if r.resolve().parent == root]
+    return paths + (["--pretrained", *shipped] if shipped else [])
+
+
 def _figure(path: Path, out_dir: Path, caption: str) -> str:
     rel = path.relative_to(out_dir).as_posix()
     return (
         f'<figure><img src="{html.escape(rel)}" alt="{html.escape(caption)}">'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+@dataclass
+class ReportSpec:
+    """What a report shows: its runs, output folder and the figures' options."""
+
+    run_dirs: list[Path]
+    out_dir: Path
+    seed: int = 0
+    pairs: int = 2
+    steps: int = 8
+    samples: int = 36
+    temperatures: tuple[float, ...] = (1.0, 0.7)
+    dequant_images: int = 64
+    probs: tuple[float, ...] = DEFAULT_PROBS
+    data_dir: str | None = None
+    device: str = "cpu"
+    labels: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)  # each figure's stand-alone command, in order
+
+    @property
+    def runs(self) -> list[str]:
+        return run_args(self.run_dirs)
+
+    @property
+    def data_opt(self) -> list[str]:
+        return ["--data-dir", self.data_dir] if self.data_dir else []
+
+
+def results_section(spec: ReportSpec) -> str:
+    """The results table, from each run's results.json where `flowmnist evaluate` wrote one."""
+    results, missing = [], []
+    for r in spec.run_dirs:
+        try:
+            results.append(json.loads((r / "results.json").read_text()))
+        except (OSError, json.JSONDecodeError):
+            missing.append(str(r))
+    body = markdown_table_html(results_table(results)) if results else ""
+    if missing:
+        body += "<p>No results.json for: " + ", ".join(f"<code>{html.escape(m)}</code>" for m in missing)
+        body += " (run <code>flowmnist evaluate RUN_DIR</code> to add them).</p>"
+    return f"<h2>Results</h2>\n{body}"
+
+
+def curves_section(spec: ReportSpec) -> str:
+    figs = plot_curves(spec.run_dirs, spec.out_dir)
+    spec.commands.append(_command("curves", *spec.runs, "--out", spec.out_dir))
+    return (
+        "<h2>Training curves</h2>\n"
+        + _figure(figs[0], spec.out_dir, "Training bpd (mean over each logging interval) vs step.")
+        + _figure(figs[1], spec.out_dir, "Validation bpd (single-sample bound, fixed noise) vs step.")
+    )
+
+
+def samples_section(spec: ReportSpec) -> str:
+    parts = []
+    for t in spec.temperatures:
+        (fig,) = plot_samples(spec.run_dirs, spec.out_dir, spec.samples, spec.seed, t, spec.device)
+        opts = ["--n", spec.samples, "--seed", spec.seed, *(["--temperature", f"{t:g}"] if t != 1 else [])]
+        spec.commands.append(_command("samples", *spec.runs, "--out", spec.out_dir, *opts))
+        what = "the model's own distribution" if t == 1 else "the prior's spread scaled down: cleaner, less varied"
+        parts.append(_figure(fig, spec.out_dir, f"{spec.samples} samples per run at T = {t:g} ({what})."))
+    return "<h2>Samples</h2>\n" + "".join(parts)
+
+
+def interpolation_section(spec: ReportSpec) -> str:
+    figs = []
+    for spherical in (False, True):
+        figs += plot_interpolations(
+            spec.run_dirs, spec.out_dir, spec.pairs, spec.steps, spec.seed, spherical, spec.data_dir, spec.device
+        )
+        opts = ["--pairs", spec.pairs, "--steps", spec.steps, "--seed", spec.seed]
+        opts += ["--spherical"] if spherical else []
+        spec.commands.append(_command("interpolate", *spec.runs, "--out", spec.out_dir, *opts, *spec.data_opt))
+    return (
+        "<h2>Interpolation</h2>\n"
+        + _figure(figs[0], spec.out_dir, "Linear walks between the latents of two real digits; ends are the inputs.")
+        + _figure(figs[1], spec.out_dir, "The same walks, spherical (slerp).")
+    )
+
+
+def dequant_section(spec: ReportSpec) -> str:
+    figs = plot_dequant(spec.run_dirs, spec.out_dir, spec.dequant_images, 1, spec.seed, spec.data_dir, spec.device)
+    opts = ["--images", spec.dequant_images, "--seed", spec.seed]
+    spec.commands.append(_command("dequant", *spec.runs, "--out", spec.out_dir, *opts, *spec.data_opt))
+    return "<h2>Dequantization</h2>\n" + "".join(
+        _figure(f, spec.out_dir, f"{label}: distribution of v = x + u over real digits.")
+        for f, label in zip(figs, spec.labels, strict=True)
+    )
+
+
+def concepts_section(spec: ReportSpec, notice: Callable[[str], None] | None) -> str:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = fit_toy(spec.probs, spec.seed)
+    for w in caught:
+        if notice:
+            notice(str(w.message))
+    figs = plot_concepts(fit, spec.out_dir)
+    probs = [f"{p:g}" for p in spec.probs]
+    spec.commands.append(_command("concepts", "--out", spec.out_dir, "--probs", *probs, "--seed", spec.seed))
+    return (
+        "<h2>Dequantization on a toy distribution</h2>\n"
+        + "<p>A smooth density on uniformly dequantized values pays "
+        + f"{fit.uniform_smooth_bits - fit.entropy_bits:.3f} bits over the entropy; "
+        + f"with learned (variational) dequantization it pays {fit.variational_bits - fit.entropy_bits:.3f}.</p>\n"
+        + "".join(_figure(f, spec.out_dir, f.stem.replace("_", " ")) for f in figs)
+    )
+
+
+def configs_section(spec: ReportSpec) -> str:
+    return "<h2>Run configs</h2>\n" + "".join(
+        f"<h3>{html.escape(label)} <code>{html.escape(str(r))}</code></h3>\n<pre>"
+        f"{html.escape(json.dumps(run_config(r).to_dict(), indent=2))}</pre>\n"
+        for label, r in zip(spec.labels, spec.run_dirs, strict=True)
+    )
+
+
+def commands_section(spec: ReportSpec) -> str:
+    opts = ["--n", spec.samples, "--pairs", spec.pairs, "--steps", spec.steps, "--images", spec.dequant_images]
+    opts += ["--probs", *[f"{p:g}" for p in spec.probs], "--seed", spec.seed, *spec.data_opt]
+    report_cmd = _command("report", *spec.runs, "--out", spec.out_dir, *opts)
+    return (
+        "<h2>Commands</h2>\n<p>This report:</p>\n<pre>"
+        + html.escape(report_cmd)
+        + "</pre>\n<p>Each figure on its own:</p>\n<pre>"
+        + html.escape("\n".join(spec.commands))
+        + "</pre>"
+    )
+
+
+def page(spec: ReportSpec, sections: list[str]) -> str:
+    runs = ", ".join(
+        f"{html.escape(lb)} (<code>{html.escape(str(r))}</code>)"
+        for lb, r in zip(spec.labels, spec.run_dirs, strict=True)
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>flowmnist report</title>\n<style>{CSS}</style>\n<script>{CHECK_SCRIPT}</script>\n</head>\n<body>\n"
+        f"<h1>flowmnist report</h1>\n<p>Runs: {runs}</p>\n" + "\n".join(sections) + "\n</body>\n</html>\n"
     )
 
 
@@ -99,126 +252,21 @@ def build_report(
     The "commands" section lists, for each figure, the stand-alone CLI command that makes the same
     file (same runs, options and seed), so any figure can be re-made or varied on its own.
     """
-    import warnings
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_dirs = [str(r) for r in run_dirs]
-    configs = [run_config(r) for r in run_dirs]
-    labels = run_labels([c.model for c in configs], run_dirs)
-    data_opt = ["--data-dir", data_dir] if data_dir else []
-    commands: list[str] = []
-    sections: list[str] = []
-
-    # Results table: from results.json where `flowmnist evaluate` wrote one.
-    results, missing = [], []
-    for r in run_dirs:
-        path = Path(r) / "results.json"
-        try:
-            results.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError):
-            missing.append(r)
-    body = markdown_table_html(results_table(results)) if results else ""
-    if missing:
-        body += "<p>No results.json for: " + ", ".join(f"<code>{html.escape(m)}</code>" for m in missing)
-        body += " (run <code>flowmnist evaluate RUN_DIR</code> to add them).</p>"
-    sections.append(f"<h2>Results</h2>\n{body}")
-
-    figs = plot_curves(run_dirs, out_dir)
-    commands.append(_command("curves", *run_dirs, "--out", out_dir))
-    sections.append(
-        "<h2>Training curves</h2>\n"
-        + _figure(figs[0], out_dir, "Training bpd (mean over each logging interval) vs step.")
-        + _figure(figs[1], out_dir, "Validation bpd (single-sample bound, fixed noise) vs step.")
-    )
-
-    figs = plot_samples(run_dirs, out_dir, samples, seed, 1.0, device)
-    commands.append(_command("samples", *run_dirs, "--out", out_dir, "--n", samples, "--seed", seed))
-    sections.append("<h2>Samples</h2>\n" + _figure(figs[0], out_dir, f"{samples} samples per run at T = 1."))
-
-    figs = plot_interpolations(run_dirs, out_dir, pairs, steps, seed, False, data_dir, device)
-    figs += plot_interpolations(run_dirs, out_dir, pairs, steps, seed, True, data_dir, device)
-    interp = ["interpolate", *run_dirs, "--out", out_dir, "--pairs", pairs, "--steps", steps, "--seed", seed]
-    commands += [_command(*interp, *data_opt), _command(*interp, "--spherical", *data_opt)]
-    sections.append(
-        "<h2>Interpolation</h2>\n"
-        + _figure(figs[0], out_dir, "Linear walks between the latents of two real digits; ends are the inputs.")
-        + _figure(figs[1], out_dir, "The same walks, spherical (slerp).")
-    )
-
-    figs = plot_dequant(run_dirs, out_dir, dequant_images, 1, seed, data_dir, device)
-    commands.append(
-        _command("dequant", *run_dirs, "--out", out_dir, "--images", dequant_images, "--seed", seed, *data_opt)
-    )
-    sections.append(
-        "<h2>Dequantization</h2>\n"
-        + "".join(
-            _figure(f, out_dir, f"{label}: distribution of v = x + u over real digits.")
-            for f, label in zip(figs, labels, strict=True)
-        )
-    )
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fit = fit_toy(probs, seed)
-    for w in caught:
-        if notice:
-            notice(str(w.message))
-    figs = plot_concepts(fit, out_dir)
-    commands.append(_command("concepts", "--out", out_dir, "--probs", *[f"{p:g}" for p in probs], "--seed", seed))
-    sections.append(
-        "<h2>Dequantization on a toy distribution</h2>\n"
-        + "<p>A smooth density on uniformly dequantized values pays "
-        + f"{fit.uniform_smooth_bits - fit.entropy_bits:.3f} bits over the entropy; "
-        + f"with learned (variational) dequantization it pays {fit.variational_bits - fit.entropy_bits:.3f}.</p>\n"
-        + "".join(_figure(f, out_dir, f.stem.replace("_", " ")) for f in figs)
-    )
-
-    cfgs = "".join(
-        f"<h3>{html.escape(label)} <code>{html.escape(r)}</code></h3>\n<pre>"
-        f"{html.escape(json.dumps(c.to_dict(), indent=2))}</pre>\n"
-        for label, r, c in zip(labels, run_dirs, configs, strict=True)
-    )
-    sections.append("<h2>Run configs</h2>\n" + cfgs)
-    report_cmd = _command(
-        "report",
-        *run_dirs,
-        "--out",
-        out_dir,
-        "--n",
-        samples,
-        "--pairs",
-        pairs,
-        "--steps",
-        steps,
-        "--images",
-        dequant_images,
-        "--probs",
-        *[f"{p:g}" for p in probs],
-        "--seed",
-        seed,
-        *data_opt,
-    )
-    sections.append(
-        "<h2>Commands</h2>\n<p>This report:</p>\n<pre>"
-        + html.escape(report_cmd)
-        + "</pre>\n<p>Each figure on its own:</p>\n<pre>"
-        + html.escape("\n".join(commands))
-        + "</pre>"
-    )
-
-    page = (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>flowmnist report</title>\n<style>{CSS}</style>\n<script>{CHECK_SCRIPT}</script>\n</head>\n<body>\n"
-        "<h1>flowmnist report</h1>\n<p>Runs: "
-        + ", ".join(
-            f"{html.escape(lb)} (<code>{html.escape(r)}</code>)" for lb, r in zip(labels, run_dirs, strict=True)
-        )
-        + "</p>\n"
-        + "\n".join(sections)
-        + "\n</body>\n</html>\n"
-    )
-    index = out_dir / "index.html"
-    atomic_write_bytes(index, page.encode())
+    run_dirs = [Path(r) for r in run_dirs]
+    spec = ReportSpec(run_dirs, Path(out_dir), seed, pairs, steps, samples, (1.0, 0.7), dequant_images)
+    spec.probs, spec.data_dir, spec.device = tuple(probs), data_dir, device
+    spec.out_dir.mkdir(parents=True, exist_ok=True)
+    spec.labels = run_labels([run_config(r).model for r in run_dirs], run_dirs)
+    sections = [
+        results_section(spec),
+        curves_section(spec),
+        samples_section(spec),
+        interpolation_section(spec),
+        dequant_section(spec),
+        concepts_section(spec, notice),
+        configs_section(spec),
+        commands_section(spec),
+    ]
+    index = spec.out_dir / "index.html"
+    atomic_write_bytes(index, page(spec, sections).encode())
     return index

@@ -215,8 +215,9 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def read_manifest(root: Path = PRETRAINED_ROOT) -> dict[str, Any]:
+def read_manifest(root: Path | None = None) -> dict[str, Any]:
     """{"runs": [NAME, ...], "files": {"NAME/FILE": sha256}} ({} where nothing is shipped)."""
+    root = root or PRETRAINED_ROOT
     path = root / "manifest.json"
     if not path.is_file():
         return {"runs": [], "files": {}}
@@ -229,13 +230,15 @@ def read_manifest(root: Path = PRETRAINED_ROOT) -> dict[str, Any]:
         raise FlowmnistError(f"{path}: not a valid pretrained manifest ({e})") from e
 
 
-def pretrained_names(root: Path = PRETRAINED_ROOT) -> list[str]:
+def pretrained_names(root: Path | None = None) -> list[str]:
     """The shipped runs, in the manifest's order."""
+    root = root or PRETRAINED_ROOT
     return list(read_manifest(root)["runs"])
 
 
-def _verify_files(folder: str, root: Path) -> Path:
+def _verify_files(folder: str, root: Path | None = None) -> Path:
     """Check every manifest entry under ``folder``; return its directory."""
+    root = root or PRETRAINED_ROOT
     for key, digest in read_manifest(root)["files"].items():
         if key.split("/")[0] != folder:
             continue
@@ -247,9 +250,10 @@ def _verify_files(folder: str, root: Path) -> Path:
     return root / folder
 
 
-def verify_pretrained(name: str, root: Path = PRETRAINED_ROOT) -> Path:
+def verify_pretrained(name: str, root: Path | None = None) -> Path:
     """The shipped run ``name``'s directory, after checking every file of it against the manifest: a
     missing, changed or truncated file is refused, naming it, before anything of the run is read."""
+    root = root or PRETRAINED_ROOT
     names = pretrained_names(root)
     if name not in names:
         have = ", ".join(names) if names else "none"
@@ -257,9 +261,10 @@ def verify_pretrained(name: str, root: Path = PRETRAINED_ROOT) -> Path:
     return _verify_files(name, root)
 
 
-def shipped_digits(root: Path = PRETRAINED_ROOT) -> Path:
+def shipped_digits(root: Path | None = None) -> Path:
     """The directory of real MNIST validation digits that ships with the models (an MNIST IDX
     directory), checked against the manifest: figures of shipped runs need no download."""
+    root = root or PRETRAINED_ROOT
     if f"{DIGITS}/train-images-idx3-ubyte.gz" not in read_manifest(root)["files"]:
         raise FlowmnistError(f"{root}: no shipped digits; pass --data-dir")
     return _verify_files(DIGITS, root)
@@ -269,15 +274,16 @@ def verify_if_pretrained(path: Path) -> None:
     """Check the shipped run that ``path`` belongs to, if it lies inside the package's pretrained root:
     loading a shipped file always goes through the manifest, whichever way the path was found."""
     try:
-        rel = Path(path).resolve().relative_to(PRETRAINED_ROOT)
+        rel = Path(path).resolve().relative_to(PRETRAINED_ROOT.resolve())
     except ValueError:
         return
     if len(rel.parts) > 1:
-        _verify_files(rel.parts[0], PRETRAINED_ROOT)
+        _verify_files(rel.parts[0])
 
 
-def pretrained_runs(names: list[str], root: Path = PRETRAINED_ROOT) -> list[Path]:
+def pretrained_runs(names: list[str], root: Path | None = None) -> list[Path]:
     """Verified run directories for ``names``; ``all`` stands for every shipped run."""
+    root = root or PRETRAINED_ROOT
     if "all" in names:
         names = pretrained_names(root)
         if not names:
@@ -318,10 +324,11 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     return [out_dir / name for name in PRETRAINED_FILES]
 
 
-def write_manifest(root: Path = PRETRAINED_ROOT) -> dict[str, Any]:
+def write_manifest(root: Path | None = None) -> dict[str, Any]:
     """Record the SHA-256 of every file of every shipped run under ``root`` and of the shipped digits.
     Runs are listed in the order of ``models.MODELS``, then others by name, each run's files in
     ``PRETRAINED_FILES`` order."""
+    root = root or PRETRAINED_ROOT
 
     def order(p: Path) -> tuple[int, str]:
         return (MODELS.index(p.name) if p.name in MODELS else len(MODELS), p.name)

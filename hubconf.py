@@ -1,0 +1,48 @@
+"""torch.hub entry points for the models that ship with flowmnist.
+
+    model = torch.hub.load("path/to/flowmnist", "multi_vardeq", source="local")
+    images = model.sample(16)              # uint8 (16, 1, 28, 28)
+    bpd = model.bpd(images, k=8)           # bits per dimension, importance-weighted
+
+Each entry returns the shipped model in eval mode after checking its files' SHA-256 (see
+flowmnist.runs); ``pretrained=False`` gives the same architecture, untrained.
+"""
+
+import sys
+from pathlib import Path
+
+dependencies = ["torch", "numpy"]
+
+# A clone used without `pip install`: import the package from its src/ folder.
+_SRC = Path(__file__).resolve().parent / "src"
+if _SRC.is_dir() and str(_SRC) not in sys.path:
+    sys.path.insert(0, str(_SRC))
+
+from flowmnist.models import build_model  # noqa: E402
+from flowmnist.runs import load_pretrained  # noqa: E402
+
+
+def _entry(name: str, pretrained: bool, device: str):
+    if pretrained:
+        return load_pretrained(name, device)
+    return build_model(name, fast=True).to(device).eval()
+
+
+def simple(pretrained: bool = True, device: str = "cpu"):
+    """Uniform dequantization, 8 checkerboard couplings (556,312 parameters)."""
+    return _entry("simple", pretrained, device)
+
+
+def vardeq(pretrained: bool = True, device: str = "cpu"):
+    """Variational dequantization (Flow++), 8 checkerboard couplings (628,388 parameters)."""
+    return _entry("vardeq", pretrained, device)
+
+
+def multi_simple(pretrained: bool = True, device: str = "cpu"):
+    """Uniform dequantization, multi-scale flow with squeeze and split (1,639,742 parameters)."""
+    return _entry("multi-simple", pretrained, device)
+
+
+def multi_vardeq(pretrained: bool = True, device: str = "cpu"):
+    """Variational dequantization, multi-scale flow with squeeze and split (1,711,818 parameters)."""
+    return _entry("multi-vardeq", pretrained, device)
