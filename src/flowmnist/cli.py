@@ -408,7 +408,7 @@ def _score_format(a: argparse.Namespace) -> str:
         raise FlowmnistError(f"--out {a.out}: must end in .csv or .json")
     if a.json and suffix == ".csv":
         raise FlowmnistError(f"--json and --out {a.out} disagree; use a .json file name")
-    _writable_parent(Path(a.out), "--out")
+    _out_file(a.out)
     return suffix[1:]
 
 

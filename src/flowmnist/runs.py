@@ -156,8 +156,8 @@ def checkpoint_path(run: str | Path) -> Path:
 
 def load_model(run: str | Path, device: str = "cpu") -> tuple[FlowModel, Config]:
     """Rebuild a model from its checkpoint alone (the config travels inside it), in eval mode."""
+    verify_if_pretrained(run)
     path = checkpoint_path(run)
-    verify_if_pretrained(path)
     ckpt = load_checkpoint(path, map_location=device)
     cfg = Config.from_dict(ckpt["config"])
     try:
@@ -277,7 +277,7 @@ def verify_if_pretrained(path: Path) -> None:
         rel = Path(path).resolve().relative_to(PRETRAINED_ROOT.resolve())
     except ValueError:
         return
-    if len(rel.parts) > 1:
+    if rel.parts and rel.parts[0] != "manifest.json":
         _verify_files(rel.parts[0])
 
 

@@ -1,0 +1,247 @@
+"""The run directory and the shipped pretrained runs: export, manifest checks, --pretrained on every
+command, load_pretrained, torch.hub, and the models that really ship."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import real_data_or_skip, write_mnist_dir
+
+from flowmnist import runs
+from flowmnist.cli import main
+from flowmnist.config import FlowmnistError
+from flowmnist.data import load_mnist
+from flowmnist.evaluate import dataset_bpd, evaluate_run
+from flowmnist.models import build_model, count_params
+
+REPO = Path(__file__).resolve().parents[1]
+PARAMS = {"simple": 556_312, "vardeq": 628_388, "multi-simple": 1_639_742, "multi-vardeq": 1_711_818}
+
+
+@pytest.fixture(scope="module")
+def shipped_root(tiny_run, data_dir, tmp_path_factory) -> Path:
+    """A pretrained root made the way the real one is: the tiny run, evaluated, exported as two names."""
+    run = tmp_path_factory.mktemp("trained") / "simple"
+    shutil.copytree(tiny_run, run)
+    evaluate_run(run, ["val"], k=2, max_images=16, timing_reps=1)
+    root = tmp_path_factory.mktemp("pretrained")
+    runs.export_run(run, root / "simple")
+    runs.export_run(run, root / "other")
+    shutil.copytree(runs.PRETRAINED_ROOT / runs.DIGITS, root / runs.DIGITS)
+    runs.write_manifest(root)
+    return root
+
+
+@pytest.fixture
+def shipped(shipped_root, tmp_path, monkeypatch) -> Path:
+    """A private copy of the pretrained root, installed as the package's for this test."""
+    root = tmp_path / "pretrained"
+    shutil.copytree(shipped_root, root)
+    monkeypatch.setattr(runs, "PRETRAINED_ROOT", root)
+    return root
+
+
+def _one_line_error(capsys, *words: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+# --- export and manifest ------------------------------------------------------------------------
+
+
+def test_export_is_weights_only_float32_and_the_final_weights(shipped, tiny_run):
+    ckpt = torch.load(shipped / "simple" / runs.WEIGHTS, weights_only=True)
+    assert set(ckpt) == {"format_version", "config", "model", "state"}  # no optimizer, no RNG
+    assert ckpt["config"]["data_dir"] is None  # the trainer's path is not shipped
+    final = runs.load_checkpoint(tiny_run / "last.pt")["model"]
+    assert ckpt["model"].keys() == final.keys()
+    for k, v in ckpt["model"].items():
+        assert v.dtype == torch.float32 and torch.equal(v, final[k].float()), k
+    results = json.loads((shipped / "simple" / "results.json").read_text())
+    assert results["checkpoint"] == runs.WEIGHTS
+    assert results["training"]["steps"] == runs.load_checkpoint(tiny_run / "last.pt")["state"]["step"] > 0
+    assert results["training"]["epochs"] == 1
+
+
+def test_manifest_lists_every_file_with_its_sha256(shipped):
+    manifest = runs.read_manifest(shipped)
+    assert manifest["runs"] == ["simple", "other"]  # models.MODELS order first, then by name
+    for name in ("simple", "other"):
+        for f in runs.PRETRAINED_FILES:
+            assert manifest["files"][f"{name}/{f}"] == runs.sha256(shipped / name / f)
+    assert any(k.startswith("digits/") for k in manifest["files"])
+
+
+def test_load_pretrained_gives_the_run_in_eval_mode(shipped, tiny_run):
+    model = runs.load_pretrained("simple")
+    assert not model.training
+    ref, _ = runs.load_model(tiny_run / "last.pt")
+    x = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.log_prob_single(x, u), ref.log_prob_single(x, u))
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("flip", ["model.pt", "SHA-256 does not match"]),
+        ("truncate", ["model.pt", "SHA-256 does not match"]),
+        ("delete", ["model.pt", "missing"]),
+        ("flip-config", ["config.json", "SHA-256 does not match"]),
+    ],
+)
+def test_a_damaged_shipped_file_is_refused_naming_it(shipped, damage, words, capsys):
+    path = shipped / "simple" / ("config.json" if damage == "flip-config" else runs.WEIGHTS)
+    data = path.read_bytes()
+    if damage.startswith("flip"):
+        i = len(data) // 2
+        path.write_bytes(data[:i] + bytes([data[i] ^ 1]) + data[i + 1 :])
+    elif damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.unlink()
+    for call in (lambda: runs.load_pretrained("simple"), lambda: runs.load_model(shipped / "simple")):
+        with pytest.raises(FlowmnistError) as e:
+            call()
+        assert all(w in str(e.value) for w in words), str(e.value)
+    assert main(["sample", "--pretrained", "simple", "--out", str(shipped.parent / "s.png")]) == 2
+    _one_line_error(capsys, *words)
+    assert not (shipped.parent / "s.png").exists()
+    runs.load_pretrained("other")  # the other run's files are intact
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Evil.marker}",))
+
+
+def test_a_crafted_pickle_with_a_matching_manifest_runs_no_code(shipped, tmp_path):
+    _Evil.marker = tmp_path / "pwned"
+    torch.save({"format_version": 1, "config": {}, "model": {}, "x": _Evil()}, shipped / "simple" / runs.WEIGHTS)
+    runs.write_manifest(shipped)  # an attacker who can write the package can write its manifest too
+    with pytest.raises(FlowmnistError, match="model.pt: not a loadable flowmnist checkpoint"):
+        runs.load_pretrained("simple")
+    assert not _Evil.marker.exists()
+
+
+def test_unknown_and_missing_names_are_one_line_errors(shipped, tmp_path, capsys):
+    assert main(["sample", "--pretrained", "nope", "--out", str(tmp_path / "s.png")]) == 2
+    _one_line_error(capsys, "--pretrained nope", "simple, other")
+    assert main(["sample", "--out", str(tmp_path / "s.png")]) == 2
+    _one_line_error(capsys, "RUN_DIR or --pretrained")
+    assert main(["sample", str(tmp_path), "--pretrained", "simple", "--out", str(tmp_path / "s.png")]) == 2
+    _one_line_error(capsys, "not both")
+
+
+# --- --pretrained on every command ---------------------------------------------------------------
+
+
+def test_every_run_command_takes_pretrained(shipped, tmp_path, capsys):
+    out = tmp_path / "figs"
+    assert main(["sample", "--pretrained", "simple", "--out", str(tmp_path / "s.png"), "--n", "4"]) == 0
+    assert (tmp_path / "s.png").is_file()
+    assert main(["table", "--pretrained", "all"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("| simple |") == 2 and "| 1 |" in table  # both runs, 1 epoch each
+    for cmd in (
+        ["curves", "--pretrained", "all", "--out", str(out)],
+        ["samples", "--pretrained", "simple", "other", "--out", str(out), "--n", "4"],
+        ["interpolate", "--pretrained", "simple", "--out", str(out), "--pairs", "1", "--steps", "3"],
+        ["dequant", "--pretrained", "all", "--out", str(out), "--images", "4"],
+    ):
+        assert main(cmd) == 0, cmd
+    names = {p.name for p in out.iterdir()}
+    assert {"train_log.png", "val_log.png", "samples.png", "interpolation.png"} <= names
+    assert {"dequant_simple__other_.png", "dequant_simple__simple_.png"} <= names
+
+
+def test_evaluate_pretrained_on_a_test_split_leaves_the_package_unchanged(shipped, tmp_path, capsys):
+    data = write_mnist_dir(tmp_path / "with-t10k", 48, 12)  # synthetic official-style t10k files
+    before = runs.sha256(shipped / "simple" / "results.json")
+    args = ["evaluate", "--pretrained", "simple", "--data-dir", str(data), "--split", "test"]
+    assert main([*args, "--importance-samples", "2", "--timing-reps", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert list(r["bpd"]) == ["test"] and r["images"] == {"test": 12}
+    images = load_mnist(str(data)).split("test")[0]
+    assert r["bpd"]["test"] == pytest.approx(dataset_bpd(runs.load_pretrained("simple"), images, 2)[0], abs=1e-5)
+    assert runs.sha256(shipped / "simple" / "results.json") == before
+    runs.verify_pretrained("simple")
+
+
+def test_figures_of_shipped_runs_use_the_shipped_digits(shipped, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("FLOWMNIST_DATA", raising=False)
+    monkeypatch.setenv("FLOWMNIST_CACHE", str(tmp_path / "empty-cache"))  # a download would fail here
+    assert main(["dequant", "--pretrained", "simple", "--out", str(tmp_path), "--images", "8"]) == 0
+    assert not (tmp_path / "empty-cache").exists()
+    (shipped / "digits" / "train-labels-idx1-ubyte.gz").write_bytes(b"changed")
+    assert main(["dequant", "--pretrained", "simple", "--out", str(tmp_path), "--images", "8"]) == 2
+    _one_line_error(capsys, "train-labels-idx1-ubyte.gz", "SHA-256")
+
+
+def test_torch_hub_local_loads_the_shipped_model(shipped):
+    model = torch.hub.load(str(REPO), "simple", source="local", trust_repo=True)
+    assert not model.training and count_params(model) == PARAMS["simple"]
+    assert torch.equal(
+        next(iter(model.state_dict().values())), next(iter(runs.load_pretrained("simple").state_dict().values()))
+    )
+    untrained = torch.hub.load(str(REPO), "multi_vardeq", source="local", pretrained=False)
+    assert count_params(untrained) == PARAMS["multi-vardeq"]
+
+
+# --- an --out that is a directory where a file is expected -----------------------------------------
+
+
+def test_out_naming_a_directory_is_a_one_line_error(tiny_run, tmp_path, capsys):
+    d = tmp_path / "adir"
+    d.mkdir()
+    assert main(["sample", str(tiny_run), "--out", str(d)]) == 2
+    _one_line_error(capsys, f"--out {d}", "is a directory")
+    rows = tmp_path / "rows.csv"
+    rows.mkdir()
+    assert main(["score", str(tiny_run), "--png", str(d), "--out", str(rows)]) == 2
+    _one_line_error(capsys, f"--out {rows}", "is a directory")
+
+
+def test_sample_out_directory_error_in_a_real_process(tiny_run, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "flowmnist", "sample", str(tiny_run), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"flowmnist sample: error: --out {tmp_path}: is a directory; expected a file name"
+
+
+# --- the models that really ship ---------------------------------------------------------------
+
+
+def test_the_package_ships_its_models():
+    names = runs.pretrained_names()
+    assert "multi-vardeq" in names, names
+    runs.shipped_digits()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", runs.pretrained_names())
+def test_each_shipped_model_loads_and_fits_real_digits(name):
+    model = runs.load_pretrained(name)
+    cfg = runs.run_config(runs.PRETRAINED_ROOT / name)
+    assert count_params(model) == count_params(build_model(cfg.model))
+    if cfg.model in PARAMS:
+        assert count_params(model) == PARAMS[cfg.model]
+    images = load_mnist(str(real_data_or_skip())).images["val"][:256]
+    bpd, single = dataset_bpd(model, images, k=1)
+    # Trained to ~1.05–1.15 on full MNIST; an untrained model gives ~5, a broken Jacobian anything.
+    assert 0.9 < bpd < 1.3, bpd
