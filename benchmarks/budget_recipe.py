@@ -1,4 +1,4 @@
-"""The CPU-budget protocol (issue 4): train multi-vardeq with several recipes for the same wall-clock
+"""The CPU-budget protocol: train multi-vardeq with several recipes for the same wall-clock
 budget on this machine, one after another, and compare their validation bpd.
 
     python benchmarks/budget_recipe.py --data-dir ../shared/data/mnist-10k --minutes 10 \

@@ -1,4 +1,4 @@
-"""What `nets.tune_allocator` (glibc mallopt) buys and costs, each setting in a fresh process.
+"""What `runtime.tune_allocator` (glibc mallopt) buys and costs, each setting in a fresh process.
 
     python benchmarks/malloc_effect.py [--model multi-vardeq] [--reps 5]
 
@@ -22,7 +22,7 @@ import sys
 CHILD = """
 import json, statistics, sys, time
 import torch
-from flowmnist.nets import tune_allocator
+from flowmnist.runtime import tune_allocator
 tuned = tune_allocator()
 from flowmnist.bench import _images, _models
 name, path, what, reps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
@@ -43,7 +43,7 @@ print(json.dumps({"tuned": tuned, "first_ms": ms[0], "ms": statistics.median(ms[
 
 MEMORY = """
 import sys
-from flowmnist.nets import tune_allocator
+from flowmnist.runtime import tune_allocator
 tune_allocator()
 from flowmnist.bench import peak_memory_child
 peak_memory_child(sys.argv[1], "fast", 128)

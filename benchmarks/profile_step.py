@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch.profiler import profile
 
 from flowmnist.bench import _build, _images, _interleaved, _train_dtype, _train_step
-from flowmnist.nets import set_autocast, tune_allocator
+from flowmnist.nets import set_autocast
+from flowmnist.runtime import tune_allocator
 from flowmnist.train import make_optimizer
 
 CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution_pointwise")

@@ -209,7 +209,7 @@ def test_compiled_nets_compute_the_reference_function():
 
 
 def test_native_bf16_is_a_bool_and_auto_resolves():
-    from flowmnist.nets import native_bf16
+    from flowmnist.runtime import native_bf16
     from flowmnist.train import resolve_precision
 
     cpu = torch.device("cpu")
@@ -249,14 +249,14 @@ def test_conv_by_taps_is_the_convolution():
 def test_allocator_tuned_for_inference_commands_not_train(monkeypatch, tmp_path):
     import platform
 
-    import flowmnist.nets as nets
+    import flowmnist.runtime as runtime
 
     monkeypatch.setenv("FLOWMNIST_MALLOC", "system")
-    assert nets.tune_allocator() is False
+    assert runtime.tune_allocator() is False
     monkeypatch.delenv("FLOWMNIST_MALLOC")
-    assert nets.tune_allocator() is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+    assert runtime.tune_allocator() is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
     calls = []
-    monkeypatch.setattr(nets, "tune_allocator", lambda: calls.append(1) or True)
+    monkeypatch.setattr(runtime, "tune_allocator", lambda: calls.append(1) or True)
     assert main(["bench", "--models", "nope"]) == 2  # tuned, then refused
     assert calls == [1]
     assert main(["train", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "run")]) != 0

@@ -269,7 +269,7 @@ def test_bf16_training_validates_in_float32(tiny_data, tmp_path):
 
 
 def test_auto_precision_is_saved_resolved(tiny_data, tmp_path):
-    from flowmnist.nets import native_bf16
+    from flowmnist.runtime import native_bf16
 
     train(_cfg(tiny_data, precision="auto"), tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["precision"]

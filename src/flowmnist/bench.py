@@ -39,7 +39,8 @@ from typing import Any
 import torch
 
 from .models import MODELS, FlowModel, build_model
-from .nets import compile_nets, native_bf16, set_autocast
+from .nets import compile_nets, set_autocast
+from .runtime import native_bf16
 from .train import make_optimizer
 
 PATHS = ("reference", "eager", "compiled", "fast")
@@ -153,7 +154,7 @@ def _peak_rss_mb() -> float:
 def peak_memory_child(name: str, path: str, batch_size: int, steps: int = 2) -> None:
     """Run in a fresh interpreter: a few training steps of one (model, path); prints the peak RSS.
     Two steps suffice: the first allocates Adam's moments, the second is a steady-state step. malloc
-    stays untuned, as in `flowmnist train` (see nets.tune_allocator)."""
+    stays untuned, as in `flowmnist train` (see runtime.tune_allocator)."""
     torch.manual_seed(0)
     model = _build(name, path)
     set_autocast(model, _train_dtype(path))

@@ -695,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .nets import tune_allocator
+    from .runtime import tune_allocator
 
     if args.command != "train":  # see its docstring for why not in training
         tune_allocator()

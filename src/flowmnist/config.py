@@ -26,18 +26,14 @@ class Config:
     data_dir: str | None = None  # IDX directory; None = the download cache
     dataset: str = "mnist"  # what data_dir=None downloads (data.DATASETS: mnist | fashion-mnist), cached apart
     seed: int = 0  # model init, batch order and dequantization noise
-    epochs: int = 200  # the seed's GPU budget; on a CPU, `minutes` usually ends the run first
+    epochs: int = 200  # the original report's GPU budget; on a CPU, `--epochs` or `--minutes` sets a smaller one
     minutes: float | None = None  # wall-clock budget for training (validation included)
-    # Small, for a CPU budget: on 2 cores the images per second fall only slowly as the batch shrinks,
-    # so a small batch buys many more updates per minute. 10 minutes of multi-vardeq on 2 cores
-    # (benchmarks/budget_recipe.py, one run each): batch 64, 57.7k images in 901 steps, val bpd 1.187;
-    # 32: 53.5k in 1,671, 1.166; 16: 45.1k in 2,818, 1.159; 8: 36.5k in 4,562, 1.161 (and at 128,
-    # in an earlier session, 1.23). On GPUs, where images/s grow with the batch, pass 128 or more.
-    # Global under torchrun.
+    # Small, for a CPU: there images/s fall only slowly as the batch shrinks, so a small batch buys many
+    # more updates per minute (benchmarks/budget_recipe.py compares batch sizes). On GPUs pass 128 or
+    # more. The global batch under torchrun.
     batch_size: int = 16
-    lr: float = 2e-3  # Adam's peak LR: 2x the reference's 1e-3, affordable with the warm-up and a schedule
-    # that ends near zero, and faster progress in a short budget. (benchmarks/budget_recipe.py, 10 minutes:
-    # at batch 16, 1e-3 gave val bpd 1.169 and 3e-3 1.155 vs 1.159, the latter within the runs' noise.)
+    lr: float = 2e-3  # Adam's peak LR: 2x the reference recipe's 1e-3, affordable with the warm-up and a
+    # schedule that ends near zero, and faster progress in a short budget
     # The learning-rate schedule after warm-up. "cosine": from lr down to lr * lr_min over the run, where
     # the run is the wall-clock budget when `minutes` is set (progress = elapsed / budget, so the last
     # steps of a budget run are taken at a small LR, whatever the machine's speed) and `epochs` otherwise.
@@ -49,28 +45,25 @@ class Config:
     # throw the couplings' scales far off before its second-moment estimates settle
     # Decay of an exponential moving average of the weights, which validation, best.pt and evaluate use
     # (0: off, the raw weights). Off by default: with the cosine schedule ending near LR 0 the last
-    # weights are already settled, and in a 10-minute multi-vardeq budget (benchmarks/budget_recipe.py)
-    # an EMA of 0.99 validated 0.0016 bpd worse than the raw weights. Useful with the "step" schedule.
+    # weights are already settled. Useful with the "step" schedule.
     ema: float = 0.0
     grad_clip: float = 1.0  # max global grad norm: couplings can spike early in training
     alpha: float = 1e-5  # logit-transform squeeze: keeps logit(0) finite at a tiny bpd cost
     split_seed: int = 42  # fixed, so val is the same images for every run seed
-    val_fraction: float = 1 / 6  # 10,000 of 60,000 as the seed; same proportion for smaller files
+    val_fraction: float = 1 / 6  # 10,000 of 60,000 as the original report; same share of smaller files
     log_every: int = 10  # steps between train-bpd rows in metrics.csv
     val_every: int = 0  # steps between validations (0: once per epoch and at the end)
     max_nonfinite: int = 10  # consecutive skipped (non-finite) steps before training gives up
     # The CPU fast path (channels-last nets, fused layer norm, lean ConcatELU): the same function and
-    # state_dict as the reference within float rounding, ~1.3x faster and ~40% less memory to train.
+    # state_dict as the plain code (False) within float rounding, faster and leaner to train.
     fast: bool = True
-    # torch.compile the coupling nets' blocks (nets.compile_nets): inductor fuses their elementwise work,
-    # ~1.3x faster again on a CPU (`flowmnist bench`: compiled vs eager); the first steps pay the
-    # compilation (tens of seconds cold, seconds with inductor's on-disk cache). Same function, float
-    # rounding aside.
+    # torch.compile the coupling nets' blocks (nets.compile_nets): inductor fuses their elementwise work
+    # (`flowmnist bench` measures it); the first steps pay the compilation. Same function, float rounding aside.
     compile: bool = True
     # Precision of the coupling nets' convolutions in training steps: "float32", "bfloat16" (mixed
     # precision: weights, optimizer, couplings, log-determinants and validation stay float32; only the
-    # nets' convolutions and activations of the gradient computation are bfloat16; on 2 AVX512-BF16
-    # cores a multi-vardeq step's convolutions took 0.71 s vs 1.39 s, benchmarks/profile_step.py), or
+    # nets' convolutions and activations of the gradient computation are bfloat16, about twice as fast
+    # where the hardware has bf16), or
     # "auto" (bfloat16 where the device has it natively, else float32; resolved when training starts and
     # saved resolved). Validation and evaluate are always float32.
     precision: str = "auto"

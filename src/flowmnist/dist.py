@@ -153,16 +153,3 @@ def process_group(device: str = "cpu") -> Iterator[Dist]:
     finally:
         if owned:
             dist.destroy_process_group()
-
-
-def set_tf32(enabled: bool) -> None:
-    """TF32 tensor-core math for float32 convolutions and matmuls (Ampere and newer): about 10 mantissa
-    bits instead of 23, several times faster. Off means true float32 for both (PyTorch's own default
-    allows TF32 for convolutions only). No effect without a GPU."""
-    mode = "tf32" if enabled else "ieee"
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9
-        torch.backends.cuda.matmul.fp32_precision = mode
-        torch.backends.cudnn.conv.fp32_precision = mode
-    else:  # pragma: no cover - older torch
-        torch.backends.cuda.matmul.allow_tf32 = enabled
-        torch.backends.cudnn.allow_tf32 = enabled

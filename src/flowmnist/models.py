@@ -1,4 +1,4 @@
-"""The flow model and the four named variants of the seed project.
+"""The flow model and the four named variants of the original report.
 
 Architectures follow the RealNVP-style MNIST reference (Lippe, UvA DL tutorial 11):
 

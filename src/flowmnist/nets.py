@@ -24,10 +24,6 @@ inductor fuses, since it cannot fuse through a custom autograd Function.
 
 from __future__ import annotations
 
-import ctypes
-import os
-import sys
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -200,10 +196,8 @@ class OutConv(nn.Conv2d):
     oneDNN's direct convolution uses its vector lanes for output channels, so with c_out = 2 (every
     checkerboard coupling) it leaves most of them idle. ``compile_nets`` sets ``by_taps`` to a compiled
     ``conv3x3_by_taps``, used when no gradient is needed and 9 c_out <= c_in (the GEMM's 9 c_out
-    columns then make a shape that BLAS runs well; at 7x7 with 16 outputs it was slower). Training
-    keeps the convolution: in trials here (bfloat16 steps, batch 128), the GEMM form with autograd's
-    backward of the shifted sum, and with a hand-written one, both made a step's output convolutions
-    slower, not faster.
+    columns then make a shape that BLAS runs well). Training keeps the convolution, whose backward is
+    cheaper than the shifted sum's.
     """
 
     by_taps = None
@@ -217,8 +211,8 @@ class OutConv(nn.Conv2d):
 class GatedConvNet(nn.Module):
     """The coupling network: maps (masked input [+ condition]) to c_out channels (scale and shift).
 
-    ``autocast_dtype`` (set by ``set_autocast``, e.g. bfloat16 for `train --bf16`) runs the network's
-    convolutions in that dtype and returns float32: only the nets, the bulk of the compute, go low
+    ``autocast_dtype`` (set by ``set_autocast``: bfloat16 in training steps with `--precision bfloat16`)
+    runs the network's convolutions in that dtype and returns float32: only the nets, the bulk of the compute, go low
     precision, while the couplings' scale, shift and log-determinant sums stay float32 (a bfloat16
     sum over 784 pixels would be off by whole nats).
     """
@@ -274,21 +268,6 @@ def set_autocast(model: nn.Module, dtype: torch.dtype | None) -> None:
             m.autocast_dtype = dtype
 
 
-def native_bf16(device: torch.device | str) -> bool:
-    """Whether ``device`` computes bfloat16 convolutions natively (faster than float32): CUDA GPUs with
-    bf16 support (Ampere and later), CPUs whose oneDNN has bf16 kernels (AVX512-BF16 or AMX).
-    Elsewhere bfloat16 is emulated and slower, so ``precision="auto"`` keeps float32."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):  # a build without oneDNN
-            return False
-    return False
-
-
 def compile_nets(model: nn.Module) -> int:
     """``torch.compile`` the blocks of every coupling network of ``model`` in place (parameter names
     unchanged, so checkpoints are unaffected); returns the number of networks.
@@ -298,9 +277,8 @@ def compile_nets(model: nn.Module) -> int:
     of the work; inductor fuses their elementwise chains (and derivatives)
     into a few loops around oneDNN's convolutions. With ``dynamic=True`` one graph serves every channel
     count, batch size and resolution of a block type, so a model compiles a handful of small graphs
-    (about 30 s cold, seconds with inductor's on-disk cache warm) instead of one per shape.
-    In trials on 2 CPU cores (issue 4) this trained faster than compiling each whole net, whose single
-    graph inductor also fails to build with dynamic shapes in torch 2.13.
+    (about 30 s cold, seconds with inductor's on-disk cache warm) instead of one per shape. (A whole
+    net's graph is not an option: inductor fails to build it with dynamic shapes in torch 2.13.)
 
     If compilation fails (say, no C++ compiler on the machine), the blocks run eagerly with a warning
     from PyTorch: slower, same results.
@@ -318,31 +296,3 @@ def compile_nets(model: nn.Module) -> int:
             elif isinstance(block, OutConv):
                 block.by_taps = by_taps
     return len(nets)
-
-
-def tune_allocator() -> bool:
-    """Let glibc's malloc keep freed activation buffers for the next batch; True if applied.
-
-    PyTorch's CPU tensors come from malloc. glibc serves blocks above its mmap threshold (128 KiB when a
-    process starts, raised only as such blocks are freed) with fresh pages, which the kernel zeroes and
-    maps again on first touch, and hands the heap's free top back above the trim threshold. A batch of
-    samples or an evaluation batch allocates and frees hundreds of MB in 1-30 MB blocks, so much of its
-    time went to page faults. ``mallopt`` sets the mmap threshold to glibc's maximum (32 MiB) and the
-    trim threshold out of reach: the blocks come from the heap and are reused while still mapped.
-    ``python benchmarks/malloc_effect.py`` (each figure in a fresh process) measures what it buys:
-    sampling and evaluation ms per 64 images, reference and compiled paths, untuned vs tuned.
-
-    Called by every ``flowmnist`` command except ``train`` (so ``bench`` times all paths tuned): in
-    training, glibc's own threshold rises within the first steps, and the tuned heap's fragmentation
-    raised the peak memory of a training step (by about a third, for multi-vardeq at batch 128, in
-    the same benchmark). A no-op off glibc, or with FLOWMNIST_MALLOC=system in the environment.
-    """
-    if os.environ.get("FLOWMNIST_MALLOC") == "system" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-        mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-        return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False

@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from .config import Config, FlowmnistError
 from .data import load_mnist
-from .dist import Dist, process_group, set_tf32
+from .dist import Dist, process_group
 from .models import FlowModel, build_model
-from .nets import compile_nets, native_bf16, set_autocast
+from .nets import compile_nets, set_autocast
 from .runs import (
     check_run_dir,
     check_writable,
@@ -44,6 +44,7 @@ from .runs import (
     write_json,
     write_metrics,
 )
+from .runtime import native_bf16, set_tf32
 
 _STOP_MINUTES = 1  # stop code for the budget; below every signal number, so a signal wins the ranks' MAX
 
@@ -225,7 +226,7 @@ def train(
     Under torchrun (RANK and WORLD_SIZE in the environment, or a process group already made) every
     rank calls this with the same arguments; ``cfg.batch_size`` is the global batch. ``device``:
     cpu, cuda[:N], or auto (this local rank's GPU if CUDA is present, else the CPU). ``tf32`` is a GPU
-    speed option (see dist.set_tf32); like the device it is not part of the run's Config.
+    speed option (see runtime.set_tf32); like the device it is not part of the run's Config.
     """
     with process_group(device) as env:
         return _train(cfg, Path(run_dir), resume, force, env, progress, tf32)
