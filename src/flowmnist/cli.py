@@ -283,25 +283,14 @@ def cmd_dequant(a: argparse.Namespace) -> int:
     return _print_paths(plot_dequant(_runs(a), out, a.images, a.draws, a.seed, _figure_data(a), a.device))
 
 
-def _toy_fit(probs: list[float], seed: int):
-    """Fit the toy models; a renormalisation notice goes to stderr as one line."""
-    import warnings
-
-    from .toy import fit_toy
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fit = fit_toy(probs, seed)
-    for w in caught:
-        print(f"flowmnist: note: {w.message}", file=sys.stderr)
-    return fit
-
-
 def cmd_concepts(a: argparse.Namespace) -> int:
-    from .toy import plot_concepts
+    from .toy import fit_toy_noting, plot_concepts
 
     out = _out_dir(a.out)
-    return _print_paths(plot_concepts(_toy_fit(a.probs, a.seed), out))
+    fit, notes = fit_toy_noting(a.probs, a.seed)
+    for note in notes:
+        print(f"flowmnist: note: {note}", file=sys.stderr)
+    return _print_paths(plot_concepts(fit, out))
 
 
 def cmd_report(a: argparse.Namespace) -> int:

@@ -255,12 +255,3 @@ def write_idx(path: str | Path, array: np.ndarray) -> None:
     array = np.ascontiguousarray(array, dtype=np.uint8)
     raw = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
     atomic_write_bytes(path, gzip.compress(raw) if str(path).endswith(".gz") else raw)
-
-
-def batches(images: Tensor, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False):
-    """Yield uint8 batches, shuffled by ``generator`` when given."""
-    n = len(images)
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    stop = n - n % batch_size if drop_last else n
-    for i in range(0, stop, batch_size):
-        yield images[order[i : i + batch_size]]

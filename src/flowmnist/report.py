@@ -11,7 +11,6 @@ from __future__ import annotations
 import html
 import json
 import shlex
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from .config import atomic_write_bytes
 from .evaluate import results_table
 from .figures import plot_curves, plot_dequant, plot_interpolations, plot_samples, run_labels
 from .runs import PRETRAINED_ROOT, run_config
-from .toy import DEFAULT_PROBS, fit_toy, plot_concepts
+from .toy import DEFAULT_PROBS, fit_toy_noting, plot_concepts
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
@@ -182,12 +181,9 @@ def dequant_section(spec: ReportSpec) -> str:
 
 
 def concepts_section(spec: ReportSpec, notice: Callable[[str], None] | None) -> str:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fit = fit_toy(spec.probs, spec.seed)
-    for w in caught:
-        if notice:
-            notice(str(w.message))
+    fit, notes = fit_toy_noting(spec.probs, spec.seed)
+    for note in notes if notice else []:
+        notice(note)
     figs = plot_concepts(fit, spec.out_dir)
     probs = [f"{p:g}" for p in spec.probs]
     spec.commands.append(_command("concepts", "--out", spec.out_dir, "--probs", *probs, "--seed", spec.seed))

@@ -241,6 +241,15 @@ def fit_toy(probs=DEFAULT_PROBS, seed: int = 0, steps: int = 300, components: in
     )
 
 
+def fit_toy_noting(probs=DEFAULT_PROBS, seed: int = 0) -> tuple[ToyFit, list[str]]:
+    """``fit_toy``, with its warnings (a renormalised distribution) returned as notes for the caller to
+    show, instead of Python's warning output."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = fit_toy(probs, seed)
+    return fit, [str(w.message) for w in caught]
+
+
 @torch.no_grad()
 def dequantized_density(probs: np.ndarray, dequantizer: ConditionalDequantizer | None, nodes: int = 400):
     """The dequantized data density r(v) = p_x q(v - x | x) on each bin [x, x+1], both ends included
