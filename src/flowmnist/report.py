@@ -14,10 +14,18 @@ import shlex
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import atomic_write_bytes
-from .evaluate import results_table
-from .figures import plot_curves, plot_dequant, plot_interpolations, plot_samples, run_labels
-from .runs import run_config
+from .config import Config, atomic_write_bytes
+from .evaluate import classification_table, results_table
+from .figures import (
+    plot_confusion,
+    plot_curves,
+    plot_dequant,
+    plot_interpolations,
+    plot_samples,
+    run_labels,
+    save_digit_grid,
+)
+from .runs import load_model, run_config
 from .toy import DEFAULT_PROBS, fit_toy, plot_concepts
 
 CSS = """
@@ -81,6 +89,41 @@ def _figure(path: Path, out_dir: Path, caption: str) -> str:
     )
 
 
+def _slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label)
+
+
+def _conditional_section(
+    runs: list[tuple[str, Config, str]],
+    results: dict[str, dict],
+    out_dir: Path,
+    seed: int,
+    device: str,
+    commands: list[str],
+    per_digit: int = 10,
+) -> str:
+    """Class-conditional runs: a 10-row grid of each (row d: digit d on demand) and, where evaluate has
+    measured them (results.json), the confusion matrices of the flow as a Bayes classifier."""
+    parts = []
+    for run, cfg, label in runs:
+        path = out_dir / f"digits_{_slug(label)}.png"
+        model, _ = load_model(run, device)
+        save_digit_grid(model, path, f"{cfg.model} (conditional)", per_digit, 1.0, seed)
+        commands.append(_command("sample", run, "--digit", "all", "--n", per_digit, "--seed", seed, "--out", path))
+        parts.append(_figure(path, out_dir, f"{label}: {per_digit} samples of each digit, row d = digit d, T = 1."))
+        confusion = results.get(run, {}).get("confusion") or {}
+        for split, matrix in confusion.items():
+            fig = plot_confusion(matrix, out_dir / f"confusion_{_slug(label)}_{split}.png", f"{label}, {split}")
+            caption = f"{label}: classifier argmax_y p(x | y) p(y) on {split}; rows: true digit (from results.json)."
+            parts.append(_figure(fig, out_dir, caption))
+        if not confusion:
+            parts.append(
+                f"<p>No confusion matrix for <code>{html.escape(run)}</code>: run "
+                "<code>flowmnist evaluate RUN_DIR</code> to add it.</p>"
+            )
+    return "<h2>Digits on demand (class-conditional runs)</h2>\n" + "\n".join(parts)
+
+
 def build_report(
     run_dirs: list[str | Path],
     out_dir: str | Path,
@@ -111,14 +154,15 @@ def build_report(
     sections: list[str] = []
 
     # Results table: from results.json where `flowmnist evaluate` wrote one.
-    results, missing = [], []
+    results, missing = {}, []
     for r in run_dirs:
         path = Path(r) / "results.json"
         try:
-            results.append(json.loads(path.read_text()))
+            results[r] = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             missing.append(r)
-    body = markdown_table_html(results_table(results)) if results else ""
+    body = markdown_table_html(results_table(list(results.values()))) if results else ""
+    body += markdown_table_html(classification_table(list(results.values())))
     if missing:
         body += "<p>No results.json for: " + ", ".join(f"<code>{html.escape(m)}</code>" for m in missing)
         body += " (run <code>flowmnist evaluate RUN_DIR</code> to add them).</p>"
@@ -135,6 +179,10 @@ def build_report(
     figs = plot_samples(run_dirs, out_dir, samples, seed, 1.0, device)
     commands.append(_command("samples", *run_dirs, "--out", out_dir, "--n", samples, "--seed", seed))
     sections.append("<h2>Samples</h2>\n" + _figure(figs[0], out_dir, f"{samples} samples per run at T = 1."))
+
+    conditional = [(r, c, lb) for r, c, lb in zip(run_dirs, configs, labels, strict=True) if c.conditional]
+    if conditional:
+        sections.append(_conditional_section(conditional, results, out_dir, seed, device, commands))
 
     figs = plot_interpolations(run_dirs, out_dir, pairs, steps, seed, False, data_dir, device)
     figs += plot_interpolations(run_dirs, out_dir, pairs, steps, seed, True, data_dir, device)
