@@ -63,6 +63,17 @@ def _ema_decay(s: str) -> float:
     return _float_in(s, 0.0, 1.0, closed_hi=False)
 
 
+def _nonneg_float(s: str) -> float:
+    return _float_in(s, 0.0, math.inf, closed_hi=False)
+
+
+def _digit(s: str) -> int | str:
+    """--digit: 0..9, or all."""
+    if s == "all" or s in tuple("0123456789"):
+        return s if s == "all" else int(s)
+    raise argparse.ArgumentTypeError(f"must be a digit 0-9 or all, got {s!r}")
+
+
 def _nonneg_int(s: str) -> int:
     try:
         v = int(s)
@@ -158,7 +169,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         cfg = Config(data_dir=_data_dir(a.data_dir))
     for key in (
         *("model", "seed", "epochs", "minutes", "batch_size", "lr", "log_every", "val_every"),
-        *("precision", "schedule", "warmup_steps", "ema", "lr_min"),
+        *("precision", "schedule", "warmup_steps", "ema", "lr_min", "conditional", "hybrid_weight"),
     ):
         if key in given:
             setattr(cfg, key, given[key])
@@ -189,7 +200,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_run, results_table
+    from .evaluate import classification_table, evaluate_run, results_table
 
     (run,) = _runs(a)
     r = evaluate_run(
@@ -203,8 +214,29 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         compile=a.compile,
         write=a.pretrained is None,  # a shipped run is read-only: its results.json is in the manifest
     )
-    print(json.dumps(r) if a.json else results_table([r]))
+    figures = _confusion_figures(run, r) if a.pretrained is None else []
+    if a.json:
+        print(json.dumps(r))
+    else:
+        print("\n\n".join(filter(None, [results_table([r]), classification_table([r])])))
+        for path in figures:
+            print(f"confusion matrix: {path}")
     return 0
+
+
+def _confusion_figures(run: Path, r: dict) -> list[Path]:
+    """A conditional run's confusion matrices, RUN_DIR/confusion_<split>.png, beside its results.json
+    (not for a shipped run, which is read-only; `flowmnist report` draws them from results.json)."""
+    if not r.get("confusion") or not Path(run).is_dir():
+        return []
+    from .evaluate import model_name
+    from .figures import plot_confusion
+
+    name = model_name(r)
+    return [
+        plot_confusion(m, Path(run) / f"confusion_{split}.png", f"{name}, {split}")
+        for split, m in r["confusion"].items()
+    ]
 
 
 def cmd_table(a: argparse.Namespace) -> int:
@@ -232,9 +264,18 @@ def cmd_sample(a: argparse.Namespace) -> int:
     out = _out_file(a.out)
     (run,) = _runs(a)
     model, cfg = load_model(run, a.device)
+    if a.digit is not None and not cfg.conditional:
+        raise FlowmnistError(f"--digit: {run} is an unconditional {cfg.model} run; train one with --conditional")
+    if a.digit == "all":
+        from .figures import save_digit_grid
+
+        save_digit_grid(model, out, f"{cfg.model} (conditional)", a.n or 10, a.temperature, a.seed)
+        print(out)
+        return 0
     g = torch.Generator(device=a.device).manual_seed(a.seed)
-    images = model.sample(a.n, temperature=a.temperature, generator=g)
-    save_grid(images, out, title=f"{cfg.model} samples (T={a.temperature:g})")
+    images = model.sample(a.n or 64, temperature=a.temperature, generator=g, y=a.digit)
+    what = "samples" if a.digit is None else f"samples of digit {a.digit}"
+    save_grid(images, out, title=f"{cfg.model} {what} (T={a.temperature:g})")
     print(out)
     return 0
 
@@ -630,6 +671,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--ema", type=_ema_decay, help=f"weight EMA decay, 0 for none (default {DEFAULTS.ema})")
     t.add_argument("--reference", action="store_true", help="train with the plain reference code, not the fast path")
+    t.add_argument(
+        "--conditional",
+        action="store_true",
+        default=None,
+        help="class-conditional model p(x | y) of the labelled digits (a Gaussian prior per digit): sample --digit, "
+        "and evaluate reports its accuracy as a classifier",
+    )
+    t.add_argument(
+        "--hybrid-weight",
+        type=_nonneg_float,
+        metavar="LAMBDA",
+        help="with --conditional: train on log p(x | y) + LAMBDA log p(y | x) (Nalisnick et al. 2019; default 0)",
+    )
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="bpd per split, inference and sampling time; writes results.json")
@@ -662,7 +716,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="a grid of generated digits as a PNG")
     _add_run_args(s, many=False)
-    s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
+    s.add_argument(
+        "--n", type=_positive_int, help="number of samples (default 64); with --digit all, per digit (default 10)"
+    )
+    s.add_argument(
+        "--digit",
+        type=_digit,
+        metavar="D",
+        help="a conditional run's digit 0-9, or all: a 10-row grid, row d the samples of digit d",
+    )
     s.add_argument("--out", default="samples.png", help="PNG file to write")
     s.add_argument("--seed", type=_nonneg_int, default=0)
     s.add_argument("--temperature", type=_positive_float, default=1.0, help="prior std scale (1.0: exact)")

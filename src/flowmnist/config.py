@@ -67,6 +67,8 @@ class Config:
     # "auto" (bfloat16 where the device has it natively, else float32; resolved when training starts and
     # saved resolved). Validation and evaluate are always float32.
     precision: str = "auto"
+    conditional: bool = False  # model p(x | y): a Gaussian prior per digit (models.ClassPrior); labels: the IDX file
+    hybrid_weight: float = 0.0  # lambda of -(log p(x|y) + lambda log p(y|x)), Nalisnick et al. 2019; conditional only
 
     def check(self) -> None:
         """Refuse values no run can use, naming the option (the CLI checks types and signs itself)."""
@@ -80,6 +82,10 @@ class Config:
             raise FlowmnistError(f"lr_min must be in [0, 1] (a fraction of lr), got {self.lr_min}")
         if self.warmup_steps < 0:
             raise FlowmnistError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.hybrid_weight < float("inf"):
+            raise FlowmnistError(f"hybrid_weight must be a finite number >= 0, got {self.hybrid_weight}")
+        if self.hybrid_weight and not self.conditional:
+            raise FlowmnistError("hybrid_weight needs a conditional model (--conditional)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -104,6 +110,8 @@ BEFORE_FIELD: dict[str, Any] = {
     "compile": False,
     "precision": "float32",
     "dataset": "mnist",
+    "conditional": False,
+    "hybrid_weight": 0.0,
 }
 
 

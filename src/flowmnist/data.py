@@ -207,6 +207,9 @@ def _load_pair(root: Path, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
         raise DataError(f"{img_path}: {len(images)} images but {lab_path.name} has {len(labels)} labels")
     if len(images) == 0:
         raise DataError(f"{img_path}: holds no images")
+    if labels.max() > 9:  # uint8: never below 0
+        i = int(np.argmax(labels > 9))
+        raise DataError(f"{lab_path}: label {int(labels[i])} at index {i} is outside 0-9")
     return images, labels
 
 

@@ -1,4 +1,6 @@
-"""Evaluation: importance-weighted bpd per split, inference and sampling time, the results table."""
+"""Evaluation: importance-weighted bpd per split, inference and sampling time, the results table; for a
+class-conditional run also the conditional bpd, the accuracy of the flow as a Bayes classifier and its
+confusion matrix."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -46,6 +48,69 @@ def dataset_bpd(
     same k draws), each the mean of ``image_bpd`` over the uint8 ``images``. NaNs propagate."""
     iw, single = image_bpd(model, images, k, batch_size, seed)
     return float(iw.mean()), float(single.mean())
+
+
+@torch.inference_mode()
+def image_class_log_probs(model: FlowModel, images: Tensor, k: int = 1, batch_size: int = 256, seed: int = 0) -> Tensor:
+    """A conditional model's one-sample estimates log p(x + u_j | y) - log q(u_j | x) for every image,
+    noise draw j < k and class y: float64 (N, k, C) on the CPU. Each draw is one pass through the
+    flows shared by all classes (``FlowModel.class_log_probs``), so every class sees the same noise.
+    Seeded as ``image_bpd``, whose draws these are: its bpd of a conditional model is the marginal below."""
+    device = model.device
+    fork = [device] if device.type == "cuda" else []
+    out = []
+    with torch.random.fork_rng(devices=fork):
+        torch.manual_seed(seed)
+        for i in range(0, len(images), batch_size):
+            x = images[i : i + batch_size].to(device)
+            out.append(torch.stack([model.class_log_probs(x) for _ in range(k)], dim=1).double().cpu())
+    return torch.cat(out) if out else torch.zeros(0, k, model.prior.num_classes, dtype=torch.float64)
+
+
+class ClassScores(NamedTuple):
+    """Per image (float64 bpd; ``predicted``: int64 class)."""
+
+    bpd: Tensor  # marginal, importance-weighted: -log2 p(x) / D
+    bpd_single: Tensor  # marginal, one draw (averaged over the k draws)
+    bpd_conditional: Tensor  # of the true label, importance-weighted: -log2 p(x | y) / D
+    predicted: Tensor  # argmax_y log p(x | y) + log p(y)
+
+
+def class_scores(lp: Tensor, log_py: Tensor, labels: Tensor, dims: int) -> ClassScores:
+    """From lp[n, j, y] = log p(x_n + u_j | y) - log q(u_j | x_n) (``image_class_log_probs``), k = lp.shape[1]:
+
+    log p(x | y) ~ logsumexp_j lp[:, j, y] - log k                     (importance-weighted, per class)
+    log p(x)     ~ logsumexp_{j,y} (lp[:, j, y] + log p(y)) - log k   = logsumexp_y [log p(x | y) + log p(y)]
+    single       = mean_j logsumexp_y (lp[:, j, y] + log p(y))
+    prediction   = argmax_y log p(x | y) + log p(y)                   (Bayes' rule: argmax p(y | x))
+    """
+    k, scale = lp.shape[1], -1.0 / (dims * math.log(2))
+    joint = lp + log_py.double().cpu()
+    cond = torch.logsumexp(lp, dim=1) - math.log(k)  # (N, C)
+    marginal = torch.logsumexp(joint.flatten(1), dim=1) - math.log(k)
+    single = torch.logsumexp(joint, dim=2).mean(dim=1)
+    true = cond.gather(1, labels.long().view(-1, 1)).squeeze(1)
+    predicted = (cond + log_py.double().cpu()).argmax(dim=1)
+    return ClassScores(marginal * scale, single * scale, true * scale, predicted)
+
+
+def confusion_matrix(labels: Tensor, predicted: Tensor, classes: int = 10) -> Tensor:
+    """(classes, classes) int64 counts: row = true label, column = predicted label."""
+    index = labels.long().flatten() * classes + predicted.long().flatten()
+    return torch.bincount(index, minlength=classes * classes).view(classes, classes)
+
+
+def _conditional_split(model: FlowModel, images: Tensor, labels: Tensor, k: int, seed: int) -> dict[str, Any]:
+    """One split of a conditional run: its bpd (marginal), single-sample bpd, conditional bpd, accuracy
+    and confusion matrix."""
+    s = class_scores(image_class_log_probs(model, images, k, seed=seed), model.prior.log_py, labels, model.dims)
+    return {
+        "bpd": round(float(s.bpd.mean()), 5),
+        "bpd_single_sample": round(float(s.bpd_single.mean()), 5),
+        "bpd_conditional": round(float(s.bpd_conditional.mean()), 5),
+        "accuracy": round(float((s.predicted == labels).double().mean()), 5),
+        "confusion": confusion_matrix(labels, s.predicted, model.prior.num_classes).tolist(),
+    }
 
 
 @torch.inference_mode()
@@ -92,7 +157,12 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a run's best checkpoint; writes results.json into the run directory (unless ``write``
     is false). ``compile``: run the coupling nets through torch.compile (faster on thousands of images;
-    the timings' warm-up call absorbs the compilation)."""
+    the timings' warm-up call absorbs the compilation).
+
+    For a conditional run "bpd" and "bpd_single_sample" are the marginal -log2 p(x) / D, comparable
+    with unconditional runs, and the results add, per split, "bpd_conditional" (-log2 p(x | y) / D of the
+    true labels), "accuracy" (a fraction) and "confusion" (rows: true digit, columns: predicted), all from
+    the same k noise draws per image, shared by the ten classes."""
     from .data import load_mnist
     from .nets import compile_nets
 
@@ -102,13 +172,21 @@ def evaluate_run(
     data = load_mnist(data_dir if data_dir is not None else cfg.data_dir, cfg.split_seed, cfg.val_fraction, cfg.dataset)
     splits = splits or data.splits
     bpd, single, counts, exact = {}, {}, {}, {}
+    extra: dict[str, dict[str, Any]] = {"bpd_conditional": {}, "accuracy": {}, "confusion": {}}
     for split in splits:
-        images = data.split(split)[0][:max_images]
-        bpd[split], single[split] = (round(v, 5) for v in dataset_bpd(model, images, k, seed=seed))
+        images, labels = (t[:max_images] for t in data.split(split))
+        if model.conditional:
+            r = _conditional_split(model, images, labels, k, seed)
+            bpd[split], single[split] = r.pop("bpd"), r.pop("bpd_single_sample")
+            for key, v in r.items():
+                extra[key][split] = v
+        else:
+            bpd[split], single[split] = (round(v, 5) for v in dataset_bpd(model, images, k, seed=seed))
         counts[split] = len(images)
         exact[split] = roundtrip_fraction(model, images)
     results = {
         "model": cfg.model,
+        **({"conditional": True, **extra} if model.conditional else {}),
         "params": count_params(model),
         "bpd": bpd,
         "bpd_single_sample": single,
@@ -149,7 +227,37 @@ def results_table(results: list[dict[str, Any]]) -> str:
     ]
     for r in results:
         lines.append(
-            f"| {r['model']} | {fmt(r, 'train')} | {fmt(r, 'val')} | {fmt(r, 'test')} | "
+            f"| {model_name(r)} | {fmt(r, 'train')} | {fmt(r, 'val')} | {fmt(r, 'test')} | "
             f"{r['inference_ms_per_64']:.0f} | {r['sampling_ms_per_64']:.0f} | {r['params']:,} | {trained(r)} |"
         )
+    return "\n".join(lines)
+
+
+def model_name(r: dict[str, Any]) -> str:
+    """The model's name in a table: "(conditional)" added for a class-conditional run."""
+    return f"{r['model']} (conditional)" if r.get("conditional") else r["model"]
+
+
+def classification_table(results: list[dict[str, Any]]) -> str:
+    """Markdown table of the conditional runs among ``results``: accuracy of argmax_y p(x | y) p(y) and the
+    conditional bpd -log2 p(x | y) / D per split ("" when no run is conditional)."""
+    rows = [r for r in results if r.get("conditional")]
+    if not rows:
+        return ""
+    splits = ("train", "val", "test")
+
+    def cell(r: dict[str, Any], key: str, split: str, fmt: str) -> str:
+        v = r.get(key, {}).get(split)
+        return "–" if v is None else format(v, fmt)
+
+    header = [
+        "Model",
+        *(f"{s.capitalize()} accuracy" for s in splits),
+        *(f"{s.capitalize()} bpd given digit" for s in splits),
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * 2 * len(splits)]
+    for r in rows:
+        acc = " | ".join(cell(r, "accuracy", s, ".2%") for s in splits)
+        cond = " | ".join(cell(r, "bpd_conditional", s, ".3f") for s in splits)
+        lines.append(f"| {model_name(r)} | {acc} | {cond} |")
     return "\n".join(lines)

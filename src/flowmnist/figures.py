@@ -1,4 +1,5 @@
-"""Figures of trained runs: training curves, sample grids, latent interpolations, dequantization.
+"""Figures of trained runs: training curves, sample grids, latent interpolations, dequantization; for
+class-conditional runs the digits on demand and the classifier's confusion matrix.
 
 Each figure has a function computing its numbers (unit-tested on their own) and a ``plot_*``
 function that draws them and writes PNGs through ``plots.save_figure`` (Agg backend, atomic write).
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from .config import Config, FlowmnistError
 from .models import FlowModel
-from .plots import image_grid, plt, save_figure
+from .plots import image_grid, plt, save_figure, save_grid
 from .runs import load_model, read_metrics, run_config
 
 # ----------------------------------------------------------------------------------------------
@@ -376,4 +377,55 @@ def plot_ood_histograms(
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Class-conditional runs: digits on demand, the classifier's confusion matrix
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def digit_samples(model: FlowModel, n: int, temperature: float = 1.0, seed: int = 0) -> Tensor:
+    """n samples of each digit 0-9 from a conditional model, digit by digit: uint8 (10 n, 1, 28, 28),
+    so a grid of n columns has digit d in row d. z = mu_y + T sigma_y eps, one seeded generator."""
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    y = torch.arange(model.prior.num_classes, device=model.device).repeat_interleave(n)
+    return model.sample(len(y), temperature, g, y=y)
+
+
+def save_digit_grid(model: FlowModel, path: str | Path, name: str, n: int, temperature: float, seed: int) -> Path:
+    """A 10-row PNG, row d: n samples of digit d (what `flowmnist sample --digit all` writes)."""
+    title = f"{name}: digits 0-9, {n} each (T={temperature:g}, seed {seed})"
+    return save_grid(digit_samples(model, n, temperature, seed), path, title=title, nrow=n)
+
+
+def confusion_fractions(matrix) -> np.ndarray:
+    """Each row of a confusion matrix (row: true class, column: predicted) divided by its sum: row d is
+    the distribution of the predictions for digit d's images (0 where a digit has no images)."""
+    m = np.asarray(matrix, dtype=np.float64)
+    sums = m.sum(axis=1, keepdims=True)
+    return np.divide(m, sums, out=np.zeros_like(m), where=sums > 0)
+
+
+def plot_confusion(matrix, path: str | Path, title: str) -> Path:
+    """The confusion matrix as a heat map of the row fractions, each cell labelled with its count;
+    the title adds the accuracy, trace / total."""
+    counts = np.asarray(matrix, dtype=np.int64)
+    frac = confusion_fractions(counts)
+    classes, total = len(counts), int(counts.sum())
+    fig, ax = plt.subplots(figsize=(6, 5.2))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    for i in range(classes):
+        for j in range(classes):
+            if counts[i, j]:
+                color = "white" if frac[i, j] > 0.5 else "black"
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(classes))
+    ax.set_yticks(range(classes))
+    ax.set_xlabel("predicted digit: argmax p(x | y) p(y)")
+    ax.set_ylabel("true digit")
+    accuracy = np.trace(counts) / total if total else math.nan
+    ax.set_title(f"{title}\naccuracy {accuracy:.2%} of {total} images", fontsize=10)
+    fig.colorbar(im, ax=ax, label="fraction of the true digit's images")
     return save_figure(fig, path)

@@ -16,9 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import atomic_write_bytes
-from .evaluate import results_table
-from .figures import plot_curves, plot_dequant, plot_interpolations, plot_samples, run_labels
-from .runs import PRETRAINED_ROOT, run_config
+from .evaluate import classification_table, results_table
+from .figures import (
+    plot_confusion,
+    plot_curves,
+    plot_dequant,
+    plot_interpolations,
+    plot_samples,
+    run_labels,
+    save_digit_grid,
+)
+from .runs import PRETRAINED_ROOT, load_model, run_config
 from .toy import DEFAULT_PROBS, fit_toy_noting, plot_concepts
 
 CSS = """
@@ -107,6 +115,7 @@ class ReportSpec:
     data_dir: str | None = None
     device: str = "cpu"
     labels: list[str] = field(default_factory=list)
+    results: dict[Path, dict] = field(default_factory=dict)  # each run's results.json, where it has one
     commands: list[str] = field(default_factory=list)  # each figure's stand-alone command, in order
 
     @property
@@ -120,13 +129,15 @@ class ReportSpec:
 
 def results_section(spec: ReportSpec) -> str:
     """The results table, from each run's results.json where `flowmnist evaluate` wrote one."""
-    results, missing = [], []
+    missing = []
     for r in spec.run_dirs:
         try:
-            results.append(json.loads((r / "results.json").read_text()))
+            spec.results[r] = json.loads((r / "results.json").read_text())
         except (OSError, json.JSONDecodeError):
             missing.append(str(r))
+    results = list(spec.results.values())
     body = markdown_table_html(results_table(results)) if results else ""
+    body += markdown_table_html(classification_table(results))
     if missing:
         body += "<p>No results.json for: " + ", ".join(f"<code>{html.escape(m)}</code>" for m in missing)
         body += " (run <code>flowmnist evaluate RUN_DIR</code> to add them).</p>"
@@ -152,6 +163,40 @@ def samples_section(spec: ReportSpec) -> str:
         what = "the model's own distribution" if t == 1 else "the prior's spread scaled down: cleaner, less varied"
         parts.append(_figure(fig, spec.out_dir, f"{spec.samples} samples per run at T = {t:g} ({what})."))
     return "<h2>Samples</h2>\n" + "".join(parts)
+
+
+def _slug(label: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label)
+
+
+def conditional_section(spec: ReportSpec, per_digit: int = 10) -> str:
+    """Class-conditional runs: a 10-row grid of each (row d: digit d on demand) and, where evaluate has
+    measured them (results.json), the confusion matrices of the flow as a Bayes classifier."""
+    parts = []
+    for run, label in zip(spec.run_dirs, spec.labels, strict=True):
+        if not run_config(run).conditional:
+            continue
+        path = spec.out_dir / f"digits_{_slug(label)}.png"
+        model, cfg = load_model(run, spec.device)
+        save_digit_grid(model, path, f"{cfg.model} (conditional)", per_digit, 1.0, spec.seed)
+        opts = ["--digit", "all", "--n", per_digit, "--seed", spec.seed, "--out", path]
+        spec.commands.append(_command("sample", *run_args([run]), *opts))
+        parts.append(
+            _figure(path, spec.out_dir, f"{label}: {per_digit} samples of each digit, row d = digit d, T = 1.")
+        )
+        confusion = spec.results.get(run, {}).get("confusion") or {}
+        for split, matrix in confusion.items():
+            fig = plot_confusion(matrix, spec.out_dir / f"confusion_{_slug(label)}_{split}.png", f"{label}, {split}")
+            caption = f"{label}: classifier argmax_y p(x | y) p(y) on {split}; rows: true digit (from results.json)."
+            parts.append(_figure(fig, spec.out_dir, caption))
+        if not confusion:
+            parts.append(
+                f"<p>No confusion matrix for <code>{html.escape(str(run))}</code>: run "
+                "<code>flowmnist evaluate RUN_DIR</code> to add it.</p>"
+            )
+    if not parts:
+        return ""
+    return "<h2>Digits on demand (class-conditional runs)</h2>\n" + "\n".join(parts)
 
 
 def interpolation_section(spec: ReportSpec) -> str:
@@ -257,12 +302,14 @@ def build_report(
         results_section(spec),
         curves_section(spec),
         samples_section(spec),
+        conditional_section(spec),
         interpolation_section(spec),
         dequant_section(spec),
         concepts_section(spec, notice),
         configs_section(spec),
         commands_section(spec),
     ]
+    sections = [part for part in sections if part]
     index = spec.out_dir / "index.html"
     atomic_write_bytes(index, page(spec, sections).encode())
     return index

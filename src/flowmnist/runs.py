@@ -161,7 +161,7 @@ def load_model(run: str | Path, device: str = "cpu") -> tuple[FlowModel, Config]
     ckpt = load_checkpoint(path, map_location=device)
     cfg = Config.from_dict(ckpt["config"])
     try:
-        model = build_model(cfg.model, cfg.alpha, fast=cfg.fast)
+        model = build_model(cfg.model, cfg.alpha, fast=cfg.fast, conditional=cfg.conditional)
     except ValueError as e:
         raise FlowmnistError(f"{path}: {e}") from e
     weights = dict(ckpt["model"])

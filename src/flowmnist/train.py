@@ -77,7 +77,10 @@ def val_noise(images: Tensor, seed: int) -> Tensor:
 @torch.inference_mode()
 def sharded_bpd(model: FlowModel, images: Tensor, noise: Tensor, env: Dist, batch_size: int = 256) -> float:
     """The bpd of a whole split from this rank's shard of it (``images``, ``noise``: rows rank, rank +
-    world, ...). Sums and counts are all-reduced, not per-rank means, so unequal shards weigh right."""
+    world, ...). Sums and counts are all-reduced, not per-rank means, so unequal shards weigh right.
+    For a conditional model this is the marginal bpd, -log2 sum_y p(x | y) p(y) / D: the number
+    `evaluate` reports as bpd, comparable with unconditional runs' validations. (It exceeds the
+    conditional bpd that the train rows log by at most -log2 p(y) / 784, 0.004 for balanced digits.)"""
     total = torch.zeros(2, dtype=torch.float64, device=model.device)
     for i in range(0, len(images), batch_size):
         x, u = images[i : i + batch_size], noise[i : i + batch_size]
@@ -156,14 +159,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 class _BatchLoss(nn.Module):
     """The training objective, mean bpd of a batch, as a module's forward: DistributedDataParallel
     synchronises gradients only for work done through the forward of the module it wraps (``bpd`` is
-    not ``forward``)."""
+    not ``forward``). With labels ``y`` (a conditional run): the conditional bpd -log2 p(x | y) / D, or
+    the hybrid objective with ``hybrid_weight`` (``FlowModel.hybrid_bpd``), which the train rows log."""
 
-    def __init__(self, model: FlowModel):
+    def __init__(self, model: FlowModel, hybrid_weight: float = 0.0):
         super().__init__()
         self.model = model
+        self.hybrid_weight = hybrid_weight
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model.bpd(x).mean()
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        if y is None:
+            return self.model.bpd(x).mean()
+        return self.model.hybrid_bpd(x, y, self.hybrid_weight).mean()
 
 
 class _StopFlag:
@@ -202,7 +209,7 @@ def _resume_point(run_dir: Path, cfg: Config) -> tuple[dict[str, Any], list[dict
     the resumed run produces them again)."""
     ckpt = load_checkpoint(run_dir / "last.pt")
     old = Config.from_dict(ckpt["config"])
-    for key in ("model", "alpha", "seed", "batch_size", "split_seed", "val_fraction"):
+    for key in ("model", "alpha", "seed", "batch_size", "split_seed", "val_fraction", "conditional"):
         if getattr(old, key) != getattr(cfg, key):
             raise FlowmnistError(
                 f"{run_dir}: cannot resume with {key}={getattr(cfg, key)!r}; the run has {getattr(old, key)!r}"
@@ -249,7 +256,11 @@ def _train(
     train_x, val_x = data.images["train"], data.images["val"]
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.alpha, fast=cfg.fast).to(device)
+    model = build_model(cfg.model, cfg.alpha, fast=cfg.fast, conditional=cfg.conditional).to(device)
+    train_y = None  # labels, for a conditional run; p(y) = their frequencies, kept in the model
+    if cfg.conditional:
+        model.prior.set_class_frequencies(data.labels["train"])
+        train_y = data.labels["train"].to(device)
     opt = make_optimizer(model, cfg.lr, fused=cfg.fast)
     st = {"step": 0, "epoch": 0, "batch": 0, "seconds": 0.0, "best_val": math.inf, "nonfinite": 0}
     running: list[float] = []  # train bpd of the steps since the last train row
@@ -277,7 +288,7 @@ def _train(
     val_x = val_x[env.rank :: env.world].to(device)
     # The step's computation; DDP averages its gradients over ranks. (The nets inside are compiled
     # above, block by block: see nets.compile_nets.)
-    step_loss: nn.Module = _BatchLoss(model)
+    step_loss: nn.Module = _BatchLoss(model, cfg.hybrid_weight)
     if env.distributed:
         ids = [device.index] if device.type == "cuda" else None
         step_loss = DistributedDataParallel(step_loss, device_ids=ids)
@@ -369,7 +380,7 @@ def _train(
                 progress = max((time.perf_counter() - t0) / budget, st["step"] / total_steps)
                 for g in opt.param_groups:
                     g["lr"] = lr_at(cfg, st["step"], st["epoch"], progress)
-                loss = step_loss(train_x[idx])
+                loss = step_loss(train_x[idx]) if train_y is None else step_loss(train_x[idx], train_y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
