@@ -239,9 +239,56 @@ def train(
         return _train(cfg, Path(run_dir), resume, force, env, progress, tf32)
 
 
-def _train(
-    cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, progress: bool | None, tf32: bool
-) -> dict[str, Any]:
+@dataclasses.dataclass
+class RunState:
+    """Where a run is: saved in last.pt as a plain dict (``vars``), so a resumed run continues exactly."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches of the current epoch consumed (skipped non-finite ones included)
+    seconds: float = 0.0  # wall-clock seconds of training so far, over every resume
+    best_val: float = math.inf
+    nonfinite: int = 0  # skipped steps in all
+    batches_per_epoch: int = 0
+    running: list[float] = dataclasses.field(default_factory=list)  # train bpd since the last train row
+    bad_in_a_row: int = 0  # consecutive skipped steps (not saved: a resumed run starts counting afresh)
+
+    def saved(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if k != "bad_in_a_row"} | {"running": list(self.running)}
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run works with, built once by ``start_run``."""
+
+    cfg: Config
+    run_dir: Path
+    env: Dist
+    model: FlowModel
+    opt: torch.optim.Adam
+    ema: _EMA | None
+    step_loss: nn.Module  # the batch objective; DDP-wrapped under torchrun
+    train_x: Tensor
+    train_y: Tensor | None  # labels, for a conditional run
+    val_x: Tensor  # this rank's shard of the validation split, and its fixed noise
+    val_u: Tensor
+    train_dtype: torch.dtype | None  # the nets' autocast dtype in training steps (validation: float32)
+    st: RunState
+    rows: list[dict[str, Any]]  # metrics.csv
+    t0: float  # perf_counter at the run's (virtual) start: now minus the seconds trained before
+    budget: float  # seconds; inf without --minutes
+    bar: Any = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.st.batches_per_epoch
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, tf32: bool) -> Run:
+    """Check the options and the directory, load the data, build or restore model and optimizer."""
     device = env.device
     with env.agreed():  # a setup error on any rank stops every rank; all read, only rank 0 writes
         cfg.check()
@@ -253,198 +300,230 @@ def _train(
         data = load_mnist(cfg.data_dir, cfg.split_seed, cfg.val_fraction, cfg.dataset)
         _check_batch_size(cfg.batch_size, len(data.images["train"]), env.world)
         ckpt, rows = _resume_point(run_dir, cfg) if resume else (None, [])
-    train_x, val_x = data.images["train"], data.images["val"]
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.alpha, fast=cfg.fast, conditional=cfg.conditional).to(device)
-    train_y = None  # labels, for a conditional run; p(y) = their frequencies, kept in the model
-    if cfg.conditional:
+    if cfg.conditional:  # p(y) = the training labels' frequencies, kept in the model
         model.prior.set_class_frequencies(data.labels["train"])
-        train_y = data.labels["train"].to(device)
     opt = make_optimizer(model, cfg.lr, fused=cfg.fast)
-    st = {"step": 0, "epoch": 0, "batch": 0, "seconds": 0.0, "best_val": math.inf, "nonfinite": 0}
-    running: list[float] = []  # train bpd of the steps since the last train row
-
+    st = RunState()
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        st.update(ckpt["state"])
+        st = RunState(**ckpt["state"])
         torch.set_rng_state(ckpt["rng"])  # rank 0's; training noise is reseeded per step (noise_seed)
-        running = st.pop("running", [])  # the train-bpd average in progress when the run stopped
     if env.is_main:
         write_metrics(run_dir / "metrics.csv", rows)
         write_json(run_dir / "config.json", cfg.to_dict())
-
     ema = _EMA(model, cfg.ema, ckpt.get("ema") if ckpt is not None else None) if cfg.ema else None
     if device.type == "cuda":
         set_tf32(tf32)
-    train_dtype = torch.bfloat16 if cfg.precision == "bfloat16" else None  # validation: always float32
     if cfg.compile:
         compile_nets(model)
-    # MNIST is 47 MB as uint8: keep it resident on the device, so a step copies nothing from the host
-    # (cheaper than pinned memory and non_blocking copies, which would still copy every batch).
-    train_x = train_x.to(device)
-    val_u = val_noise(val_x, cfg.seed)[env.rank :: env.world].to(device)
-    val_x = val_x[env.rank :: env.world].to(device)
-    # The step's computation; DDP averages its gradients over ranks. (The nets inside are compiled
-    # above, block by block: see nets.compile_nets.)
     step_loss: nn.Module = _BatchLoss(model, cfg.hybrid_weight)
-    if env.distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        step_loss = DistributedDataParallel(step_loss, device_ids=ids)
+    if env.distributed:  # DDP averages the step's gradients over ranks
+        step_loss = DistributedDataParallel(step_loss, device_ids=[device.index] if device.type == "cuda" else None)
+    train_x, val_x = data.images["train"], data.images["val"]
+    st.batches_per_epoch = len(train_x) // cfg.batch_size  # the last partial batch is dropped: constant shapes
+    # MNIST is 47 MB as uint8: keep it resident on the device, so a step copies nothing from the host.
+    return Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        env=env,
+        model=model,
+        opt=opt,
+        ema=ema,
+        step_loss=step_loss,
+        train_x=train_x.to(device),
+        train_y=data.labels["train"].to(device) if cfg.conditional else None,
+        val_x=val_x[env.rank :: env.world].to(device),
+        val_u=val_noise(val_x, cfg.seed)[env.rank :: env.world].to(device),
+        train_dtype=torch.bfloat16 if cfg.precision == "bfloat16" else None,
+        st=st,
+        rows=rows,
+        t0=time.perf_counter() - st.seconds,
+        budget=cfg.minutes * 60 if cfg.minutes is not None else math.inf,
+    )
 
-    n = len(train_x)
-    nb = n // cfg.batch_size  # drop the last partial batch: constant shapes, unbiased over epochs
-    st["batches_per_epoch"] = nb  # saved, so the run's fractional epochs can be read back
-    budget = cfg.minutes * 60 if cfg.minutes is not None else math.inf
-    t0 = time.perf_counter() - st["seconds"]
-    show = env.is_main and (sys.stderr.isatty() if progress is None else progress)
-    bar = tqdm(total=cfg.epochs * nb, initial=st["epoch"] * nb + st["batch"], disable=not show, unit="step")
 
-    def log(split: str, bpd: float) -> None:
-        rows.append(
-            {
-                "step": st["step"],
-                "epoch": st["epoch"],
-                "split": split,
-                "bpd": bpd,
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": round(time.perf_counter() - t0, 3),
-            }
-        )
-        if env.is_main:  # visible at once (the file is small); resume trims rows the checkpoint lacks
-            write_metrics(run_dir / "metrics.csv", rows)
+def log(run: Run, split: str, bpd: float) -> None:
+    """Append a metrics row; rank 0 rewrites metrics.csv at once (small; resume trims rows the
+    checkpoint does not cover)."""
+    row = {"step": run.st.step, "epoch": run.st.epoch, "split": split, "bpd": bpd}
+    run.rows.append(row | {"lr": run.opt.param_groups[0]["lr"], "seconds": round(run.elapsed(), 3)})
+    if run.env.is_main:
+        write_metrics(run.run_dir / "metrics.csv", run.rows)
 
-    def checkpoint() -> None:
-        st["seconds"] = time.perf_counter() - t0
-        if not env.is_main:
-            return
-        # metrics.csv already holds every row (log writes it); metrics_rows says how many this state covers.
-        save_checkpoint(
-            run_dir / "last.pt",
-            {
-                "config": cfg.to_dict(),
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "state": {**st, "running": list(running)},
-                "rng": torch.get_rng_state(),
-                "metrics_rows": len(rows),
-            },
-        )
 
-    def validate() -> float:
-        model.eval()
-        set_autocast(model, None)
-        if ema is not None:
-            ema.swap()  # validate (and keep as best.pt) the averaged weights
-        val = sharded_bpd(model, val_x, val_u, env)  # fixed noise: no draw from the training stream
-        log("val", val)
-        if val < st["best_val"]:
-            st["best_val"] = val
-            if env.is_main:
-                save_checkpoint(
-                    run_dir / "best.pt",
-                    {
-                        "config": cfg.to_dict(),
-                        "model": model.state_dict(),
-                        "state": {"step": st["step"], "epoch": st["epoch"], "val_bpd": val},
-                    },
-                )
-        if ema is not None:
-            ema.swap()
-        set_autocast(model, train_dtype)
-        model.train()
-        return val
+def log_running(run: Run) -> None:
+    """A train row with the mean bpd of the steps since the last one (if any)."""
+    if run.st.running:
+        log(run, "train", sum(run.st.running) / len(run.st.running))
+        run.st.running = []
 
-    stopped_by = "epochs"
-    consecutive_bad = 0
-    total_steps = cfg.epochs * nb
+
+def save_last(run: Run) -> None:
+    """last.pt: everything a resume needs. metrics.csv already holds every row; metrics_rows says how
+    many of them this state covers."""
+    run.st.seconds = run.elapsed()
+    if not run.env.is_main:
+        return
+    state = {
+        "config": run.cfg.to_dict(),
+        "model": run.model.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "state": run.st.saved(),
+        "rng": torch.get_rng_state(),
+        "metrics_rows": len(run.rows),
+    }
+    save_checkpoint(run.run_dir / "last.pt", state)
+
+
+def validate(run: Run) -> float:
+    """Val bpd (single-sample bound, the run's fixed noise, float32; the EMA weights if kept), logged;
+    best.pt when it is the best so far."""
+    model, st = run.model, run.st
+    model.eval()
+    set_autocast(model, None)
+    if run.ema is not None:
+        run.ema.swap()
+    val = sharded_bpd(model, run.val_x, run.val_u, run.env)
+    log(run, "val", val)
+    if val < st.best_val:
+        st.best_val = val
+        if run.env.is_main:
+            best = {"step": st.step, "epoch": st.epoch, "val_bpd": val}
+            save_checkpoint(
+                run.run_dir / "best.pt", {"config": run.cfg.to_dict(), "model": model.state_dict(), "state": best}
+            )
+    if run.ema is not None:
+        run.ema.swap()
+    set_autocast(model, run.train_dtype)
     model.train()
-    set_autocast(model, train_dtype)
+    return val
+
+
+def stop_reason(run: Run, stop: _StopFlag) -> str | None:
+    """ "minutes", "SIGINT" or "SIGTERM" when the run must stop before the next step, else None. A stop
+    one rank sees (its signal, its clock) is agreed by all, so none is left waiting in a collective."""
+    code = stop.signum or (_STOP_MINUTES if run.elapsed() >= run.budget else 0)
+    code = run.env.agree_max(code)
+    if not code:
+        return None
+    return "minutes" if code == _STOP_MINUTES else signal.Signals(code).name
+
+
+def train_step(run: Run, order: Tensor) -> None:
+    """One optimizer step on the next batch of ``order``; a step whose loss or gradient is not finite
+    is skipped (weights kept) and logged, and too many in a row stop the run."""
+    cfg, st, env = run.cfg, run.st, run.env
+    start = st.batch * cfg.batch_size
+    idx = order[start + env.rank : start + cfg.batch_size : env.world]  # this rank's strided shard
+    torch.manual_seed(noise_seed(cfg.seed, env.rank, st.epoch, st.batch))
+    progress = max(run.elapsed() / run.budget, st.step / run.total_steps)  # whichever limit ends the run first
+    for g in run.opt.param_groups:
+        g["lr"] = lr_at(cfg, st.step, st.epoch, progress)
+    y = None if run.train_y is None else run.train_y[idx]
+    loss = run.step_loss(run.train_x[idx]) if y is None else run.step_loss(run.train_x[idx], y)
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    st.batch += 1
+    # The gradients (so gnorm) are already common; agree on the loss and its finiteness too.
+    bad = ~(torch.isfinite(loss) & torch.isfinite(gnorm))
+    loss_sum, n_bad = env.all_sum(torch.stack([loss.detach().double(), bad.double()])).tolist()
+    if n_bad:
+        _skip_step(run, loss_sum / env.world)
+        return
+    st.bad_in_a_row = 0
+    run.opt.step()
+    if run.ema is not None:
+        run.ema.update()
+    st.step += 1
+    st.running.append(loss_sum / env.world)
+    run.bar.update(1)
+    if st.step % cfg.log_every == 0:
+        log_running(run)
+        run.bar.set_postfix(bpd=f"{run.rows[-1]['bpd']:.3f}")
+
+
+def _skip_step(run: Run, loss: float) -> None:
+    st = run.st
+    st.nonfinite += 1
+    st.bad_in_a_row += 1
+    log(run, "nonfinite", loss)
+    if st.bad_in_a_row >= run.cfg.max_nonfinite:
+        run.bar.close()
+        raise FlowmnistError(
+            f"training stopped: {st.bad_in_a_row} non-finite losses or gradients in a row at step {st.step}; "
+            f"the last good checkpoint is kept in {run.run_dir / 'last.pt'}"
+        )
+
+
+def run_epoch(run: Run, stop: _StopFlag) -> str | None:
+    """The rest of the current epoch: steps, the periodic validations, and at its end a validation
+    (unless --val-every sets its own) and a checkpoint. Returns the stop reason if it stopped early."""
+    cfg, st = run.cfg, run.st
+    order = epoch_order(len(run.train_x), cfg.seed, st.epoch).to(run.env.device)
+    while st.batch < st.batches_per_epoch:
+        reason = stop_reason(run, stop)
+        if reason:
+            return reason
+        stepped = st.step
+        train_step(run, order)
+        if cfg.val_every and st.step != stepped and st.step % cfg.val_every == 0:
+            validate(run)
+            save_last(run)
+    log_running(run)
+    if not cfg.val_every:
+        validate(run)
+    st.epoch, st.batch = st.epoch + 1, 0
+    save_last(run)
+    return None
+
+
+def finish(run: Run, stopped_by: str) -> None:
+    """The last rows and checkpoint: a budget stop ends with a validation (the run's final val bpd); a
+    signal stops at once, carrying its running train average in the checkpoint."""
+    if not stopped_by.startswith("SIG"):
+        log_running(run)
+    last = run.rows[-1] if run.rows else None
+    if stopped_by == "minutes" and (last is None or last["split"] != "val" or last["step"] != run.st.step):
+        validate(run)
+    save_last(run)
+
+
+def _train(
+    cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, progress: bool | None, tf32: bool
+) -> dict[str, Any]:
+    run = start_run(cfg, run_dir, resume, force, env, tf32)
+    st = run.st
+    show = env.is_main and (sys.stderr.isatty() if progress is None else progress)
+    nb = st.batches_per_epoch
+    run.bar = tqdm(total=run.total_steps, initial=st.epoch * nb + st.batch, disable=not show, unit="step")
+    run.model.train()
+    set_autocast(run.model, run.train_dtype)
+    stopped_by = "epochs"
     with _StopFlag() as stop:
-        while st["epoch"] < cfg.epochs:
-            order = epoch_order(n, cfg.seed, st["epoch"]).to(device)
-            while st["batch"] < nb:
-                # A stop one rank sees (its signal, its clock) is agreed by all: none is left in a collective.
-                code = stop.signum or (_STOP_MINUTES if time.perf_counter() - t0 >= budget else 0)
-                code = env.agree_max(code)
-                if code:
-                    stopped_by = "minutes" if code == _STOP_MINUTES else signal.Signals(code).name
-                    break
-                # This rank's shard: a strided slice of the global batch (one process: all of it).
-                start = st["batch"] * cfg.batch_size
-                idx = order[start + env.rank : start + cfg.batch_size : env.world]
-                torch.manual_seed(noise_seed(cfg.seed, env.rank, st["epoch"], st["batch"]))
-                # Whichever limit ends the run first: the clock (a budget) or the epochs.
-                progress = max((time.perf_counter() - t0) / budget, st["step"] / total_steps)
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(cfg, st["step"], st["epoch"], progress)
-                loss = step_loss(train_x[idx]) if train_y is None else step_loss(train_x[idx], train_y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                st["batch"] += 1
-                # The gradients (so gnorm) are already common; agree on the loss and its finiteness too.
-                bad = ~(torch.isfinite(loss) & torch.isfinite(gnorm))
-                loss_sum, n_bad = env.all_sum(torch.stack([loss.detach().double(), bad.double()])).tolist()
-                loss_value = loss_sum / env.world
-                if n_bad:
-                    # Skip the update, keep the weights; give up after too many in a row.
-                    st["nonfinite"] += 1
-                    consecutive_bad += 1
-                    log("nonfinite", loss_value)
-                    if consecutive_bad >= cfg.max_nonfinite:
-                        bar.close()
-                        raise FlowmnistError(
-                            f"training stopped: {consecutive_bad} non-finite losses or gradients in a row at "
-                            f"step {st['step']}; the last good checkpoint is kept in {run_dir / 'last.pt'}"
-                        )
-                    continue
-                consecutive_bad = 0
-                opt.step()
-                if ema is not None:
-                    ema.update()
-                st["step"] += 1
-                running.append(loss_value)
-                bar.update(1)
-                if st["step"] % cfg.log_every == 0:
-                    log("train", sum(running) / len(running))
-                    bar.set_postfix(bpd=f"{rows[-1]['bpd']:.3f}")
-                    running = []
-                if cfg.val_every and st["step"] % cfg.val_every == 0:
-                    validate()
-                    checkpoint()
-            else:  # epoch completed
-                if running:
-                    log("train", sum(running) / len(running))
-                    running = []
-                if not cfg.val_every:
-                    validate()
-                st["epoch"] += 1
-                st["batch"] = 0
-                checkpoint()
-                continue
-            break
-        if running and not stopped_by.startswith("SIG"):  # a signal stop carries it in the checkpoint
-            log("train", sum(running) / len(running))
-            running = []
-        # A budget stop ends with a validation (the run's final val bpd); a signal stops at once.
-        if stopped_by == "minutes" and (not rows or rows[-1]["split"] != "val" or rows[-1]["step"] != st["step"]):
-            validate()
-        checkpoint()
-    bar.close()
+        while st.epoch < run.cfg.epochs:
+            reason = run_epoch(run, stop)
+            if reason:
+                stopped_by = reason
+                break
+        finish(run, stopped_by)
+    run.bar.close()
     env.barrier()  # no rank returns before rank 0's files are complete
-    vals = [r["bpd"] for r in rows if r["split"] == "val"]
+    vals = [r["bpd"] for r in run.rows if r["split"] == "val"]
     return {
         "run_dir": str(run_dir),
-        "model": cfg.model,
-        "step": st["step"],
-        "epoch": st["epoch"],
+        "model": run.cfg.model,
+        "step": st.step,
+        "epoch": st.epoch,
         "stopped_by": stopped_by,
         "val_bpd": vals[-1] if vals else math.nan,
-        "best_val_bpd": st["best_val"],
-        "seconds": round(time.perf_counter() - t0, 1),
-        "nonfinite_steps": st["nonfinite"],
+        "best_val_bpd": st.best_val,
+        "seconds": round(run.elapsed(), 1),
+        "nonfinite_steps": st.nonfinite,
         "world_size": env.world,
     }
