@@ -181,7 +181,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                 f"--dataset applies only without a data directory; {cfg.data_dir} is given (--data-dir/$FLOWMNIST_DATA)"
             )
         cfg.dataset = a.dataset
-    if a.reference:
+    if a.plain:
         cfg.fast = False
     if a.no_compile:
         cfg.compile = False
@@ -610,11 +610,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="flowmnist", description="Normalizing flows on MNIST: train, evaluate, sample.")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def _add_train_command(sub) -> None:
     t = sub.add_parser(
         "train",
         help="train a model into a run directory",
@@ -629,6 +625,26 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"download and cache this dataset (default {DEFAULTS.dataset}); only without --data-dir/$FLOWMNIST_DATA",
     )
     t.add_argument("--out", default="runs/run", help="run directory (default runs/run)")
+    _add_recipe_options(t)
+    _add_process_options(t)
+    t.add_argument(
+        "--conditional",
+        action="store_true",
+        default=None,
+        help="class-conditional model p(x | y) of the labelled digits (a Gaussian prior per digit): sample --digit, "
+        "and evaluate reports its accuracy as a classifier",
+    )
+    t.add_argument(
+        "--hybrid-weight",
+        type=_nonneg_float,
+        metavar="LAMBDA",
+        help="with --conditional: train on log p(x | y) + LAMBDA log p(y | x) (Nalisnick et al. 2019; default 0)",
+    )
+    t.set_defaults(func=cmd_train)
+
+
+def _add_recipe_options(t: argparse.ArgumentParser) -> None:
+    """train's recipe: epochs or a budget, batch, LR and its schedule, logging, EMA."""
     t.add_argument("--epochs", type=_positive_int, help=f"epochs (default {DEFAULTS.epochs})")
     t.add_argument("--minutes", type=_positive_float, help="wall-clock budget; stops at a step boundary")
     t.add_argument(
@@ -643,6 +659,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-every", type=_positive_int, help=f"steps per train-bpd log row (default {DEFAULTS.log_every})"
     )
     t.add_argument("--val-every", type=_nonneg_int, help="steps between validations (default 0: each epoch)")
+    t.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        help=f"LR schedule (default {DEFAULTS.schedule}: over the --minutes budget if given, else the epochs)",
+    )
+    t.add_argument(
+        "--warmup-steps", type=_nonneg_int, help=f"linear LR warm-up steps (default {DEFAULTS.warmup_steps})"
+    )
+    t.add_argument(
+        "--lr-min", type=_unit_float, help=f"final cosine LR as a fraction of --lr (default {DEFAULTS.lr_min})"
+    )
+    t.add_argument("--ema", type=_ema_decay, help=f"weight EMA decay, 0 for none (default {DEFAULTS.ema})")
+
+
+def _add_process_options(t: argparse.ArgumentParser) -> None:
+    """train's run and process options: resume, device, precision, compilation."""
     t.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
     t.add_argument("--force", action="store_true", help="replace a run already in --out")
     t.add_argument(
@@ -659,33 +691,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--no-compile", action="store_true", help="run the nets eagerly (no torch.compile warm-up)")
     t.add_argument(
-        "--schedule",
-        choices=SCHEDULES,
-        help=f"LR schedule (default {DEFAULTS.schedule}: over the --minutes budget if given, else the epochs)",
-    )
-    t.add_argument(
-        "--warmup-steps", type=_nonneg_int, help=f"linear LR warm-up steps (default {DEFAULTS.warmup_steps})"
-    )
-    t.add_argument(
-        "--lr-min", type=_unit_float, help=f"final cosine LR as a fraction of --lr (default {DEFAULTS.lr_min})"
-    )
-    t.add_argument("--ema", type=_ema_decay, help=f"weight EMA decay, 0 for none (default {DEFAULTS.ema})")
-    t.add_argument("--reference", action="store_true", help="train with the plain reference code, not the fast path")
-    t.add_argument(
-        "--conditional",
+        "--plain",
+        "--reference",
+        dest="plain",
         action="store_true",
-        default=None,
-        help="class-conditional model p(x | y) of the labelled digits (a Gaussian prior per digit): sample --digit, "
-        "and evaluate reports its accuracy as a classifier",
+        help="train with the plain code path (fast=False), not the fast modules (--reference: the same)",
     )
-    t.add_argument(
-        "--hybrid-weight",
-        type=_nonneg_float,
-        metavar="LAMBDA",
-        help="with --conditional: train on log p(x | y) + LAMBDA log p(y | x) (Nalisnick et al. 2019; default 0)",
-    )
-    t.set_defaults(func=cmd_train)
 
+
+def _add_evaluate_command(sub) -> None:
     e = sub.add_parser("evaluate", help="bpd per split, inference and sampling time; writes results.json")
     _add_run_args(e, many=False)
     e.add_argument(
@@ -710,6 +724,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.set_defaults(func=cmd_evaluate)
 
+
+def _add_sample_commands(sub) -> None:
+    """table and sample: one run's (or several runs') results and samples."""
     tb = sub.add_parser("table", help="Markdown results table from runs' results.json")
     _add_run_args(tb, many=True)
     tb.set_defaults(func=cmd_table)
@@ -731,8 +748,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_sample)
 
-    _add_figure_commands(sub)
-    _add_ood_commands(sub)
+
+def _add_bench_command(sub) -> None:
     bn = sub.add_parser("bench", help="reference vs fast path: train img/s, eval and sampling ms, peak memory")
     bn.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (default all)")
     bn.add_argument("--steps", type=_positive_int, default=5, help="timed training steps per path (default 5)")
@@ -741,6 +758,18 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     bn.add_argument("--json", action="store_true", help="print one JSON object")
     bn.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="flowmnist", description="Normalizing flows on MNIST: train, evaluate, sample.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train_command(sub)
+    _add_evaluate_command(sub)
+    _add_sample_commands(sub)
+    _add_figure_commands(sub)
+    _add_ood_commands(sub)
+    _add_bench_command(sub)
     return p
 
 
