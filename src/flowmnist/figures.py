@@ -250,7 +250,7 @@ def dequant_samples(
     model: FlowModel, images: Tensor, draws: int = 1, seed: int = 0, batch_size: int = 32
 ) -> tuple[np.ndarray, np.ndarray]:
     """(x, u) over every pixel of ``images``, ``draws`` times: x the discrete value (int), u ~ q(u|x) in
-    [0, 1) from ``model.dequant.noise(x, u0)`` with u0 ~ U[0,1) from a seeded generator. The
+    [0, 1) from ``model.dequant_noise(x, u0)`` with u0 ~ U[0,1) from a seeded generator. The
     continuous value the flow sees is v = x + u (pixel units; v / 256 in [0, 1) units)."""
     g = torch.Generator().manual_seed(seed)
     xs, us = [], []
@@ -258,8 +258,7 @@ def dequant_samples(
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size]
             u0 = torch.rand(x.shape, generator=g, dtype=torch.float64).to(model.dtype)
-            xf = model._prep(x)
-            u, _ = model.dequant.noise(xf, u0.to(xf.device))
+            u = model.dequant_noise(x, u0)
             xs.append(x.flatten().numpy().astype(np.int64))
             us.append(u.flatten().double().cpu().numpy())
     return np.concatenate(xs), np.concatenate(us)

@@ -141,6 +141,12 @@ class FlowModel(nn.Module):
         ref = self._ref()
         return x.to(device=ref.device, dtype=ref.dtype)
 
+    def dequant_noise(self, x: Tensor, u0: Tensor) -> Tensor:
+        """The dequantization noise u ~ q(u | x) in [0, 1) for uint8 images ``x``, from base noise u0 in
+        [0, 1) (uniform dequantization: u = u0); the flow sees v = (x + u) / 256."""
+        x = self._prep(x)
+        return self.dequant.noise(x, u0.to(device=x.device, dtype=x.dtype))[0]
+
     def log_prob_single(self, x: Tensor, noise: Tensor | None = None, y: Tensor | None = None) -> Tensor:
         """One-sample estimate of the ELBO on log P(x) in nats, shape (B,). x: pixels in 0..255.
 
