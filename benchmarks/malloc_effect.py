@@ -4,7 +4,7 @@
 
 For glibc's default malloc ("system", FLOWMNIST_MALLOC=system) and the tuned one, each figure in a new
 interpreter (the allocator's state, which earlier work in a process changes, is what is measured):
-evaluation (`log_prob_single`, batch 64) and sampling (64 images) on the reference and compiled paths,
+evaluation (`log_prob_single`, batch 64) and sampling (64 images) on the plain and compiled paths,
 the first call's ms and the median of --reps calls after it; then the peak RSS of two training steps
 at batch 128 on the default (fast) path. glibc starts a process with its mmap threshold at 128 KiB and
 raises it as large blocks are freed, so an untuned process's first batches fault in fresh pages for
@@ -63,7 +63,7 @@ def main() -> None:
     for setting in ("system", "tuned"):
         env = {**os.environ, "FLOWMNIST_MALLOC": setting}
         for what in ("eval", "sample"):
-            for path in ("reference", "compiled"):
+            for path in ("plain", "compiled"):
                 r = _run(CHILD, env, a.model, path, what, str(a.reps))
                 print(
                     f"{a.model} malloc {setting:6s} {what:6s} {path:9s}: first call {r['first_ms']:6.1f} ms, "

@@ -51,7 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="multi-vardeq")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--paths", default="reference,eager,compiled,fast")
+    ap.add_argument("--paths", default="plain,eager,compiled,fast")
     ap.add_argument("--sample", action="store_true", help="profile sampling (inference mode) instead")
     a = ap.parse_args()
     if a.sample:

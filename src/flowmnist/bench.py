@@ -1,8 +1,8 @@
-"""`flowmnist bench`: the reference path and the fast paths, side by side, on this machine.
+"""`flowmnist bench`: the plain code path and the fast paths, side by side, on this machine.
 
 Paths (one model each, sharing one set of weights):
 
-* ``reference``: the plain implementation (eager, float32, NCHW, written as the formulas read);
+* ``plain``: the plain implementation (``fast=False``: eager, float32, NCHW, written as the formulas read);
 * ``eager``: the fast modules run eagerly (channels-last nets, fused layer norm, lean ConcatELU/gate);
 * ``compiled``: those nets under torch.compile (nets.compile_nets), float32 throughout;
 * ``fast``: what ``flowmnist train`` does by default here: compiled, training steps at the default
@@ -10,8 +10,8 @@ Paths (one model each, sharing one set of weights):
   Evaluation and sampling are float32 in every path (as ``flowmnist evaluate``), so ``fast`` and
   ``compiled`` differ in training only.
 
-For each model it measures, in one process and interleaved (reference, eager, compiled, fast,
-reference, ...) so that a busy machine slows all alike and the ratios stay meaningful:
+For each model it measures, in one process and interleaved (plain, eager, compiled, fast,
+plain, ...) so that a busy machine slows all alike and the ratios stay meaningful:
 
 * training images/s: forward + backward + Adam step at ``batch_size`` (128 as in training),
 * evaluation ms per batch of 64 (``log_prob_single`` under ``inference_mode``),
@@ -43,7 +43,7 @@ from .nets import compile_nets, set_autocast
 from .runtime import native_bf16
 from .train import make_optimizer
 
-PATHS = ("reference", "eager", "compiled", "fast")
+PATHS = ("plain", "eager", "compiled", "fast")
 
 
 def _train_dtype(path: str) -> torch.dtype | None:
@@ -52,7 +52,7 @@ def _train_dtype(path: str) -> torch.dtype | None:
 
 
 def _build(name: str, path: str) -> FlowModel:
-    model = build_model(name, fast=path != "reference")
+    model = build_model(name, fast=path != "plain")
     if path in ("compiled", "fast"):
         compile_nets(model)
     return model
@@ -65,7 +65,7 @@ def _models(name: str, seed: int = 0) -> dict[str, FlowModel]:
     with torch.no_grad():  # leave the identity initialisation: every coupling does real work
         for p in ref.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    models = {"reference": ref}
+    models = {"plain": ref}
     for path in PATHS[1:]:
         models[path] = _build(name, path)
         models[path].load_state_dict(ref.state_dict())
@@ -183,7 +183,7 @@ def run_bench(
     reps: int = 5,
     eval_batch: int = 64,
 ) -> dict[str, Any]:
-    """All figures for each model and path, plus fast/reference ratios and the conditions."""
+    """All figures for each model and path, plus their ratios to the plain path and the conditions."""
     results: dict[str, Any] = {}
     for name in models or MODELS:
         if progress:
@@ -194,7 +194,7 @@ def run_bench(
                 if progress:
                     progress(f"peak memory {name} {path}")
                 r[path]["peak_train_rss_mb"] = peak_memory(name, path, batch_size)
-        ref = r["reference"]
+        ref = r["plain"]
         r["speedup"] = {
             path: {
                 "train": round(r[path]["train_img_per_s"] / ref["train_img_per_s"], 2),
@@ -219,7 +219,7 @@ def run_bench(
 
 
 def bench_table(bench: dict[str, Any]) -> str:
-    """Markdown: one row per (model, path) with its ratios to the reference path."""
+    """Markdown: one row per (model, path) with its ratios to the plain path."""
     lines = [
         "| Model | Path | Train (img/s) | Eval (ms/64) | Sampling (ms/64) | Peak train RSS (MB) | "
         "Speed-up train / eval / sampling | First step (s) |",
@@ -245,7 +245,7 @@ def bench_table(bench: dict[str, Any]) -> str:
         f"torch {c['torch']}, {c['threads']} threads on {c['cpus']} CPUs, train batch {c['batch_size']} "
         f"({c['train_steps_per_path']} interleaved steps per path, median), eval/sampling batch "
         f"{c['eval_and_sample_batch']} (median of {c['eval_and_sample_reps']}, float32 in every path); speed-ups are "
-        "the reference's time over the path's; first step: the first training step's seconds (compilation for "
+        "the plain path's time over the path's; first step: the first training step's seconds (compilation for "
         "the compiled paths; inductor's on-disk cache makes later runs' shorter), not in the medians."
     )
     return "\n".join(lines)

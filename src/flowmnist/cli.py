@@ -750,7 +750,7 @@ def _add_sample_commands(sub) -> None:
 
 
 def _add_bench_command(sub) -> None:
-    bn = sub.add_parser("bench", help="reference vs fast path: train img/s, eval and sampling ms, peak memory")
+    bn = sub.add_parser("bench", help="plain vs fast code paths: train img/s, eval and sampling ms, peak memory")
     bn.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (default all)")
     bn.add_argument("--steps", type=_positive_int, default=5, help="timed training steps per path (default 5)")
     bn.add_argument("--batch-size", type=_positive_int, default=128, help="training batch size (default 128)")

@@ -285,7 +285,7 @@ def build_model(name: str, alpha: float = 1e-5, *, fast: bool = False, condition
 
     ``fast=True`` builds the CPU fast path (see ``nets``): the same function, the same parameter
     names and shapes and the same initialisation for a given seed, so a state_dict of either loads
-    into the other. ``fast=False`` is the plain reference implementation.
+    into the other. ``fast=False`` is the plain implementation.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

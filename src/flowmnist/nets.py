@@ -11,7 +11,7 @@ GatedConv (Salimans et al. 2017, PixelCNN++; Ho et al. 2019, Flow++):
     y = x + a * sigmoid(b),   [a, b] = conv1x1(ConcatELU(conv3x3(ConcatELU(x))))
 
 Two implementations compute the same function with the same parameter names (so checkpoints load in
-either): the plain reference (``fast=False``, NCHW, written as the formulas read) and the fast path
+either): the plain path (``fast=False``, NCHW, written as the formulas read) and the fast path
 (``fast=True``), which on a CPU runs the net in channels-last memory format (oneDNN's convolutions are
 ~1.6x faster there, and the channel layer norm becomes a contiguous ``F.layer_norm`` over the last axis,
 ~10x faster than ``var`` over the strided channel axis of NCHW) and saves fewer activations for backward

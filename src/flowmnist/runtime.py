@@ -49,7 +49,7 @@ def tune_allocator() -> bool:
     time went to page faults. ``mallopt`` sets the mmap threshold to glibc's maximum (32 MiB) and the
     trim threshold out of reach: the blocks come from the heap and are reused while still mapped.
     ``python benchmarks/malloc_effect.py`` (each figure in a fresh process) measures what it buys:
-    sampling and evaluation ms per 64 images, reference and compiled paths, untuned vs tuned.
+    sampling and evaluation ms per 64 images, plain and compiled paths, untuned vs tuned.
 
     Called by every ``flowmnist`` command except ``train`` (so ``bench`` times all paths tuned): in
     training, glibc's own threshold rises within the first steps, and the tuned heap's fragmentation

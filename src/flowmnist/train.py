@@ -1,5 +1,5 @@
-"""The training loop: Adam, LR warm-up and schedule (cosine over the wall-clock budget, or the reference's
-per-epoch decay), an EMA of the weights, bfloat16 mixed precision and compiled nets where they pay,
+"""The training loop: Adam, LR warm-up and schedule (cosine over the wall-clock budget, or the reference
+recipe's per-epoch decay), an EMA of the weights, bfloat16 mixed precision and compiled nets where they pay,
 gradient clipping, a metrics log, atomic latest/best checkpoints, exact resume, skipped non-finite
 steps, and clean stops on signals.
 
@@ -93,8 +93,8 @@ def sharded_bpd(model: FlowModel, images: Tensor, noise: Tensor, env: Dist, batc
 
 def make_optimizer(model: nn.Module, lr: float, fused: bool = True) -> torch.optim.Adam:
     """Adam; ``fused``: PyTorch's fused kernel (one pass over all parameters instead of a dozen small
-    ops per tensor: the same update up to float rounding), the fast path's choice. The reference path
-    (``--reference``) keeps the plain per-tensor loop."""
+    ops per tensor: the same update up to float rounding), the fast path's choice. The plain path
+    (``--plain``) keeps the per-tensor loop."""
     return torch.optim.Adam(model.parameters(), lr=lr, fused=True if fused else None)
 
 
