@@ -123,13 +123,13 @@ def test_fast_is_default_for_training_config():
 def test_bench_runs_and_tables():
     b = run_bench(["simple"], steps=1, batch_size=2, memory=False, reps=1, eval_batch=4)
     r = b["results"]["simple"]
-    for path in ("reference", "eager", "compiled", "fast"):
+    for path in ("plain", "eager", "compiled", "fast"):
         assert r[path]["train_img_per_s"] > 0 and r[path]["eval_ms_per_64"] > 0 and r[path]["sample_ms_per_64"] > 0
     assert set(r["speedup"]) == {"eager", "compiled", "fast"}
     assert set(r["speedup"]["fast"]) == {"train", "eval", "sample"}
     assert r["compiled"]["train_precision"] == "float32"
     table = bench_table(b)
-    assert "| simple | reference |" in table and "| simple | compiled |" in table and "1 (baseline)" in table
+    assert "| simple | plain |" in table and "| simple | compiled |" in table and "1 (baseline)" in table
     json.dumps(b)  # --json must be serialisable
 
 
