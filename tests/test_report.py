@@ -54,7 +54,7 @@ def report(tiny_run, tmp_path_factory) -> Path:
 def test_report_links_local_images_only(report):
     page = report.read_text()
     srcs = re.findall(r'<img src="([^"]+)"', page)
-    assert len(srcs) == 9  # 2 curves, samples, 2 interpolations, 1 dequant, 3 concepts
+    assert len(srcs) == 10  # 2 curves, 2 samples (T = 1, 0.7), 2 interpolations, 1 dequant, 3 concepts
     for src in srcs:
         assert not src.startswith(("/", "http:", "https:", "file:")), src
         assert_png(report.parent / src)
