@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import random
 import signal
@@ -22,7 +23,8 @@ from flowmnist import config as C
 from flowmnist.cli import main
 from flowmnist.config import Config, FlowmnistError
 from flowmnist.data import DataError, parse_idx, read_idx, write_idx
-from flowmnist.models import build_model
+from flowmnist.flows import Dequantization, Flow
+from flowmnist.models import FlowModel, build_model
 from flowmnist.runs import load_checkpoint, load_model, read_metrics, save_checkpoint
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -241,14 +243,67 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
 # --- numerical faults -------------------------------------------------------------------------
 
 
-def test_nan_is_never_dropped_from_an_average():
-    from flowmnist.evaluate import dataset_bpd
+class _NanForBrightImages(Flow):
+    """The identity, with a NaN ldj for each image whose every pixel is bright (logit > 4): a model that
+    fails on one image and is fine on the others."""
 
-    model = build_model("simple")
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bright = (x.flatten(1) > 4).all(dim=1)
+        return x, torch.where(bright, math.nan, 0.0).to(x.dtype)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+def test_nan_is_never_dropped_from_an_average():
+    """One NaN image among finite ones: its own bpd is NaN, the others' are untouched, and the average
+    over the set is NaN (a nanmean would report the finite images' mean)."""
+    from flowmnist.evaluate import dataset_bpd, image_bpd
+
+    images = torch.randint(0, 200, (4, 1, 28, 28), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    images[2] = 255
+    model = FlowModel(Dequantization(), [_NanForBrightImages()])
+    iw, single = image_bpd(model, images, k=2)
+    assert torch.isnan(iw).tolist() == torch.isnan(single).tolist() == [False, False, True, False]
+    clean_iw, clean_single = image_bpd(FlowModel(Dequantization(), []), images, k=2)
+    assert torch.equal(iw[[0, 1, 3]], clean_iw[[0, 1, 3]]) and torch.equal(single[[0, 1, 3]], clean_single[[0, 1, 3]])
+    bpd, single_mean = dataset_bpd(model, images, k=2)
+    assert math.isnan(bpd) and math.isnan(single_mean)
+    assert math.isfinite(dataset_bpd(model, images[[0, 1, 3]], k=2)[0])
+
+
+def test_one_nan_image_fails_its_training_step_and_the_validation(tiny_data, tmp_path, monkeypatch):
+    """In training, one NaN image among finite ones makes its step's loss (the batch mean) NaN, so that
+    step is skipped, logged and counted; and makes the validation average NaN (sums over the split,
+    never a nansum). The model's log-likelihood is NaN for one training and one validation image."""
+    from flowmnist.data import load_mnist
+    from flowmnist.train import train
+
+    data = load_mnist(tiny_data)
+    poisoned = torch.stack([data.images["train"][0], data.images["val"][0]]).flatten(1)
+    real = FlowModel.log_prob_single
+
+    def log_prob_single(self, x, noise=None):
+        lp = real(self, x, noise)
+        hit = (x.flatten(1).unsqueeze(1) == poisoned.to(x.device).unsqueeze(0)).all(-1).any(-1)
+        return torch.where(hit, math.nan, lp)
+
+    monkeypatch.setattr(FlowModel, "log_prob_single", log_prob_single)
+    cfg = Config(
+        model="simple", data_dir=str(tiny_data), epochs=1, batch_size=8, log_every=1, compile=False, precision="float32"
+    )
+    s = train(cfg, tmp_path / "run")
+    assert s["step"] == 4 and s["nonfinite_steps"] == 1  # 5 batches, one of them holds the NaN image
+    rows = read_metrics(tmp_path / "run")
+    assert [r["split"] for r in rows].count("nonfinite") == 1
+    assert all(math.isnan(r["bpd"]) == (r["split"] in ("nonfinite", "val")) for r in rows), rows
+    assert rows[-1]["split"] == "val" and math.isnan(s["val_bpd"])
+    # The validation is NaN because of the one image: the other validation images are finite.
+    model, _ = load_model(tmp_path / "run")
+    monkeypatch.undo()
     with torch.no_grad():
-        model.flows[0].net.net[-1].bias.fill_(float("nan"))
-    bpd, single = dataset_bpd(model, torch.zeros(4, 1, 28, 28, dtype=torch.uint8), k=2)
-    assert np.isnan(bpd) and np.isnan(single)
+        lp = model.log_prob_single(data.images["val"][1:])
+    assert torch.isfinite(lp).all()
 
 
 # --- untrusted checkpoints --------------------------------------------------------------------
