@@ -114,21 +114,61 @@ def test_occupied_run_dir_needs_resume_or_force(tiny_data, tmp_path):
         train(_cfg(tiny_data, model="vardeq"), tmp_path / "run", resume=True)
 
 
-def test_nonfinite_steps_are_skipped_then_stop(tiny_data, tmp_path, monkeypatch):
-    """A NaN loss skips the update and is logged; too many in a row stop training with the last
-    good checkpoint kept."""
-    from flowmnist import models
+def _nan_gradients(monkeypatch, bad: set[int]) -> list[list[torch.Tensor]]:
+    """Make training's backward pass number i (0-based) give NaN gradients for i in ``bad``, with the
+    loss finite: a hook on the model's first parameter, which training builds. Returns, per backward
+    pass, a copy of the weights it saw (the weights before that step's update)."""
+    import flowmnist.train as T
 
+    real, seen = T.build_model, []
+
+    def build(*args, **kw):
+        model = real(*args, **kw)
+        params = list(model.parameters())
+
+        def hook(grad):
+            seen.append([p.detach().clone() for p in params])
+            return grad * math.nan if len(seen) - 1 in bad else grad
+
+        params[0].register_hook(hook)
+        return model
+
+    monkeypatch.setattr(T, "build_model", build)
+    return seen
+
+
+def test_nonfinite_gradients_skip_the_update_then_training_recovers(tiny_data, tmp_path, monkeypatch):
+    """A finite loss with NaN gradients: the update is skipped (the weights and Adam's step count stay),
+    the step is logged as a `nonfinite` row with its finite loss and counted, and training goes on. Two
+    bad steps that are not consecutive do not reach max_nonfinite=2."""
+    seen = _nan_gradients(monkeypatch, {1, 3})
+    s = train(_cfg(tiny_data, max_nonfinite=2), tmp_path / "run")
+    assert s["stopped_by"] == "epochs" and s["step"] == 3 and s["nonfinite_steps"] == 2
+    assert len(seen) == 5  # five batches, five backward passes
+    same = [all(torch.equal(a, b) for a, b in zip(seen[i], seen[i + 1], strict=True)) for i in range(4)]
+    assert same == [False, True, False, True]  # a good step moves the weights, a skipped one does not
+    rows = read_metrics(tmp_path / "run")
+    assert [r["split"] for r in rows] == ["train", "nonfinite", "train", "nonfinite", "train", "val"]
+    assert all(math.isfinite(r["bpd"]) for r in rows)  # the loss itself was finite every time
+    ckpt = load_checkpoint(tmp_path / "run/last.pt")
+    assert all(int(st["step"]) == 3 for st in ckpt["optimizer"]["state"].values())  # Adam updated 3 times
+    assert all(torch.isfinite(w).all() for w in ckpt["model"].values())
+
+
+def test_nonfinite_steps_in_a_row_stop_training(tiny_data, tmp_path, monkeypatch):
+    """max_nonfinite bad steps in a row stop training with a clear error, after one good step of the
+    resumed run; last.pt is still the last good checkpoint."""
     train(_cfg(tiny_data), tmp_path / "run")
     before = load_checkpoint(tmp_path / "run/last.pt")
-    monkeypatch.setattr(
-        models.FlowModel, "bpd", lambda self, x, k=1: torch.full((len(x),), math.nan, requires_grad=True)
-    )
-    with pytest.raises(FlowmnistError, match="3 non-finite losses or gradients in a row"):
+    _nan_gradients(monkeypatch, set(range(1, 100)))
+    with pytest.raises(FlowmnistError, match="3 non-finite losses or gradients in a row at step 6"):
         train(_cfg(tiny_data, epochs=3, max_nonfinite=3), tmp_path / "run", resume=True)
     after = load_checkpoint(tmp_path / "run/last.pt")
-    assert after["state"]["step"] == before["state"]["step"]
-    assert [r["split"] for r in read_metrics(tmp_path / "run")][-3:] == ["nonfinite"] * 3
+    assert after["state"]["step"] == before["state"]["step"] == 5
+    assert all(torch.equal(after["model"][k], before["model"][k]) for k in before["model"])
+    rows = read_metrics(tmp_path / "run")
+    assert [r["split"] for r in rows][-4:] == ["train", "nonfinite", "nonfinite", "nonfinite"]
+    assert rows[-4]["step"] == 6 and all(math.isfinite(r["bpd"]) for r in rows)
 
 
 def test_cli_train_evaluate_table_sample(tiny_data, tmp_path, capsys):
