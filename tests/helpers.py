@@ -1,9 +1,11 @@
-"""Small checks shared by the figure and report tests."""
+"""Small checks shared by the tests: PNG files, and weights moved off their initial values."""
 
 from __future__ import annotations
 
 import struct
 from pathlib import Path
+
+import torch
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -19,3 +21,16 @@ def png_size(path: str | Path) -> tuple[int, int]:
 def assert_png(path: str | Path, min_w: int = 200, min_h: int = 100, max_side: int = 6000) -> None:
     w, h = png_size(path)
     assert min_w <= w <= max_side and min_h <= h <= max_side, f"{path}: implausible size {w}x{h}"
+
+
+def perturb(module: torch.nn.Module, scale: float = 0.02, seed: int = 0) -> torch.nn.Module:
+    """Add seeded N(0, scale^2) noise to every parameter, in place; returns the module.
+
+    The coupling nets' output convolutions start at zero, which makes every coupling the identity (and
+    blocks the gradients of the layers below): a test of an untrained model would check almost nothing.
+    The noise comes from its own generator, so the caller's random stream is left alone."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return module

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import write_mnist_dir
+from conftest import require_or_skip, write_mnist_dir
 
 from flowmnist.config import Config, FlowmnistError
 from flowmnist.data import load_mnist
@@ -204,10 +204,10 @@ def test_indivisible_batch_size_is_a_clear_error_on_every_rank(two_ranks):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TORCHRUN.is_file(), reason="torchrun not installed beside this Python")
 def test_torchrun_checkpoint_resumes_in_one_process(tiny_data, tmp_path):
     """`torchrun ... -m flowmnist train` on 2 CPU ranks, then --resume in one process: the step count,
     optimizer state, LR schedule and log continue where the 2 ranks stopped."""
+    require_or_skip(TORCHRUN.is_file(), f"torchrun not installed beside this Python ({TORCHRUN})")
     run = tmp_path / "run"
     args = ["--model", "simple", "--data-dir", str(tiny_data), "--out", str(run), "--batch-size", "8"]
     env = {

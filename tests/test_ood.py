@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_digits, write_mnist_dir
+from conftest import require_or_skip, synthetic_digits, write_mnist_dir
 from helpers import assert_png
 from PIL import Image
 
@@ -362,10 +362,10 @@ def test_ood_test_split_needs_t10k_in_both(ood_run, tmp_path, capsys):
 
 
 def test_fashion_mnist_debian_files():
-    if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI: Fashion-MNIST not found at {FASHION} (apt-get install dataset-fashion-mnist)")
-        pytest.skip(f"Fashion-MNIST not found at {FASHION} (Debian package dataset-fashion-mnist)")
+    require_or_skip(
+        (FASHION / "train-images-idx3-ubyte.gz").is_file(),
+        f"Fashion-MNIST not found at {FASHION} (apt-get install dataset-fashion-mnist)",
+    )
     data = load_mnist(FASHION)
     assert [len(data.images[s]) for s in ("train", "val", "test")] == [50000, 10000, 10000]
     train_labels = torch.cat([data.labels["train"], data.labels["val"]])

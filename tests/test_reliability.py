@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import random
 import signal
@@ -22,7 +23,8 @@ from flowmnist import config as C
 from flowmnist.cli import main
 from flowmnist.config import Config, FlowmnistError
 from flowmnist.data import DataError, parse_idx, read_idx, write_idx
-from flowmnist.models import build_model
+from flowmnist.flows import Dequantization, Flow
+from flowmnist.models import FlowModel, build_model
 from flowmnist.runs import load_checkpoint, load_model, read_metrics, save_checkpoint
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -35,6 +37,14 @@ def _valid_idx(dims: tuple[int, ...], seed: int = 0) -> bytes:
     return bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims) + arr.tobytes()
 
 
+def _assert_matches_header(arr: np.ndarray, raw: bytes) -> None:
+    """A parsed array is exactly what the IDX bytes say: the header's dimensions, then the data."""
+    ndim = raw[3]
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    assert arr.dtype == np.uint8 and arr.shape == dims
+    assert arr.tobytes() == raw[4 + 4 * ndim :]
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=64))
 def test_fuzz_random_bytes(buf):
@@ -43,7 +53,7 @@ def test_fuzz_random_bytes(buf):
         arr = parse_idx(buf)
     except DataError:
         return
-    assert arr.dtype == np.uint8 and arr.size == len(buf) - 4 - 4 * buf[3]
+    _assert_matches_header(arr, buf)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -70,7 +80,7 @@ def test_fuzz_truncated_and_corrupted_files(tmp_path_factory, dims, cut, flip, g
     except DataError as e:
         assert str(path) in str(e)
         return
-    assert arr.dtype == np.uint8 and arr.ndim >= 1
+    _assert_matches_header(arr, gzip.decompress(data) if gz else data)
 
 
 @pytest.mark.parametrize(
@@ -110,10 +120,25 @@ def test_cli_reports_damaged_data_in_one_line(tmp_path, capsys, damage, message)
     code = main(["train", "--data-dir", str(root), "--out", str(tmp_path / "run"), "--epochs", "1"])
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err.count("\n") == 0 and message in err and "Traceback" not in err
-    if damage != "no-dir":
-        assert str(root) in err  # names the file
+    assert err.count("\n") == 0 and message in err
+    # It names the damaged file itself (the directory, when that is what is missing).
+    named = {"no-dir": root, "empty": root / "train-images-idx3-ubyte"}.get(damage, images)
+    assert err.startswith(f"flowmnist train: error: {named}: "), err
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_damaged_data_in_a_real_process_prints_no_traceback(tmp_path):
+    """In-process, main() returns 2 or raises: whether a traceback reaches the user shows only in a real
+    process, the `flowmnist` command: one line on stderr, nothing on stdout, exit status 2."""
+    root = write_mnist_dir(tmp_path / "d", 24)
+    images = root / "train-images-idx3-ubyte.gz"
+    images.write_bytes(gzip.compress(b"\x00\x00\x0d\x03" + gzip.decompress(images.read_bytes())[4:]))
+    cmd = [sys.executable, "-m", "flowmnist", "train", "--data-dir", str(root), "--out", str(tmp_path / "run")]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"flowmnist train: error: {images}: bad magic number 0x00000d03")
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 
 
 # --- interrupted training ---------------------------------------------------------------------
@@ -190,21 +215,32 @@ def test_signal_saves_checkpoint_then_resume_matches(straight_run, tmp_path, sig
 @pytest.mark.slow
 def test_kill9_at_random_points_loses_nothing(straight_run, tmp_path):
     """SIGKILL at random moments (checkpoints are written every step, so some kills land inside a
-    write): each time the last checkpoint must load, and resuming to the end must give exactly the
-    uninterrupted run."""
+    write): each time the last checkpoint must load, a restart must resume from it, never going back, and
+    resuming to the end must give exactly the uninterrupted run. Every other restart is killed only
+    after it has written a checkpoint of its own, so that restarts from checkpoints past step 0 (the
+    mid-run resumes this is about) happen however fast or slow the machine is."""
     data, reference = straight_run
     run = tmp_path / "run"
     rng = random.Random(1234)
-    kills = 0
-    for _ in range(6):
+    kills, resumed_from = 0, []
+
+    def mtime(path: Path) -> int | None:
+        return path.stat().st_mtime_ns if path.exists() else None
+
+    for i in range(6):
         resume = ["--resume"] if (run / "last.pt").exists() else []
-        if not resume and run.exists():
+        if resume:
+            resumed_from.append(load_checkpoint(run / "last.pt")["state"]["step"])
+        elif run.exists():
             resume = ["--force"]  # killed before the first checkpoint: start again
+        # Wait past start-up (torch import, data): training (re)writes the log as it starts; on every other
+        # restart, wait for a new checkpoint too.
+        wait_for = run / ("last.pt" if i % 2 == 0 else "metrics.csv")
+        stamp = mtime(wait_for)
         proc = subprocess.Popen(
             _train_cmd(data, run, *resume), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        # Wait past start-up (torch import, data), then kill somewhere inside training.
-        while not (run / "metrics.csv").exists() and proc.poll() is None:
+        while proc.poll() is None and mtime(wait_for) in (None, stamp):
             time.sleep(0.02)
         time.sleep(rng.uniform(0.0, 1.5))
         if proc.poll() is None:
@@ -212,12 +248,13 @@ def test_kill9_at_random_points_loses_nothing(straight_run, tmp_path):
             kills += 1
         proc.wait(timeout=60)
         if (run / "last.pt").exists():
-            ckpt = load_checkpoint(run / "last.pt")  # never half-written
-            assert ckpt["state"]["step"] >= 0
+            step = load_checkpoint(run / "last.pt")["state"]["step"]  # never half-written
+            if resume == ["--resume"]:
+                assert step >= resumed_from[-1]  # a resumed run never goes back
         assert not any(p.name == "last.pt" and p.stat().st_size == 0 for p in run.iterdir())
     assert kills >= 3
-    final = ["--resume"] if (run / "last.pt").exists() else ["--force"]
-    subprocess.run(_train_cmd(data, run, *final), env=_env(), check=True, capture_output=True, timeout=600)
+    assert any(s > 0 for s in resumed_from), resumed_from  # some restart resumed mid-run
+    subprocess.run(_train_cmd(data, run, "--resume"), env=_env(), check=True, capture_output=True, timeout=600)
     _same_run(run, reference)
     assert not list(run.glob(".*.tmp"))  # stale temporary files from killed writes are cleared
 
@@ -241,14 +278,67 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
 # --- numerical faults -------------------------------------------------------------------------
 
 
-def test_nan_is_never_dropped_from_an_average():
-    from flowmnist.evaluate import dataset_bpd
+class _NanForBrightImages(Flow):
+    """The identity, with a NaN ldj for each image whose every pixel is bright (logit > 4): a model that
+    fails on one image and is fine on the others."""
 
-    model = build_model("simple")
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bright = (x.flatten(1) > 4).all(dim=1)
+        return x, torch.where(bright, math.nan, 0.0).to(x.dtype)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+def test_nan_is_never_dropped_from_an_average():
+    """One NaN image among finite ones: its own bpd is NaN, the others' are untouched, and the average
+    over the set is NaN (a nanmean would report the finite images' mean)."""
+    from flowmnist.evaluate import dataset_bpd, image_bpd
+
+    images = torch.randint(0, 200, (4, 1, 28, 28), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    images[2] = 255
+    model = FlowModel(Dequantization(), [_NanForBrightImages()])
+    iw, single = image_bpd(model, images, k=2)
+    assert torch.isnan(iw).tolist() == torch.isnan(single).tolist() == [False, False, True, False]
+    clean_iw, clean_single = image_bpd(FlowModel(Dequantization(), []), images, k=2)
+    assert torch.equal(iw[[0, 1, 3]], clean_iw[[0, 1, 3]]) and torch.equal(single[[0, 1, 3]], clean_single[[0, 1, 3]])
+    bpd, single_mean = dataset_bpd(model, images, k=2)
+    assert math.isnan(bpd) and math.isnan(single_mean)
+    assert math.isfinite(dataset_bpd(model, images[[0, 1, 3]], k=2)[0])
+
+
+def test_one_nan_image_fails_its_training_step_and_the_validation(tiny_data, tmp_path, monkeypatch):
+    """In training, one NaN image among finite ones makes its step's loss (the batch mean) NaN, so that
+    step is skipped, logged and counted; and makes the validation average NaN (sums over the split,
+    never a nansum). The model's log-likelihood is NaN for one training and one validation image."""
+    from flowmnist.data import load_mnist
+    from flowmnist.train import train
+
+    data = load_mnist(tiny_data)
+    poisoned = torch.stack([data.images["train"][0], data.images["val"][0]]).flatten(1)
+    real = FlowModel.log_prob_single
+
+    def log_prob_single(self, x, noise=None):
+        lp = real(self, x, noise)
+        hit = (x.flatten(1).unsqueeze(1) == poisoned.to(x.device).unsqueeze(0)).all(-1).any(-1)
+        return torch.where(hit, math.nan, lp)
+
+    monkeypatch.setattr(FlowModel, "log_prob_single", log_prob_single)
+    cfg = Config(
+        model="simple", data_dir=str(tiny_data), epochs=1, batch_size=8, log_every=1, compile=False, precision="float32"
+    )
+    s = train(cfg, tmp_path / "run")
+    assert s["step"] == 4 and s["nonfinite_steps"] == 1  # 5 batches, one of them holds the NaN image
+    rows = read_metrics(tmp_path / "run")
+    assert [r["split"] for r in rows].count("nonfinite") == 1
+    assert all(math.isnan(r["bpd"]) == (r["split"] in ("nonfinite", "val")) for r in rows), rows
+    assert rows[-1]["split"] == "val" and math.isnan(s["val_bpd"])
+    # The validation is NaN because of the one image: the other validation images are finite.
+    model, _ = load_model(tmp_path / "run")
+    monkeypatch.undo()
     with torch.no_grad():
-        model.flows[0].net.net[-1].bias.fill_(float("nan"))
-    bpd, single = dataset_bpd(model, torch.zeros(4, 1, 28, 28, dtype=torch.uint8), k=2)
-    assert np.isnan(bpd) and np.isnan(single)
+        lp = model.log_prob_single(data.images["val"][1:])
+    assert torch.isfinite(lp).all()
 
 
 # --- untrusted checkpoints --------------------------------------------------------------------
@@ -301,17 +391,36 @@ def test_bad_options_fail_before_work(args, message, capsys):
     assert err.count("\n") == 0 and message in err
 
 
-def test_unwritable_out_fails_before_work(tiny_data, tmp_path, capsys):
+def test_unwritable_out_fails_before_work(tiny_data, tmp_path, capsys, monkeypatch):
+    """An --out that cannot be written is a one-line error before any work (no data read, nothing
+    written). Directory permissions do not bind root, and CI runs as root, so two ways that hold for any
+    user: the CLI's writability check (os.access) finding a read-only directory, and a run directory
+    under a regular file, which no user can create (training's own probe meets ENOTDIR)."""
+    import flowmnist.train as T
+
+    def no_data(*args, **kw):
+        raise AssertionError("data was loaded before the output was checked")
+
+    monkeypatch.setattr(T, "load_mnist", no_data)
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o500)
-    try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as a user that ignores directory permissions (root)")
-        assert main(["train", "--data-dir", str(tiny_data), "--out", str(locked / "run")]) == 2
-        assert "is not writable" in capsys.readouterr().err
-    finally:
-        locked.chmod(0o700)
+    real_access = os.access
+
+    def access(path, mode, *args, **kw):
+        return False if Path(path) == locked and mode & os.W_OK else real_access(path, mode, *args, **kw)
+
+    monkeypatch.setattr(os, "access", access)
+    assert main(["train", "--data-dir", str(tiny_data), "--out", str(locked / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"flowmnist train: error: --out {locked / 'run'}: directory {locked} is not writable"
+    assert list(locked.iterdir()) == []
+
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "run"
+    assert main(["train", "--data-dir", str(tiny_data), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"flowmnist train: error: {out}: cannot write to the run directory (Not a directory)"
+    assert (tmp_path / "file").read_text() == "x"
 
 
 def test_out_is_a_file_fails_clearly(tiny_data, tmp_path, capsys):

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import require_or_skip
 from helpers import assert_png
 
 from flowmnist.cli import main
@@ -80,10 +81,8 @@ def _body_flags(dom: str) -> tuple[str | None, str | None]:
     return (ok and ok.group(1)), (count and count.group(1))
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium not installed (apt-get install chromium) - skipping browser check"
-)
 def test_report_renders_with_every_image_loaded(report, tmp_path):
+    require_or_skip(CHROMIUM is not None, "chromium not installed (apt-get install chromium): no browser check")
     assert _body_flags(_dump_dom(report)) == ("true", "10")  # 9 figures + the T = 0.7 sample grid
     # A screenshot renders too (the page lays out offline).
     with tempfile.TemporaryDirectory() as profile:

@@ -7,8 +7,11 @@ import math
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
+from helpers import png_size
+from PIL import Image
 
 from flowmnist.cli import main
 from flowmnist.config import Config, FlowmnistError
@@ -76,18 +79,27 @@ def _train_until(cfg: Config, run, steps: int) -> dict:
     return s
 
 
-@pytest.mark.parametrize("schedule", ["step", "cosine"])
-def test_resume_continues_exactly(tiny_data, tmp_path, schedule):
-    """Two epochs straight == one epoch, then --resume for the second: same weights, EMA and log. (An
-    interrupted run resumes with its own --epochs; the cosine schedule spans them, so to stop after
-    epoch 1 the step schedule, which does not look ahead, can use a 1-epoch config; the cosine run is
-    stopped by a signal.)"""
-    train(_cfg(tiny_data, epochs=2, schedule=schedule, ema=0.5), tmp_path / "straight")
-    if schedule == "step":
-        train(_cfg(tiny_data, epochs=1, schedule=schedule, ema=0.5), tmp_path / "split")
-    else:  # stop the 2-epoch run after its first epoch the way a user would: a signal between steps
-        _train_until(_cfg(tiny_data, epochs=2, schedule=schedule, ema=0.5), tmp_path / "split", steps=5)
-    train(_cfg(tiny_data, epochs=2, schedule=schedule, ema=0.5), tmp_path / "split", resume=True)
+@pytest.mark.parametrize(
+    "schedule, stop", [("step", "epoch"), ("cosine", 7), ("step", 3)], ids=["step-epoch", "cosine-mid", "step-mid"]
+)
+def test_resume_continues_exactly(tiny_data, tmp_path, schedule, stop):
+    """Two epochs straight == stopped, then --resume to the end: same weights, EMA and log. Stopped after
+    epoch 1 by a 1-epoch config (an interrupted run resumes with its own --epochs; the step schedule
+    does not look ahead, so it can), or mid-epoch by a signal (a user's Ctrl-C) at step 7 (batch 2 of
+    epoch 2) or step 3. With log_every=2 a mid-epoch stop leaves a train-bpd average half made: the
+    resumed run must continue the position in the epoch and that average."""
+
+    def cfg(**kw) -> Config:
+        return _cfg(tiny_data, **{"epochs": 2, "schedule": schedule, "ema": 0.5, "log_every": 2, **kw})
+
+    train(cfg(), tmp_path / "straight")
+    if stop == "epoch":
+        train(cfg(epochs=1), tmp_path / "split")
+    else:
+        _train_until(cfg(), tmp_path / "split", steps=stop)
+        state = load_checkpoint(tmp_path / "split/last.pt")["state"]
+        assert (state["step"], state["batch"], len(state["running"])) == (stop, stop % 5, 1)  # mid-epoch
+    train(cfg(), tmp_path / "split", resume=True)
     a, b = load_checkpoint(tmp_path / "straight/last.pt"), load_checkpoint(tmp_path / "split/last.pt")
     assert a["state"]["step"] == b["state"]["step"] == 10
     for k in a["model"]:
@@ -95,6 +107,38 @@ def test_resume_continues_exactly(tiny_data, tmp_path, schedule):
     for k in a["ema"]["avg"]:
         assert torch.equal(a["ema"]["avg"][k], b["ema"]["avg"][k]), k
     assert _strip_time(read_metrics(tmp_path / "straight")) == _strip_time(read_metrics(tmp_path / "split"))
+
+
+def test_resume_drops_rows_written_after_the_checkpoint(tiny_data, tmp_path):
+    """The log is written at every row, the checkpoint at each epoch's end: a crash (here an exception
+    during step 8, as a kill -9 would leave it) leaves rows that last.pt does not cover. --resume drops
+    them and produces them again, so the log ends as the uninterrupted run's."""
+    import flowmnist.train as T
+    from flowmnist.runs import write_metrics
+
+    cfg = _cfg(tiny_data, epochs=2)
+    train(cfg, tmp_path / "straight")
+    real, calls = T.noise_seed, []
+
+    def crash(*args):
+        calls.append(args)
+        if len(calls) == 8:
+            raise RuntimeError("simulated crash")
+        return real(*args)
+
+    T.noise_seed = crash
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(cfg, tmp_path / "run")
+    finally:
+        T.noise_seed = real
+    ckpt = load_checkpoint(tmp_path / "run/last.pt")
+    rows = read_metrics(tmp_path / "run")
+    assert ckpt["state"]["step"] == 5 and ckpt["metrics_rows"] == 6  # 5 train rows and a val row
+    assert [r["step"] for r in rows[6:]] == [6, 7]  # written after the checkpoint
+    write_metrics(tmp_path / "run/metrics.csv", rows[:6] + [{**r, "bpd": 999.0} for r in rows[6:]])  # marked
+    train(cfg, tmp_path / "run", resume=True)
+    assert _strip_time(read_metrics(tmp_path / "run")) == _strip_time(read_metrics(tmp_path / "straight"))
 
 
 def test_minutes_budget_stops_at_a_step_and_validates(tiny_data, tmp_path):
@@ -114,21 +158,61 @@ def test_occupied_run_dir_needs_resume_or_force(tiny_data, tmp_path):
         train(_cfg(tiny_data, model="vardeq"), tmp_path / "run", resume=True)
 
 
-def test_nonfinite_steps_are_skipped_then_stop(tiny_data, tmp_path, monkeypatch):
-    """A NaN loss skips the update and is logged; too many in a row stop training with the last
-    good checkpoint kept."""
-    from flowmnist import models
+def _nan_gradients(monkeypatch, bad: set[int]) -> list[list[torch.Tensor]]:
+    """Make training's backward pass number i (0-based) give NaN gradients for i in ``bad``, with the
+    loss finite: a hook on the model's first parameter, which training builds. Returns, per backward
+    pass, a copy of the weights it saw (the weights before that step's update)."""
+    import flowmnist.train as T
 
+    real, seen = T.build_model, []
+
+    def build(*args, **kw):
+        model = real(*args, **kw)
+        params = list(model.parameters())
+
+        def hook(grad):
+            seen.append([p.detach().clone() for p in params])
+            return grad * math.nan if len(seen) - 1 in bad else grad
+
+        params[0].register_hook(hook)
+        return model
+
+    monkeypatch.setattr(T, "build_model", build)
+    return seen
+
+
+def test_nonfinite_gradients_skip_the_update_then_training_recovers(tiny_data, tmp_path, monkeypatch):
+    """A finite loss with NaN gradients: the update is skipped (the weights and Adam's step count stay),
+    the step is logged as a `nonfinite` row with its finite loss and counted, and training goes on. Two
+    bad steps that are not consecutive do not reach max_nonfinite=2."""
+    seen = _nan_gradients(monkeypatch, {1, 3})
+    s = train(_cfg(tiny_data, max_nonfinite=2), tmp_path / "run")
+    assert s["stopped_by"] == "epochs" and s["step"] == 3 and s["nonfinite_steps"] == 2
+    assert len(seen) == 5  # five batches, five backward passes
+    same = [all(torch.equal(a, b) for a, b in zip(seen[i], seen[i + 1], strict=True)) for i in range(4)]
+    assert same == [False, True, False, True]  # a good step moves the weights, a skipped one does not
+    rows = read_metrics(tmp_path / "run")
+    assert [r["split"] for r in rows] == ["train", "nonfinite", "train", "nonfinite", "train", "val"]
+    assert all(math.isfinite(r["bpd"]) for r in rows)  # the loss itself was finite every time
+    ckpt = load_checkpoint(tmp_path / "run/last.pt")
+    assert all(int(st["step"]) == 3 for st in ckpt["optimizer"]["state"].values())  # Adam updated 3 times
+    assert all(torch.isfinite(w).all() for w in ckpt["model"].values())
+
+
+def test_nonfinite_steps_in_a_row_stop_training(tiny_data, tmp_path, monkeypatch):
+    """max_nonfinite bad steps in a row stop training with a clear error, after one good step of the
+    resumed run; last.pt is still the last good checkpoint."""
     train(_cfg(tiny_data), tmp_path / "run")
     before = load_checkpoint(tmp_path / "run/last.pt")
-    monkeypatch.setattr(
-        models.FlowModel, "bpd", lambda self, x, k=1: torch.full((len(x),), math.nan, requires_grad=True)
-    )
-    with pytest.raises(FlowmnistError, match="3 non-finite losses or gradients in a row"):
+    _nan_gradients(monkeypatch, set(range(1, 100)))
+    with pytest.raises(FlowmnistError, match="3 non-finite losses or gradients in a row at step 6"):
         train(_cfg(tiny_data, epochs=3, max_nonfinite=3), tmp_path / "run", resume=True)
     after = load_checkpoint(tmp_path / "run/last.pt")
-    assert after["state"]["step"] == before["state"]["step"]
-    assert [r["split"] for r in read_metrics(tmp_path / "run")][-3:] == ["nonfinite"] * 3
+    assert after["state"]["step"] == before["state"]["step"] == 5
+    assert all(torch.equal(after["model"][k], before["model"][k]) for k in before["model"])
+    rows = read_metrics(tmp_path / "run")
+    assert [r["split"] for r in rows][-4:] == ["train", "nonfinite", "nonfinite", "nonfinite"]
+    assert rows[-4]["step"] == 6 and all(math.isfinite(r["bpd"]) for r in rows)
 
 
 def test_cli_train_evaluate_table_sample(tiny_data, tmp_path, capsys):
@@ -153,7 +237,8 @@ def test_cli_train_evaluate_table_sample(tiny_data, tmp_path, capsys):
         == 0
     )
     summary = json.loads(capsys.readouterr().out)
-    assert summary["step"] == 5 and math.isfinite(summary["val_bpd"])
+    vals = [r["bpd"] for r in read_metrics(tmp_path / "run") if r["split"] == "val"]
+    assert summary["step"] == 5 and summary["val_bpd"] == vals[-1] and 1 < vals[-1] < 16
 
     assert (
         main(["evaluate", run, "--importance-samples", "2", "--max-images", "8", "--timing-reps", "1", "--json"]) == 0
@@ -171,19 +256,35 @@ def test_cli_train_evaluate_table_sample(tiny_data, tmp_path, capsys):
         assert key in r
     assert r["model"] == "vardeq" and r["params"] == 628_388 and r["importance_samples"] == 2
     assert set(r["bpd"]) == {"train", "val", "test"}
-    assert all(math.isfinite(v) for v in r["bpd"].values())
+    # Each reported bpd is the model's own K-sample bound, -log (1/K) sum_k p(x, u_k) / (784 ln 2), on the
+    # split's first 8 images with evaluate's noise (seed 0), to the 5 decimals reported.
+    model, cfg = load_model(run)
+    data = load_mnist(str(tiny_data), cfg.split_seed, cfg.val_fraction)
+    for split in ("train", "val", "test"):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            expected = -model.log_prob(data.split(split)[0][:8], 2).double().mean() / (784 * math.log(2))
+        assert r["bpd"][split] == pytest.approx(expected.item(), abs=2e-5), split
     # Importance weighting can only tighten the bound (same draws): IW bpd <= single-sample bpd.
     assert all(r["bpd"][s] <= r["bpd_single_sample"][s] + 1e-6 for s in r["bpd"])
     assert json.loads((tmp_path / "run/results.json").read_text())["bpd"] == r["bpd"]
-    assert set(r["roundtrip_exact"]) == {"train", "val", "test"}
+    assert r["roundtrip_exact"] == {"train": 1.0, "val": 1.0, "test": 1.0}
 
     assert main(["table", run]) == 0
     table = capsys.readouterr().out
     assert "| vardeq |" in table and "628,388" in table
 
-    png = tmp_path / "s.png"
-    assert main(["sample", run, "--n", "4", "--out", str(png), "--seed", "3"]) == 0
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The sample grid: a real PNG of 2 x 2 digits; the same seed draws the same pixels, another seed others.
+    grids = {}
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        png = tmp_path / f"{name}.png"
+        assert main(["sample", run, "--n", "4", "--out", str(png), "--seed", seed]) == 0
+        assert capsys.readouterr().out.strip() == str(png)
+        w, h = png_size(png)
+        assert 56 <= w <= 400 and 56 <= h <= 400, (w, h)
+        grids[name] = np.asarray(Image.open(png).convert("L"))
+        assert grids[name].std() > 10  # not a blank picture
+    assert np.array_equal(grids["a"], grids["b"]) and not np.array_equal(grids["a"], grids["c"])
 
 
 def test_cli_errors_are_one_line(tiny_data, tmp_path, capsys):
