@@ -94,4 +94,4 @@ def test_report_renders_with_every_image_loaded(report, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(report.parent, broken)
     (broken / "samples.png").write_bytes(b"not a png")
-    assert _body_flags(_dump_dom(broken / "index.html")) == ("false", "9")
+    assert _body_flags(_dump_dom(broken / "index.html")) == ("false", "10")
