@@ -35,10 +35,17 @@ def _strip_time(rows):
 @pytest.mark.slow
 def test_short_real_data_run_learns(real_subset, tmp_path):
     """One epoch (31 steps of 32) on 1,000 real digits brings val bpd far below the 8 bpd of
-    uniform noise (an untrained model scores about 8.7 on real digits)."""
+    uniform noise (an untrained model scores about 8.7 on real digits), but not below what 31 steps
+    can reach: a likelihood that over-counts (an ldj term twice, the split's prior term dropped)
+    would report a lower bpd, so the val bpd is bounded from both sides.
+
+    The bounds: this run measured val bpd 2.6436 (float32, seed 0, train bpd 20.54 at step 5 to 2.62
+    at step 31; on the 2-core development machine, torch 2.13.0, session of the tests16 branch), with
+    a margin of 0.1 either way for other CPUs and thread counts. A change of the default recipe (LR,
+    warm-up, schedule) or of the model moves it: measure again and set the bounds from that run."""
     summary = train(_cfg(real_subset, model="multi-simple", batch_size=32, log_every=5), tmp_path / "run")
     assert summary["stopped_by"] == "epochs" and summary["step"] == 31
-    assert summary["val_bpd"] < 3.5, summary
+    assert 2.54 < summary["val_bpd"] < 2.74, summary
     rows = read_metrics(tmp_path / "run")
     train_bpd = [r["bpd"] for r in rows if r["split"] == "train"]
     assert train_bpd[-1] < train_bpd[0]
