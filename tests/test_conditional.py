@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import synthetic_digits, write_mnist_dir
-from helpers import assert_png, png_size
+from helpers import PARAMS, assert_png, png_size
 
 from flowmnist.cli import main
 from flowmnist.config import Config, FlowmnistError
@@ -38,7 +38,6 @@ from flowmnist.nets import GatedConvNet
 from flowmnist.runs import load_checkpoint, load_model, read_metrics
 from flowmnist.train import train
 
-PARAMS = {"simple": 556_312, "vardeq": 628_388, "multi-simple": 1_639_742, "multi-vardeq": 1_711_818}
 PRIOR_PARAMS = 2 * 10 * 784  # a mean and a log-scale per digit and latent dimension
 
 

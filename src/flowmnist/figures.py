@@ -45,11 +45,17 @@ def run_labels(models: list[str], run_dirs: list[str | Path]) -> list[str]:
     return labels
 
 
-def eval_images(cfg: Config, data_dir: str | None = None) -> tuple[Tensor, Tensor, str]:
+DataDirs = str | dict[str, str] | None  # one directory for every run, or one per dataset name
+
+
+def eval_images(cfg: Config, data_dir: DataDirs = None) -> tuple[Tensor, Tensor, str]:
     """Real digits for a run: (images, labels, split), the test split when the data has one, else
-    val (never train: the figures should show what the model does on digits it did not fit)."""
+    val (never train: the figures should show what the model does on digits it did not fit).
+    ``data_dir``: a directory, {dataset: directory} (the run's dataset's), or None (the run's own)."""
     from .data import load_mnist
 
+    if isinstance(data_dir, dict):
+        data_dir = data_dir.get(cfg.dataset)
     data = load_mnist(data_dir if data_dir is not None else cfg.data_dir, cfg.split_seed, cfg.val_fraction, cfg.dataset)
     split = "test" if "test" in data.splits else "val"
     images, labels = data.split(split)
@@ -216,7 +222,7 @@ def plot_interpolations(
     steps: int = 8,
     seed: int = 0,
     spherical: bool = False,
-    data_dir: str | None = None,
+    data_dir: DataDirs = None,
     device: str = "cpu",
 ) -> list[Path]:
     """interpolation.png (interpolation_spherical.png with ``spherical``): a row per (run, pair)."""
@@ -299,7 +305,7 @@ def plot_dequant(
     images: int = 64,
     draws: int = 1,
     seed: int = 0,
-    data_dir: str | None = None,
+    data_dir: DataDirs = None,
     device: str = "cpu",
 ) -> list[Path]:
     """dequant_<label>.png per run: the distribution of v = x + u over real digits. Three panels:
