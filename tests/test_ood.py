@@ -472,6 +472,11 @@ def test_train_dataset_option(tmp_path, monkeypatch, capsys, tiny_data):
     capsys.readouterr()
     cfg = json.loads((run2 / "config.json").read_text())
     assert cfg["dataset"] == "fashion-mnist" and cfg["data_dir"] == str(tiny_data.resolve())
+    # tables and figures name the dataset
+    assert main(["evaluate", str(run2), "--split", "val", "--max-images", "4", "--importance-samples", "1"]) == 0
+    capsys.readouterr()
+    assert main(["table", str(run2)]) == 0
+    assert "| simple (Fashion-MNIST) |" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["train", "--dataset", "cifar"])
     assert e.value.code == 2

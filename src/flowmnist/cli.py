@@ -256,7 +256,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     import torch
 
     from .plots import save_grid
-    from .runs import load_model
+    from .runs import load_model, run_title
 
     out = _out_file(a.out)
     (run,) = _runs(a)
@@ -266,13 +266,13 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if a.digit == "all":
         from .figures import save_digit_grid
 
-        save_digit_grid(model, out, f"{cfg.model} (conditional)", a.n or 10, a.temperature, a.seed)
+        save_digit_grid(model, out, run_title(cfg.model, True, cfg.dataset), a.n or 10, a.temperature, a.seed)
         print(out)
         return 0
     g = torch.Generator(device=a.device).manual_seed(a.seed)
     images = model.sample(a.n or 64, temperature=a.temperature, generator=g, y=a.digit)
     what = "samples" if a.digit is None else f"samples of digit {a.digit}"
-    save_grid(images, out, title=f"{cfg.model} {what} (T={a.temperature:g})")
+    save_grid(images, out, title=f"{run_title(cfg.model, cfg.conditional, cfg.dataset)} {what} (T={a.temperature:g})")
     print(out)
     return 0
 

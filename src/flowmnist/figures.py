@@ -21,7 +21,7 @@ from torch import Tensor
 from .config import Config, FlowmnistError
 from .models import FlowModel
 from .plots import image_grid, plt, save_figure, save_grid
-from .runs import load_model, read_metrics, run_config
+from .runs import load_model, read_metrics, run_config, run_title
 
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
@@ -82,7 +82,8 @@ def curve_series(run_dirs: list[str | Path]) -> list[Curves]:
     for run in run_dirs:
         if not (Path(run) / "metrics.csv").is_file():
             raise FlowmnistError(f"{run}: no metrics.csv; not a flowmnist run directory")
-        models.append(run_config(run).model)
+        cfg = run_config(run)
+        models.append(run_title(cfg.model, cfg.conditional, cfg.dataset))
         rows_per_run.append(read_metrics(run))
     out = []
     for label, rows in zip(run_labels(models, run_dirs), rows_per_run, strict=True):
@@ -142,7 +143,7 @@ def plot_samples(
     of panels, from the same seed."""
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(3.2 * len(run_dirs), 3.6), squeeze=False)
     loaded = [load_model(r, device) for r in run_dirs]
-    labels = run_labels([cfg.model for _, cfg in loaded], run_dirs)
+    labels = run_labels([run_title(c.model, c.conditional, c.dataset) for _, c in loaded], run_dirs)
     for ax, (model, _), label in zip(axes[0], loaded, labels, strict=True):
         g = torch.Generator(device=device).manual_seed(seed)
         ax.imshow(image_grid(model.sample(n, temperature, g)), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
@@ -228,7 +229,7 @@ def plot_interpolations(
     """interpolation.png (interpolation_spherical.png with ``spherical``): a row per (run, pair)."""
     rows, names = [], []
     loaded = [load_model(r, device) for r in run_dirs]
-    labels = run_labels([cfg.model for _, cfg in loaded], run_dirs)
+    labels = run_labels([run_title(c.model, c.conditional, c.dataset) for _, c in loaded], run_dirs)
     for (model, cfg), label in zip(loaded, labels, strict=True):
         images, digit_labels, split = eval_images(cfg, data_dir)
         for i, j in pick_pairs(digit_labels, pairs, seed):
@@ -312,7 +313,7 @@ def plot_dequant(
     v in [0, 8) (the heavy mass at 0 and its neighbours), the whole range [0, 256) on a log density
     axis, and q(u|x) per pixel group (flat at 1 for uniform dequantization)."""
     loaded = [load_model(r, device) for r in run_dirs]
-    labels = run_labels([cfg.model for _, cfg in loaded], run_dirs)
+    labels = run_labels([run_title(c.model, c.conditional, c.dataset) for _, c in loaded], run_dirs)
     paths = []
     for (model, cfg), label in zip(loaded, labels, strict=True):
         data, _, split = eval_images(cfg, data_dir)

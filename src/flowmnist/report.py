@@ -29,7 +29,7 @@ from .figures import (
     run_labels,
     save_digit_grid,
 )
-from .runs import PRETRAINED_ROOT, load_model, run_config
+from .runs import PRETRAINED_ROOT, load_model, run_config, run_title
 from .toy import DEFAULT_PROBS, fit_toy_noting, plot_concepts
 
 CSS = """
@@ -182,7 +182,7 @@ def conditional_section(spec: ReportSpec, per_digit: int = 10) -> str:
             continue
         path = spec.out_dir / f"digits_{_slug(label)}.png"
         model, cfg = load_model(run, spec.device)
-        save_digit_grid(model, path, f"{cfg.model} (conditional)", per_digit, 1.0, spec.seed)
+        save_digit_grid(model, path, run_title(cfg.model, True, cfg.dataset), per_digit, 1.0, spec.seed)
         opts = ["--digit", "all", "--n", per_digit, "--seed", spec.seed, "--out", path]
         spec.commands.append(_command("sample", *run_args([run]), *opts))
         parts.append(
@@ -338,7 +338,8 @@ def build_report(
     spec = ReportSpec(run_dirs, Path(out_dir), seed, pairs, steps, samples, (1.0, 0.7), dequant_images)
     spec.probs, spec.data_dir, spec.device, spec.ood = tuple(probs), data_dir, device, ood
     spec.out_dir.mkdir(parents=True, exist_ok=True)
-    spec.labels = run_labels([run_config(r).model for r in run_dirs], run_dirs)
+    cfgs = [run_config(r) for r in run_dirs]
+    spec.labels = run_labels([run_title(c.model, c.conditional, c.dataset) for c in cfgs], run_dirs)
     sections = [
         results_section(spec),
         curves_section(spec),

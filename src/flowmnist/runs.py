@@ -42,6 +42,13 @@ def digits_folder(dataset: str = "mnist") -> str:
     return DIGITS if dataset == "mnist" else f"{DIGITS}-{dataset}"
 
 
+def run_title(model: str, conditional: bool = False, dataset: str = "mnist") -> str:
+    """A run's name in tables and figures: the model, with "conditional" and a dataset other than
+    MNIST in brackets, e.g. "multi-vardeq (conditional)", "multi-vardeq (Fashion-MNIST)"."""
+    notes = (["conditional"] if conditional else []) + ([DATASETS[dataset].title] if dataset != "mnist" else [])
+    return f"{model} ({', '.join(notes)})" if notes else model
+
+
 # ----------------------------------------------------------------------------------------------
 # Files of a run
 # ----------------------------------------------------------------------------------------------
