@@ -451,7 +451,7 @@ def test_report_shows_digits_and_confusion_for_conditional_runs(cond_run, tmp_pa
     index = build_report([cond_run], tmp_path / "report", pairs=1, steps=3, samples=4, dequant_images=4)
     page = index.read_text()
     assert "Digits on demand" in page and "Val accuracy" in page
-    for name in ("digits_simple.png", "confusion_simple_val.png"):
+    for name in ("digits_simple_conditional.png", "confusion_simple_conditional_val.png"):
         assert f'src="{name}"' in page
         assert_png(tmp_path / "report" / name, min_w=100, min_h=100)
     assert "--digit all" in page

@@ -9,6 +9,7 @@ Every ``plot_*`` takes run directories and an output folder and returns the path
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,11 @@ from .runs import load_model, read_metrics, run_config, run_title
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
 # ----------------------------------------------------------------------------------------------
+
+
+def file_slug(label: str) -> str:
+    """A label as part of a file name: "multi-vardeq (conditional)" -> "multi-vardeq_conditional"."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", label).strip("_")
 
 
 def run_labels(models: list[str], run_dirs: list[str | Path]) -> list[str]:
@@ -345,7 +351,7 @@ def plot_dequant(
         axes[2].set_title("dequantization noise by pixel value")
         axes[2].legend(fontsize=7)
         fig.suptitle(f"{label}: {kind} dequantization, {min(images, len(data))} {split} digits x {draws} draw(s)")
-        slug = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label)
+        slug = file_slug(label)
         paths.append(save_figure(fig, Path(out_dir) / f"dequant_{slug}.png"))
     return paths
 

@@ -20,6 +20,7 @@ from .evaluate import classification_table, results_table
 from .figures import (
     DataDirs,
     eval_images,
+    file_slug,
     plot_confusion,
     plot_curves,
     plot_dequant,
@@ -169,10 +170,6 @@ def samples_section(spec: ReportSpec) -> str:
     return "<h2>Samples</h2>\n" + "".join(parts)
 
 
-def _slug(label: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label)
-
-
 def conditional_section(spec: ReportSpec, per_digit: int = 10) -> str:
     """Class-conditional runs: a 10-row grid of each (row d: digit d on demand) and, where evaluate has
     measured them (results.json), the confusion matrices of the flow as a Bayes classifier."""
@@ -180,7 +177,7 @@ def conditional_section(spec: ReportSpec, per_digit: int = 10) -> str:
     for run, label in zip(spec.run_dirs, spec.labels, strict=True):
         if not run_config(run).conditional:
             continue
-        path = spec.out_dir / f"digits_{_slug(label)}.png"
+        path = spec.out_dir / f"digits_{file_slug(label)}.png"
         model, cfg = load_model(run, spec.device)
         save_digit_grid(model, path, run_title(cfg.model, True, cfg.dataset), per_digit, 1.0, spec.seed)
         opts = ["--digit", "all", "--n", per_digit, "--seed", spec.seed, "--out", path]
@@ -190,7 +187,8 @@ def conditional_section(spec: ReportSpec, per_digit: int = 10) -> str:
         )
         confusion = spec.results.get(run, {}).get("confusion") or {}
         for split, matrix in confusion.items():
-            fig = plot_confusion(matrix, spec.out_dir / f"confusion_{_slug(label)}_{split}.png", f"{label}, {split}")
+            out = spec.out_dir / f"confusion_{file_slug(label)}_{split}.png"
+            fig = plot_confusion(matrix, out, f"{label}, {split}")
             caption = f"{label}: classifier argmax_y p(x | y) p(y) on {split}; rows: true digit (from results.json)."
             parts.append(_figure(fig, spec.out_dir, caption))
         if not confusion:
@@ -264,7 +262,7 @@ def ood_section(spec: ReportSpec) -> str:
         inside, outside = inside[:n], data.split(ood_split)[0][:n]
         sizes = [m for m in BATCH_SIZES if m <= min((len(inside) + 1) // 2, len(outside))]  # batches both sets fill
         r, ins, outs = compare(model, inside, outside, batch_sizes=sizes)
-        path = plot_ood_histograms(ins, outs, spec.out_dir / f"ood_{_slug(label)}.png")
+        path = plot_ood_histograms(ins, outs, spec.out_dir / f"ood_{file_slug(label)}.png")
         opts = ["--ood-data", ood_dir, "--split", split, "--ood-split", ood_split, "--max-images", n]
         opts += ["--batch-sizes", *sizes, "--out", path]
         in_opt = ["--in-data", spec.data_dir] if isinstance(spec.data_dir, str) else []
