@@ -9,7 +9,7 @@
 #   scripts/pretrained.sh ood MNIST_DIR FASHION_DIR # both OOD directions: docs/images/ood_*.png, docs/results/
 #
 # NAME: a model (simple, vardeq, multi-simple, multi-vardeq), MODEL-cond for its class-conditional
-# variant (hybrid objective, λ = 100), or fashion-MODEL for one trained on Fashion-MNIST (DATA_DIR then
+# variant, or fashion-MODEL for one trained on Fashion-MNIST (DATA_DIR then
 # holds Fashion-MNIST).
 # DATA_DIR: the official training files (60,000 images: 50,000 train / 10,000 val). CORE=N pins a
 # training, evaluation or OOD run to CPU core N with one thread, so that two runs share a 2-core machine
@@ -35,9 +35,7 @@ case ${1:-} in
     data=$2 name=$3 run=$RUNS/$3
     model=${name#fashion-} flags=()
     [ "$model" != "$name" ] && flags+=(--dataset fashion-mnist)
-    # conditional: the hybrid objective, since log p(x | y) alone gains at most log2(10)/784 bpd from
-    # knowing the digit and so barely learns to tell them apart
-    [ "${model%-cond}" != "$model" ] && model=${model%-cond} && flags+=(--conditional --hybrid-weight 100)
+    [ "${model%-cond}" != "$model" ] && model=${model%-cond} && flags+=(--conditional)
     if [ -f "$run/last.pt" ]; then
       pin "$BIN/flowmnist" train --out "$run" --resume
     else
@@ -49,15 +47,17 @@ case ${1:-} in
       --importance-samples 8 --compile ;;
   ship)
     "$BIN/python" scripts/ship_pretrained.py "$RUNS/$2" --name "$2" ;;
-  figures)
-    out=docs/images
-    "$BIN/flowmnist" samples --pretrained all --out "$out" --n 36
-    "$BIN/flowmnist" samples --pretrained all --out "$out" --n 36 --temperature 0.7
-    "$BIN/flowmnist" interpolate --pretrained all --out "$out" --pairs 2 --steps 10
-    "$BIN/flowmnist" dequant --pretrained all --out "$out" --images 64
-    "$BIN/flowmnist" curves --pretrained all --out "$out"
+  figures)  # the analysis of the unconditional MNIST models, then the conditional and Fashion-MNIST ones
+    out=docs/images names=()
+    for m in simple vardeq multi-simple multi-vardeq; do if [ -d "src/flowmnist/pretrained/$m" ]; then names+=("$m"); fi; done
+    "$BIN/flowmnist" samples --pretrained "${names[@]}" --out "$out" --n 36
+    "$BIN/flowmnist" samples --pretrained "${names[@]}" --out "$out" --n 36 --temperature 0.7
+    "$BIN/flowmnist" interpolate --pretrained "${names[@]}" --out "$out" --pairs 2 --steps 10
+    "$BIN/flowmnist" dequant --pretrained "${names[@]}" --out "$out" --images 64
+    "$BIN/flowmnist" curves --pretrained "${names[@]}" --out "$out"
     "$BIN/flowmnist" concepts --out "$out"
     "$BIN/flowmnist" sample --pretrained multi-vardeq-cond --digit all --n 10 --out "$out/digits_multi-vardeq-cond.png"
+    "$BIN/flowmnist" samples --pretrained fashion-multi-vardeq --out "$out/fashion" --n 36 --temperature 0.7
     ;;
   ood)  # the MNIST model: MNIST val vs Fashion-MNIST test; the Fashion-MNIST model: the other way round
     mnist=$2 fashion=$3 n=${OOD_IMAGES:-2000}
