@@ -18,10 +18,10 @@ set -euo pipefail
 BIN=${BIN:-.venv/bin}
 RUNS=${RUNS:-runs/full}
 
-epochs() {  # fixed per model, from its measured step rate, to fit the CPU budget on 2 cores
+epochs() {  # fixed per model from its one-core step rate (3,125 steps an epoch), to fit ~150 core-minutes
   case $1 in
-    multi-vardeq | multi-vardeq-cond | fashion-multi-vardeq) echo 6 ;;
-    multi-simple) echo 7 ;;
+    multi-vardeq | multi-vardeq-cond | fashion-multi-vardeq | vardeq) echo 6 ;;  # 3.3 (vardeq 2.3) steps/s
+    multi-simple | simple) echo 7 ;;                                               # 4.5 (simple 2.8) steps/s
     *) echo "no epoch count fixed for $1" >&2; exit 2 ;;
   esac
 }
