@@ -352,19 +352,30 @@ def test_ood_test_split_json_and_figure(ood_run, tmp_path, capsys):
     assert f"| bpd | {r['scores']['bpd']['auroc']:.4f} |" in table and "12 images" in table
 
 
-def test_report_ood_section(ood_run, ood_data, tmp_path):
+def test_report_ood_section(ood_run, tmp_path, capsys):
+    import html
+    import shlex
+
     from flowmnist.report import build_report
 
     noise = _noise_dir(tmp_path / "noise", 24, n_test=10)
-    figs = {"samples": 4, "pairs": 1, "steps": 3, "dequant_images": 4}
-    text = build_report([ood_run], tmp_path / "report", **figs, ood=(str(noise), 20)).read_text()
+    figs = ["--n", "4", "--pairs", "1", "--steps", "3", "--images", "4"]
+    assert main(["report", str(ood_run), "--out", str(tmp_path / "report"), *figs, "--ood-data", str(noise)]) == 0
+    text = (tmp_path / "report" / "index.html").read_text()
+    capsys.readouterr()
     assert "<h2>Out-of-distribution scores</h2>" in text and "<td>typicality-10</td>" in text
     assert "<td>typicality-25</td>" not in text  # only batch sizes that 10 scored images fill
-    assert "20 of its val images" in text and "10 test images of" in text
+    assert "20 of its val images" in text and "10 test images of" in text  # --ood-images 500 caps neither
     assert_png(tmp_path / "report" / "ood_simple.png", min_w=400, min_h=200)
-    cmd = f"flowmnist ood {ood_run} --ood-data {noise} --split val --ood-split test --max-images 20"
-    assert cmd in text
-    assert f"--ood-data {noise} --ood-images 20" in text  # in the report's own command
+    assert f"--ood-data {noise} --ood-images 500" in text  # in the report's own command
+    # the section's stand-alone command gives the numbers of its table
+    (cmd,) = [ln for ln in html.unescape(text).splitlines() if ln.startswith("flowmnist ood ")]
+    assert main([*shlex.split(cmd)[1:], "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["in"]["split"], r["ood"]["split"], r["ood"]["images"]) == ("val", "test", 10)
+    for name, m in r["scores"].items():
+        assert f'<td>{name}</td><td class="num">{m["auroc"]}</td>' in text, name
+    figs = {"samples": 4, "pairs": 1, "steps": 3, "dequant_images": 4}
     assert "Out-of-distribution" not in build_report([ood_run], tmp_path / "r2", **figs).read_text()
 
 
