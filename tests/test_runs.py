@@ -163,7 +163,7 @@ def test_every_run_command_takes_pretrained(shipped, tmp_path, capsys):
         assert main(cmd) == 0, cmd
     names = {p.name for p in out.iterdir()}
     assert {"train_log.png", "val_log.png", "samples.png", "interpolation.png"} <= names
-    assert {"dequant_simple__other_.png", "dequant_simple__simple_.png"} <= names
+    assert {"dequant_simple_other.png", "dequant_simple_simple.png"} <= names
 
 
 def test_evaluate_pretrained_on_a_test_split_leaves_the_package_unchanged(shipped, tmp_path, capsys):
