@@ -22,10 +22,10 @@ from flowmnist.models import build_model  # noqa: E402
 from flowmnist.runs import load_pretrained  # noqa: E402
 
 
-def _entry(name: str, pretrained: bool, device: str):
+def _entry(name: str, pretrained: bool, device: str, model: str | None = None, conditional: bool = False):
     if pretrained:
         return load_pretrained(name, device)
-    return build_model(name, fast=True).to(device).eval()
+    return build_model(model or name, fast=True, conditional=conditional).to(device).eval()
 
 
 def simple(pretrained: bool = True, device: str = "cpu"):
@@ -46,3 +46,14 @@ def multi_simple(pretrained: bool = True, device: str = "cpu"):
 def multi_vardeq(pretrained: bool = True, device: str = "cpu"):
     """Variational dequantization, multi-scale flow with squeeze and split (1,711,818 parameters)."""
     return _entry("multi-vardeq", pretrained, device)
+
+
+def multi_vardeq_cond(pretrained: bool = True, device: str = "cpu"):
+    """Class-conditional multi_vardeq: a Gaussian prior per digit (1,727,498 parameters).
+    ``model.sample(n, y=7)`` draws sevens."""
+    return _entry("multi-vardeq-cond", pretrained, device, "multi-vardeq", conditional=True)
+
+
+def fashion_multi_vardeq(pretrained: bool = True, device: str = "cpu"):
+    """multi_vardeq trained on Fashion-MNIST (1,711,818 parameters)."""
+    return _entry("fashion-multi-vardeq", pretrained, device, "multi-vardeq")

@@ -2,22 +2,26 @@
 # The shipped models: how each was trained on full MNIST, evaluated and shipped, and how the README's
 # figures of them are made. Every step is a plain flowmnist command; rerun any of them.
 #
-#   scripts/pretrained.sh train    DATA_DIR MODEL   # train (or --resume) runs/full/MODEL for its epochs
-#   scripts/pretrained.sh evaluate MODEL            # K = 8 on the first 10,000 train and all 10,000 val images
-#   scripts/pretrained.sh ship     MODEL            # into src/flowmnist/pretrained/MODEL, manifest rewritten
-#   scripts/pretrained.sh figures                   # docs/images/ from every shipped model
+#   scripts/pretrained.sh train    DATA_DIR NAME   # train (or --resume) runs/full/NAME for its epochs
+#   scripts/pretrained.sh evaluate NAME            # K = 8 on its splits (below)
+#   scripts/pretrained.sh ship     NAME            # into src/flowmnist/pretrained/NAME, manifest rewritten
+#   scripts/pretrained.sh figures                  # docs/images/ from every shipped model
+#   scripts/pretrained.sh ood MNIST_DIR FASHION_DIR # both OOD directions: docs/images/ood_*.png, docs/results/
 #
-# DATA_DIR: the official MNIST training files (60,000 images: 50,000 train / 10,000 val). CORE=N pins a
-# training to CPU core N with one thread, so that two runs share a 2-core machine without slowing each
-# other's steps (a 2-thread run stalls whenever anything else takes one of its cores).
+# NAME: a model (simple, vardeq, multi-simple, multi-vardeq), MODEL-cond for its class-conditional
+# variant, or fashion-MODEL for one trained on Fashion-MNIST (DATA_DIR then
+# holds Fashion-MNIST).
+# DATA_DIR: the official training files (60,000 images: 50,000 train / 10,000 val). CORE=N pins a
+# training, evaluation or OOD run to CPU core N with one thread, so that two runs share a 2-core machine
+# without slowing each other (a 2-thread run stalls whenever anything else takes one of its cores).
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 RUNS=${RUNS:-runs/full}
 
-epochs() {  # fixed per model, from its measured step rate, to fit the CPU budget on 2 cores
+epochs() {  # fixed per model from its one-core step rate (3,125 steps an epoch), to fit ~150 core-minutes
   case $1 in
-    multi-vardeq) echo 6 ;;
-    multi-simple) echo 7 ;;
+    multi-vardeq | multi-vardeq-cond | fashion-multi-vardeq | vardeq) echo 6 ;;  # 3.3 (vardeq 2.3) steps/s
+    multi-simple | simple) echo 7 ;;                                               # 4.5 (simple 2.8) steps/s
     *) echo "no epoch count fixed for $1" >&2; exit 2 ;;
   esac
 }
@@ -28,25 +32,47 @@ pin() {
 
 case ${1:-} in
   train)
-    data=$2 model=$3 run=$RUNS/$3
+    data=$2 name=$3 run=$RUNS/$3
+    model=${name#fashion-} flags=()
+    [ "$model" != "$name" ] && flags+=(--dataset fashion-mnist)
+    [ "${model%-cond}" != "$model" ] && model=${model%-cond} && flags+=(--conditional)
     if [ -f "$run/last.pt" ]; then
       pin "$BIN/flowmnist" train --out "$run" --resume
     else
-      pin "$BIN/flowmnist" train --model "$model" --data-dir "$data" --epochs "$(epochs "$model")" --out "$run"
+      pin "$BIN/flowmnist" train --model "$model" --data-dir "$data" --epochs "$(epochs "$name")" "${flags[@]}" \
+        --out "$run"
     fi ;;
-  evaluate)
-    "$BIN/flowmnist" evaluate "$RUNS/$2" --split train --split val --max-images 10000 \
-      --importance-samples 8 --compile ;;
+  evaluate)  # MNIST: the first 10,000 train and all 10,000 val images; the conditional model: all of val;
+    # the Fashion-MNIST one: the first 5,000 val and 5,000 test images (K = 8 costs ~7 core-minutes a 5,000)
+    case $2 in
+      *-cond) splits=(--split val) ;;
+      fashion-*) splits=(--split val --split test --max-images 5000) ;;
+      *) splits=(--split train --split val --max-images 10000) ;;
+    esac
+    pin "$BIN/flowmnist" evaluate "$RUNS/$2" "${splits[@]}" --importance-samples 8 --compile ;;
   ship)
-    "$BIN/python" scripts/ship_pretrained.py "$RUNS/$2" ;;
-  figures)
-    out=docs/images
-    "$BIN/flowmnist" samples --pretrained all --out "$out" --n 36
-    "$BIN/flowmnist" samples --pretrained all --out "$out" --n 36 --temperature 0.7
-    "$BIN/flowmnist" interpolate --pretrained all --out "$out" --pairs 2 --steps 10
-    "$BIN/flowmnist" dequant --pretrained all --out "$out" --images 64
-    "$BIN/flowmnist" curves --pretrained all --out "$out"
-    "$BIN/flowmnist" concepts --out "$out" ;;
+    "$BIN/python" scripts/ship_pretrained.py "$RUNS/$2" --name "$2" ;;
+  figures)  # the analysis of the unconditional MNIST models, then the conditional and Fashion-MNIST ones
+    out=docs/images names=()
+    for m in simple vardeq multi-simple multi-vardeq; do if [ -d "src/flowmnist/pretrained/$m" ]; then names+=("$m"); fi; done
+    "$BIN/flowmnist" samples --pretrained "${names[@]}" --out "$out" --n 36
+    "$BIN/flowmnist" samples --pretrained "${names[@]}" --out "$out" --n 36 --temperature 0.7
+    "$BIN/flowmnist" interpolate --pretrained "${names[@]}" --out "$out" --pairs 2 --steps 10
+    "$BIN/flowmnist" dequant --pretrained "${names[@]}" --out "$out" --images 64
+    "$BIN/flowmnist" curves --pretrained "${names[@]}" --out "$out"
+    "$BIN/flowmnist" concepts --out "$out"
+    "$BIN/flowmnist" sample --pretrained multi-vardeq-cond --digit all --n 10 --out "$out/digits_multi-vardeq-cond.png"
+    "$BIN/flowmnist" samples --pretrained fashion-multi-vardeq --out "$out/fashion" --n 36 --temperature 0.7
+    ;;
+  ood)  # the MNIST model: MNIST val vs Fashion-MNIST test; the Fashion-MNIST model: the other way round
+    mnist=$2 fashion=$3 n=${OOD_IMAGES:-2000}
+    mkdir -p docs/results
+    r=$(pin "$BIN/flowmnist" ood --pretrained multi-vardeq --in-data "$mnist" --ood-data "$fashion" --split val \
+      --ood-split test --max-images "$n" --out docs/images/ood_multi-vardeq.png --json)
+    echo "$r" > docs/results/ood_multi-vardeq.json
+    r=$(pin "$BIN/flowmnist" ood --pretrained fashion-multi-vardeq --in-data "$fashion" --ood-data "$mnist" --split test \
+      --ood-split val --max-images "$n" --out docs/images/ood_fashion-multi-vardeq.png --json)
+    echo "$r" > docs/results/ood_fashion-multi-vardeq.json ;;
   *)
-    sed -n '2,12p' "$0"; exit 2 ;;
+    sed -n '2,15p' "$0"; exit 2 ;;
 esac

@@ -2,6 +2,7 @@
 
     python scripts/ship_pretrained.py RUN_DIR --name multi-vardeq      # after `flowmnist evaluate RUN_DIR`
     python scripts/ship_pretrained.py --digits ../shared/data/mnist     # the real validation digits for figures
+    python scripts/ship_pretrained.py --digits DIR --dataset fashion-mnist   # the same for Fashion-MNIST models
     python scripts/ship_pretrained.py                                   # only rewrite the manifest
 
 A shipped run holds config.json, metrics.csv, results.json and model.pt (the final float32 weights and
@@ -13,17 +14,17 @@ from __future__ import annotations
 import argparse
 
 from flowmnist.data import FILES, load_mnist, write_idx
-from flowmnist.runs import DIGITS, PRETRAINED_ROOT, export_run, write_manifest
+from flowmnist.runs import PRETRAINED_ROOT, digits_folder, export_run, write_manifest
 
 N_DIGITS = 600  # load_mnist's split keeps 1/6 of them (100) as the figures' "val" digits
 
 
-def ship_digits(data_dir: str, split_seed: int = 42) -> None:
+def ship_digits(data_dir: str, dataset: str = "mnist", split_seed: int = 42) -> None:
     """The first N_DIGITS images of the validation split (the shipped models' own: split seed 42) as
     an MNIST IDX directory. All are validation images, so none was trained on."""
     data = load_mnist(data_dir, split_seed)
     images, labels = data.split("val")
-    out = PRETRAINED_ROOT / DIGITS
+    out = PRETRAINED_ROOT / digits_folder(dataset)
     out.mkdir(parents=True, exist_ok=True)
     write_idx(out / (FILES["train-images"][0] + ".gz"), images[:N_DIGITS, 0].numpy())
     write_idx(out / (FILES["train-labels"][0] + ".gz"), labels[:N_DIGITS].numpy())
@@ -33,7 +34,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", nargs="?", help="a trained and evaluated run directory")
     p.add_argument("--name", help="the shipped name (default: the run's model name)")
-    p.add_argument("--digits", metavar="DATA_DIR", help="ship real validation digits from this MNIST directory")
+    p.add_argument("--digits", metavar="DATA_DIR", help="ship real validation images from this IDX directory")
+    p.add_argument("--dataset", default="mnist", help="what --digits holds (default mnist)")
     a = p.parse_args()
     if a.run_dir:
         from flowmnist.runs import run_config
@@ -42,7 +44,7 @@ def main() -> None:
         for path in export_run(a.run_dir, PRETRAINED_ROOT / name):
             print(path)
     if a.digits:
-        ship_digits(a.digits)
+        ship_digits(a.digits, a.dataset)
     manifest = write_manifest()
     print(f"manifest: {len(manifest['files'])} files, runs {', '.join(manifest['runs']) or 'none'}")
 

@@ -76,6 +76,15 @@ def real_data_or_skip() -> Path:
     return REAL_DATA
 
 
+FASHION = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist installs it
+
+
+def fashion_data_or_skip() -> Path:
+    have = (FASHION / "t10k-images-idx3-ubyte.gz").is_file()
+    require_or_skip(have, f"Fashion-MNIST not found at {FASHION} (apt-get install dataset-fashion-mnist)")
+    return FASHION
+
+
 @pytest.fixture(scope="session")
 def real_digits() -> torch.Tensor:
     """The first 64 real MNIST training images, uint8 (64, 1, 28, 28)."""

@@ -1,4 +1,5 @@
-"""Small checks shared by the tests: PNG files, and weights moved off their initial values."""
+"""Small checks shared by the tests: PNG files, weights moved off their initial values, and the
+models' pinned parameter counts."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 import torch
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The unconditional models' parameter counts, pinned: an architecture change must change them here.
+PARAMS = {"simple": 556_312, "vardeq": 628_388, "multi-simple": 1_639_742, "multi-vardeq": 1_711_818}
 
 
 def png_size(path: str | Path) -> tuple[int, int]:

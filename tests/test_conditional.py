@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import synthetic_digits, write_mnist_dir
-from helpers import assert_png, png_size
+from helpers import PARAMS, assert_png, png_size
 
 from flowmnist.cli import main
 from flowmnist.config import Config, FlowmnistError
@@ -38,7 +38,6 @@ from flowmnist.nets import GatedConvNet
 from flowmnist.runs import load_checkpoint, load_model, read_metrics
 from flowmnist.train import train
 
-PARAMS = {"simple": 556_312, "vardeq": 628_388, "multi-simple": 1_639_742, "multi-vardeq": 1_711_818}
 PRIOR_PARAMS = 2 * 10 * 784  # a mean and a log-scale per digit and latent dimension
 
 
@@ -452,7 +451,7 @@ def test_report_shows_digits_and_confusion_for_conditional_runs(cond_run, tmp_pa
     index = build_report([cond_run], tmp_path / "report", pairs=1, steps=3, samples=4, dequant_images=4)
     page = index.read_text()
     assert "Digits on demand" in page and "Val accuracy" in page
-    for name in ("digits_simple.png", "confusion_simple_val.png"):
+    for name in ("digits_simple_conditional.png", "confusion_simple_conditional_val.png"):
         assert f'src="{name}"' in page
         assert_png(tmp_path / "report" / name, min_w=100, min_h=100)
     assert "--digit all" in page

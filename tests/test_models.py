@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import perturb
+from helpers import PARAMS, perturb
 
 from flowmnist.config import Config
 from flowmnist.evaluate import dataset_bpd, image_bpd
@@ -22,8 +22,6 @@ from flowmnist.flows import (
 from flowmnist.models import MODELS, FlowModel, build_model, count_params
 from flowmnist.nets import GatedConvNet
 from flowmnist.runs import load_model, save_checkpoint
-
-PARAMS = {"simple": 556_312, "vardeq": 628_388, "multi-simple": 1_639_742, "multi-vardeq": 1_711_818}
 
 
 def _one_pixel_model(with_coupling: bool) -> FlowModel:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import require_or_skip, synthetic_digits, write_mnist_dir
+from conftest import fashion_data_or_skip, synthetic_digits, write_mnist_dir
 from helpers import assert_png
 from PIL import Image
 
@@ -24,8 +24,6 @@ from flowmnist.cli import build_parser, main
 from flowmnist.config import Config, FlowmnistError
 from flowmnist.data import FILES, DataError, load_mnist, write_idx
 from flowmnist.evaluate import dataset_bpd, load_model
-
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 # ----------------------------------------------------------------------------------------------
 # Metrics
@@ -328,23 +326,57 @@ def test_ood_test_split_json_and_figure(ood_run, tmp_path, capsys):
     inside = write_mnist_dir(tmp_path / "in", 24, n_test=12, seed=3)
     noise = _noise_dir(tmp_path / "noise", 24, n_test=10)
     argv = ["ood", str(ood_run), "--in-data", str(inside), "--ood-data", str(noise), "--split", "test"]
-    argv += ["--importance-samples", "2", "--batch-sizes", "1", "3", "--out", str(tmp_path / "figs")]
+    argv += ["--importance-samples", "2", "--batch-sizes", "1", "3", "--out", str(tmp_path / "ood.png")]
     assert main([*argv, "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert list(r["scores"]) == ["bpd", "complexity", "typicality-1", "typicality-3"]
     assert r["in"]["images"] == 12 and r["ood"]["images"] == 10 and r["split"] == "test"
+    assert r["in"]["split"] == r["ood"]["split"] == "test"
     assert r["in"]["data_dir"] == str(inside.resolve()) and r["ood"]["data_dir"] == str(noise.resolve())
     assert r["typicality"]["reference_images"] == 6 and r["typicality"]["scored_in_images"] == 6
     assert r["ood"]["mean_bpd"] > r["in"]["mean_bpd"] + 1
     assert r["scores"]["bpd"]["auroc"] > 0.9 and r["scores"]["bpd"]["fpr95"] < 0.5
     for m in r["scores"].values():
         assert 0 <= m["auroc"] <= 1 and 0 <= m["aupr"] <= 1 and 0 <= m["fpr95"] <= 1
-    assert_png(r["figure"], min_w=400, min_h=200)
+    assert_png(r["figure"], min_w=400, min_h=200) and r["figure"] == str(tmp_path / "ood.png")
+    # the OOD set's own split; the in-distribution set defaults to the run's data (24 train images: 4 val)
+    argv2 = ["ood", str(ood_run), "--ood-data", str(noise), "--ood-split", "test", "--importance-samples", "1"]
+    assert main([*argv2, "--batch-sizes", "1", "--json"]) == 0
+    r2 = json.loads(capsys.readouterr().out)
+    assert (r2["in"]["split"], r2["ood"]["split"], r2["ood"]["images"]) == ("val", "test", 10)
+    assert r2["in"]["data_dir"] == str(Path(json.loads((ood_run / "config.json").read_text())["data_dir"]).resolve())
     # the Markdown table by default, with the same numbers
     assert main(argv[:-2]) == 0
     table = capsys.readouterr().out
     assert table.startswith("| score | AUROC | AUPR | FPR95 |")
     assert f"| bpd | {r['scores']['bpd']['auroc']:.4f} |" in table and "12 images" in table
+
+
+def test_report_ood_section(ood_run, tmp_path, capsys):
+    import html
+    import shlex
+
+    from flowmnist.report import build_report
+
+    noise = _noise_dir(tmp_path / "noise", 24, n_test=10)
+    figs = ["--n", "4", "--pairs", "1", "--steps", "3", "--images", "4"]
+    assert main(["report", str(ood_run), "--out", str(tmp_path / "report"), *figs, "--ood-data", str(noise)]) == 0
+    text = (tmp_path / "report" / "index.html").read_text()
+    capsys.readouterr()
+    assert "<h2>Out-of-distribution scores</h2>" in text and "<td>typicality-10</td>" in text
+    assert "<td>typicality-25</td>" not in text  # only batch sizes that 10 scored images fill
+    assert "20 of its val images" in text and "10 test images of" in text  # --ood-images 500 caps neither
+    assert_png(tmp_path / "report" / "ood_simple.png", min_w=400, min_h=200)
+    assert f"--ood-data {noise} --ood-images 500" in text  # in the report's own command
+    # the section's stand-alone command gives the numbers of its table
+    (cmd,) = [ln for ln in html.unescape(text).splitlines() if ln.startswith("flowmnist ood ")]
+    assert main([*shlex.split(cmd)[1:], "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["in"]["split"], r["ood"]["split"], r["ood"]["images"]) == ("val", "test", 10)
+    for name, m in r["scores"].items():
+        assert f'<td>{name}</td><td class="num">{m["auroc"]}</td>' in text, name
+    figs = {"samples": 4, "pairs": 1, "steps": 3, "dequant_images": 4}
+    assert "Out-of-distribution" not in build_report([ood_run], tmp_path / "r2", **figs).read_text()
 
 
 def test_ood_test_split_needs_t10k_in_both(ood_run, tmp_path, capsys):
@@ -362,11 +394,7 @@ def test_ood_test_split_needs_t10k_in_both(ood_run, tmp_path, capsys):
 
 
 def test_fashion_mnist_debian_files():
-    require_or_skip(
-        (FASHION / "train-images-idx3-ubyte.gz").is_file(),
-        f"Fashion-MNIST not found at {FASHION} (apt-get install dataset-fashion-mnist)",
-    )
-    data = load_mnist(FASHION)
+    data = load_mnist(fashion_data_or_skip())
     assert [len(data.images[s]) for s in ("train", "val", "test")] == [50000, 10000, 10000]
     train_labels = torch.cat([data.labels["train"], data.labels["val"]])
     assert torch.bincount(train_labels).tolist() == [6000] * 10
@@ -448,9 +476,18 @@ def test_train_dataset_option(tmp_path, monkeypatch, capsys, tiny_data):
     assert json.loads(capsys.readouterr().out)["step"] == 2  # 40 training images: 2 full batches of 16
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["dataset"] == "fashion-mnist" and cfg["data_dir"] is None
-    # with a data directory, --dataset would be ignored: refused instead
-    code = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(tiny_data), "--out", str(tmp_path / "r2")])
-    _one_line_error(capsys, code, "--dataset applies only without a data directory", str(tiny_data))
+    # with a data directory, --dataset names what it holds: read, not downloaded
+    run2 = tmp_path / "r2"
+    argv = [*argv, "--data-dir", str(tiny_data), "--out", str(run2), "--log-every", "1"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    cfg = json.loads((run2 / "config.json").read_text())
+    assert cfg["dataset"] == "fashion-mnist" and cfg["data_dir"] == str(tiny_data.resolve())
+    # tables and figures name the dataset
+    assert main(["evaluate", str(run2), "--split", "val", "--max-images", "4", "--importance-samples", "1"]) == 0
+    capsys.readouterr()
+    assert main(["table", str(run2)]) == 0
+    assert "| simple (Fashion-MNIST) |" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["train", "--dataset", "cifar"])
     assert e.value.code == 2

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import real_data_or_skip, write_mnist_dir
+from conftest import fashion_data_or_skip, real_data_or_skip, write_mnist_dir
+from helpers import PARAMS
 
 from flowmnist import runs
 from flowmnist.cli import main
-from flowmnist.config import FlowmnistError
+from flowmnist.config import Config, FlowmnistError
 from flowmnist.data import load_mnist
 from flowmnist.evaluate import dataset_bpd, evaluate_run
 from flowmnist.models import build_model, count_params
 
 REPO = Path(__file__).resolve().parents[1]
-PARAMS = {"simple": 556_312, "vardeq": 628_388, "multi-simple": 1_639_742, "multi-vardeq": 1_711_818}
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_every_run_command_takes_pretrained(shipped, tmp_path, capsys):
         assert main(cmd) == 0, cmd
     names = {p.name for p in out.iterdir()}
     assert {"train_log.png", "val_log.png", "samples.png", "interpolation.png"} <= names
-    assert {"dequant_simple__other_.png", "dequant_simple__simple_.png"} <= names
+    assert {"dequant_simple_other.png", "dequant_simple_simple.png"} <= names
 
 
 def test_evaluate_pretrained_on_a_test_split_leaves_the_package_unchanged(shipped, tmp_path, capsys):
@@ -189,6 +189,23 @@ def test_figures_of_shipped_runs_use_the_shipped_digits(shipped, tmp_path, monke
     _one_line_error(capsys, "train-labels-idx1-ubyte.gz", "SHA-256")
 
 
+def test_shipped_images_are_picked_by_each_runs_dataset(shipped):
+    from flowmnist.data import FILES, read_idx, write_idx
+    from flowmnist.figures import eval_images
+
+    fashion = shipped / "digits-fashion-mnist"
+    fashion.mkdir()
+    for key in ("train-images", "train-labels"):  # stand-ins: the MNIST digits inverted
+        arr = read_idx(shipped / "digits" / (FILES[key][0] + ".gz"))
+        write_idx(fashion / (FILES[key][0] + ".gz"), 255 - arr if key == "train-images" else arr)
+    runs.write_manifest(shipped)
+    dirs = runs.shipped_digits_by_dataset()
+    assert dirs == {"fashion-mnist": str(fashion), "mnist": str(shipped / "digits")}
+    digits, _, split = eval_images(Config(dataset="mnist"), dirs)
+    clothes, _, _ = eval_images(Config(dataset="fashion-mnist"), dirs)
+    assert split == "val" and torch.equal(clothes, 255 - digits)
+
+
 def test_torch_hub_local_loads_the_shipped_model(shipped):
     model = torch.hub.load(str(REPO), "simple", source="local", trust_repo=True)
     assert not model.training and count_params(model) == PARAMS["simple"]
@@ -197,6 +214,8 @@ def test_torch_hub_local_loads_the_shipped_model(shipped):
     )
     untrained = torch.hub.load(str(REPO), "multi_vardeq", source="local", pretrained=False)
     assert count_params(untrained) == PARAMS["multi-vardeq"]
+    cond = torch.hub.load(str(REPO), "multi_vardeq_cond", source="local", pretrained=False)
+    assert cond.conditional and count_params(cond) == PARAMS["multi-vardeq"] + 2 * 10 * 784
 
 
 # --- an --out that is a directory where a file is expected -----------------------------------------
@@ -227,10 +246,16 @@ def test_sample_out_directory_error_in_a_real_process(tiny_run, tmp_path):
 # --- the models that really ship ---------------------------------------------------------------
 
 
+SHIPPED = ("multi-simple", "multi-vardeq", "multi-vardeq-cond", "fashion-multi-vardeq")
+
+
 def test_the_package_ships_its_models():
     names = runs.pretrained_names()
-    assert "multi-vardeq" in names, names
-    runs.shipped_digits()
+    assert set(SHIPPED) <= set(names), names
+    assert set(runs.shipped_digits_by_dataset()) == {"mnist", "fashion-mnist"}
+    for name in names:  # torch.hub serves every one
+        model = torch.hub.load(str(REPO), name.replace("-", "_"), source="local", pretrained=False)
+        assert count_params(model) == count_params(runs.load_pretrained(name))
 
 
 @pytest.mark.slow
@@ -238,10 +263,13 @@ def test_the_package_ships_its_models():
 def test_each_shipped_model_loads_and_fits_real_digits(name):
     model = runs.load_pretrained(name)
     cfg = runs.run_config(runs.PRETRAINED_ROOT / name)
-    assert count_params(model) == count_params(build_model(cfg.model))
-    if cfg.model in PARAMS:
-        assert count_params(model) == PARAMS[cfg.model]
-    images = load_mnist(str(real_data_or_skip())).images["val"][:256]
+    prior = 2 * 10 * 784 if cfg.conditional else 0  # a mean and a log-scale per digit and dimension
+    assert count_params(model) == count_params(build_model(cfg.model, conditional=cfg.conditional))
+    assert count_params(model) == PARAMS[cfg.model] + prior
+    if cfg.dataset == "fashion-mnist":  # its test images: never trained on
+        images, low, high = load_mnist(fashion_data_or_skip()).images["test"][:256], 2.5, 3.5
+    else:  # MNIST, marginal bpd for a conditional model
+        images, low, high = load_mnist(str(real_data_or_skip())).images["val"][:256], 0.9, 1.3
     bpd, single = dataset_bpd(model, images, k=1)
-    # Trained to ~1.05–1.15 on full MNIST; an untrained model gives ~5, a broken Jacobian anything.
-    assert 0.9 < bpd < 1.3, bpd
+    # Trained to ~1.05–1.15 on MNIST (~2.9 on Fashion-MNIST); untrained ~5, a broken Jacobian anything.
+    assert low < bpd < high, bpd

@@ -8,14 +8,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import perturb
+from helpers import PARAMS, perturb
 
 from flowmnist.bench import bench_table, peak_memory, run_bench
 from flowmnist.cli import main
 from flowmnist.models import MODELS, build_model, count_params
 from flowmnist.nets import ConcatELU, FastConcatELU, FastLayerNormChannels, LayerNormChannels
-
-PARAMS = {"simple": 556_312, "vardeq": 628_388, "multi-simple": 1_639_742, "multi-vardeq": 1_711_818}
 
 
 def _pair(name: str, seed: int = 0):

@@ -144,15 +144,16 @@ def _runs(a: argparse.Namespace) -> list[Path]:
     return given + pretrained_runs(shipped)
 
 
-def _figure_data(a: argparse.Namespace) -> str | None:
+def _figure_data(a: argparse.Namespace) -> str | dict[str, str] | None:
     """Real digits for figures: --data-dir or $FLOWMNIST_DATA; else, when every run is a shipped one,
-    the validation digits shipped with them (no download); else None (each run's own data)."""
-    from .runs import shipped_digits
+    the validation images shipped with them, {dataset: directory} (no download); else None (each
+    run's own data)."""
+    from .runs import shipped_digits_by_dataset
 
-    if a.data_dir or os.environ.get("FLOWMNIST_DATA"):
-        return _data_dir(a.data_dir)
-    if a.pretrained and not a.run_dirs:
-        return str(shipped_digits())
+    if getattr(a, "data_dir", None) or os.environ.get("FLOWMNIST_DATA"):
+        return _data_dir(getattr(a, "data_dir", None))
+    if a.pretrained and not getattr(a, "run_dirs", None):
+        return shipped_digits_by_dataset()
     return None
 
 
@@ -175,11 +176,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             setattr(cfg, key, given[key])
     if "data_dir" in given:
         cfg.data_dir = _data_dir(a.data_dir)
-    if "dataset" in given:  # names a download; a data directory is read whatever it holds
-        if cfg.data_dir:
-            raise FlowmnistError(
-                f"--dataset applies only without a data directory; {cfg.data_dir} is given (--data-dir/$FLOWMNIST_DATA)"
-            )
+    if "dataset" in given:  # without a data directory: what to download; with one: what it holds, for titles
         cfg.dataset = a.dataset
     if a.plain:
         cfg.fast = False
@@ -259,7 +256,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     import torch
 
     from .plots import save_grid
-    from .runs import load_model
+    from .runs import load_model, run_title
 
     out = _out_file(a.out)
     (run,) = _runs(a)
@@ -269,13 +266,13 @@ def cmd_sample(a: argparse.Namespace) -> int:
     if a.digit == "all":
         from .figures import save_digit_grid
 
-        save_digit_grid(model, out, f"{cfg.model} (conditional)", a.n or 10, a.temperature, a.seed)
+        save_digit_grid(model, out, run_title(cfg.model, True, cfg.dataset), a.n or 10, a.temperature, a.seed)
         print(out)
         return 0
     g = torch.Generator(device=a.device).manual_seed(a.seed)
     images = model.sample(a.n or 64, temperature=a.temperature, generator=g, y=a.digit)
     what = "samples" if a.digit is None else f"samples of digit {a.digit}"
-    save_grid(images, out, title=f"{cfg.model} {what} (T={a.temperature:g})")
+    save_grid(images, out, title=f"{run_title(cfg.model, cfg.conditional, cfg.dataset)} {what} (T={a.temperature:g})")
     print(out)
     return 0
 
@@ -350,6 +347,7 @@ def cmd_report(a: argparse.Namespace) -> int:
         probs=a.probs,
         data_dir=data_dir,
         device=a.device,
+        ood=(_data_dir(a.ood_data), a.ood_images) if a.ood_data else None,
         notice=lambda msg: print(f"flowmnist report: note: {msg}", file=sys.stderr),
     )
     print(index)
@@ -416,6 +414,12 @@ def _add_figure_commands(sub) -> None:
     r.add_argument("--images", type=_positive_int, default=64, help="digits for the dequantization figure")
     r.add_argument("--probs", type=float, nargs="+", default=list(DEFAULT_PROBS), help="toy distribution")
     r.add_argument("--seed", type=_nonneg_int, default=0)
+    r.add_argument(
+        "--ood-data", metavar="DIR", help="add an OOD section: each run's held-out images against this IDX directory's"
+    )
+    r.add_argument(
+        "--ood-images", type=_positive_int, default=500, metavar="N", help="images of each set in the OOD section"
+    )
     data_and_device(r)
     r.set_defaults(func=cmd_report)
 
@@ -505,7 +509,7 @@ def _ood_table(r: dict) -> str:
     for key, title in (("in", "in-distribution"), ("ood", "OOD")):
         d = r[key]
         mean = "–" if d["mean_bpd"] is None else f"{d['mean_bpd']:.4f}"
-        lines.append(f"- {title}: {d['data_dir']} ({r['split']}), {d['images']} images, mean bpd {mean}")
+        lines.append(f"- {title}: {d['data_dir']} ({d['split']}), {d['images']} images, mean bpd {mean}")
     t = r["typicality"]
     lines.append(
         f"- typicality: Ĥ = {t['entropy_bpd']:.4f} bpd from {t['reference_images']} in-distribution images; "
@@ -515,35 +519,36 @@ def _ood_table(r: dict) -> str:
 
 
 def _ood_sets(a: argparse.Namespace, cfg: Config) -> dict:
-    """{"in" | "ood": (data directory, uint8 images)}, both read before any scoring starts."""
+    """{"in" | "ood": (data directory, split, uint8 images)}, both read before any scoring starts. The
+    in-distribution set defaults to the run's own data."""
     from .data import load_mnist
 
+    own = _figure_data(a)  # a shipped model's own: the images shipped with it
+    own = own.get(cfg.dataset) if isinstance(own, dict) else own
     sets = {}
-    for key, arg in (("in", a.in_data), ("ood", a.ood_data)):
-        data = load_mnist(_data_dir(arg), cfg.split_seed, cfg.val_fraction)
-        sets[key] = (str(data.root), data.split(a.split)[0][: a.max_images])
+    for key, arg, split in (("in", a.in_data, a.split), ("ood", a.ood_data, a.ood_split or a.split)):
+        root = _data_dir(arg) if arg else own or cfg.data_dir
+        data = load_mnist(root, cfg.split_seed, cfg.val_fraction, cfg.dataset if key == "in" else "mnist")
+        sets[key] = (str(data.root), split, data.split(split)[0][: a.max_images])
     return sets
 
 
 def cmd_ood(a: argparse.Namespace) -> int:
-    from .ood import ood_metrics, ood_scores, score_images
+    from .ood import compare
     from .runs import load_model
 
-    out = _out_dir(a.out) if a.out else None
+    out = _out_file(a.out) if a.out else None
     (run,) = _runs(a)
     model, cfg = load_model(run, a.device)
     sets = _ood_sets(a, cfg)
-    scored = {key: score_images(model, images, a.importance_samples) for key, (_, images) in sets.items()}
-    ins, outs, info = ood_scores(scored["in"], scored["ood"], list(dict.fromkeys(a.batch_sizes)))
-    r = {"scores": {name: {k: round(v, 6) for k, v in ood_metrics(ins[name], outs[name]).items()} for name in ins}}
-    for key, (root, images) in sets.items():
-        r[key] = {"data_dir": root, "images": len(images), "mean_bpd": _rounded(scored[key]["bpd"].mean())}
-    r["split"], r["importance_samples"] = a.split, a.importance_samples
-    r["typicality"] = {k: _rounded(v) if isinstance(v, float) else v for k, v in info.items()}
+    r, ins, outs = compare(model, sets["in"][2], sets["ood"][2], a.importance_samples, a.batch_sizes)
+    for key, (root, split, _) in sets.items():
+        r[key].update(data_dir=root, split=split)
+    r["split"] = a.split
     if out is not None:
         from .figures import plot_ood_histograms
 
-        r["figure"] = str(plot_ood_histograms(ins, outs, out / "ood_scores.png"))
+        r["figure"] = str(plot_ood_histograms(ins, outs, out))
     print(json.dumps(r) if a.json else _ood_table(r))
     return 0
 
@@ -575,9 +580,17 @@ def _add_ood_commands(sub) -> None:
 
     o = sub.add_parser("ood", help="AUROC, AUPR, FPR95 of each OOD score between two IDX directories")
     common(o)
-    o.add_argument("--in-data", required=True, metavar="DIR", help="IDX directory of in-distribution images")
+    o.add_argument(
+        "--in-data",
+        metavar="DIR",
+        help="IDX directory of in-distribution images (default: the run's own data; for a shipped model, the "
+        "images shipped with it)",
+    )
     o.add_argument("--ood-data", required=True, metavar="DIR", help="IDX directory of out-of-distribution images")
     o.add_argument("--split", choices=("train", "val", "test"), default="val", help="split of both sets (default val)")
+    o.add_argument(
+        "--ood-split", choices=("train", "val", "test"), help="split of the OOD set, where it differs from --split"
+    )
     o.add_argument(
         "--batch-sizes",
         type=_positive_int,
@@ -586,9 +599,7 @@ def _add_ood_commands(sub) -> None:
         metavar="M",
         help=f"typicality test batch sizes M (default {' '.join(map(str, BATCH_SIZES))})",
     )
-    o.add_argument(
-        "--out", metavar="FIG_DIR", help="write the score histograms to FIG_DIR/ood_scores.png (default: no figure)"
-    )
+    o.add_argument("--out", metavar="FIG", help="write the score histograms to this PNG file (default: no figure)")
     o.add_argument("--json", action="store_true", help="print one JSON object")
     o.set_defaults(func=cmd_ood)
 
@@ -622,7 +633,8 @@ def _add_train_command(sub) -> None:
     t.add_argument(
         "--dataset",
         choices=tuple(DATASETS),
-        help=f"download and cache this dataset (default {DEFAULTS.dataset}); only without --data-dir/$FLOWMNIST_DATA",
+        help=f"the dataset (default {DEFAULTS.dataset}): downloaded and cached without --data-dir/$FLOWMNIST_DATA, "
+        "else the name of what the directory holds (titles, report)",
     )
     t.add_argument("--out", default="runs/run", help="run directory (default runs/run)")
     _add_recipe_options(t)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .models import FlowModel, count_params
-from .runs import checkpoint_path, load_model, training_summary, write_json
+from .runs import checkpoint_path, load_model, run_title, training_summary, write_json
 
 
 @torch.inference_mode()
@@ -186,6 +186,7 @@ def evaluate_run(
         exact[split] = roundtrip_fraction(model, images)
     results = {
         "model": cfg.model,
+        "dataset": cfg.dataset,
         **({"conditional": True, **extra} if model.conditional else {}),
         "params": count_params(model),
         "bpd": bpd,
@@ -234,8 +235,8 @@ def results_table(results: list[dict[str, Any]]) -> str:
 
 
 def model_name(r: dict[str, Any]) -> str:
-    """The model's name in a table: "(conditional)" added for a class-conditional run."""
-    return f"{r['model']} (conditional)" if r.get("conditional") else r["model"]
+    """The model's name in a table (``runs.run_title``): "conditional" and a dataset other than MNIST noted."""
+    return run_title(r["model"], bool(r.get("conditional")), r.get("dataset", "mnist"))
 
 
 def classification_table(results: list[dict[str, Any]]) -> str:

@@ -9,6 +9,7 @@ Every ``plot_*`` takes run directories and an output folder and returns the path
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +22,16 @@ from torch import Tensor
 from .config import Config, FlowmnistError
 from .models import FlowModel
 from .plots import image_grid, plt, save_figure, save_grid
-from .runs import load_model, read_metrics, run_config
+from .runs import load_model, read_metrics, run_config, run_title
 
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
 # ----------------------------------------------------------------------------------------------
+
+
+def file_slug(label: str) -> str:
+    """A label as part of a file name: "multi-vardeq (conditional)" -> "multi-vardeq_conditional"."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", label).strip("_")
 
 
 def run_labels(models: list[str], run_dirs: list[str | Path]) -> list[str]:
@@ -45,11 +51,17 @@ def run_labels(models: list[str], run_dirs: list[str | Path]) -> list[str]:
     return labels
 
 
-def eval_images(cfg: Config, data_dir: str | None = None) -> tuple[Tensor, Tensor, str]:
+DataDirs = str | dict[str, str] | None  # one directory for every run, or one per dataset name
+
+
+def eval_images(cfg: Config, data_dir: DataDirs = None) -> tuple[Tensor, Tensor, str]:
     """Real digits for a run: (images, labels, split), the test split when the data has one, else
-    val (never train: the figures should show what the model does on digits it did not fit)."""
+    val (never train: the figures should show what the model does on digits it did not fit).
+    ``data_dir``: a directory, {dataset: directory} (the run's dataset's), or None (the run's own)."""
     from .data import load_mnist
 
+    if isinstance(data_dir, dict):
+        data_dir = data_dir.get(cfg.dataset)
     data = load_mnist(data_dir if data_dir is not None else cfg.data_dir, cfg.split_seed, cfg.val_fraction, cfg.dataset)
     split = "test" if "test" in data.splits else "val"
     images, labels = data.split(split)
@@ -76,7 +88,8 @@ def curve_series(run_dirs: list[str | Path]) -> list[Curves]:
     for run in run_dirs:
         if not (Path(run) / "metrics.csv").is_file():
             raise FlowmnistError(f"{run}: no metrics.csv; not a flowmnist run directory")
-        models.append(run_config(run).model)
+        cfg = run_config(run)
+        models.append(run_title(cfg.model, cfg.conditional, cfg.dataset))
         rows_per_run.append(read_metrics(run))
     out = []
     for label, rows in zip(run_labels(models, run_dirs), rows_per_run, strict=True):
@@ -136,7 +149,7 @@ def plot_samples(
     of panels, from the same seed."""
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(3.2 * len(run_dirs), 3.6), squeeze=False)
     loaded = [load_model(r, device) for r in run_dirs]
-    labels = run_labels([cfg.model for _, cfg in loaded], run_dirs)
+    labels = run_labels([run_title(c.model, c.conditional, c.dataset) for _, c in loaded], run_dirs)
     for ax, (model, _), label in zip(axes[0], loaded, labels, strict=True):
         g = torch.Generator(device=device).manual_seed(seed)
         ax.imshow(image_grid(model.sample(n, temperature, g)), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
@@ -216,13 +229,13 @@ def plot_interpolations(
     steps: int = 8,
     seed: int = 0,
     spherical: bool = False,
-    data_dir: str | None = None,
+    data_dir: DataDirs = None,
     device: str = "cpu",
 ) -> list[Path]:
     """interpolation.png (interpolation_spherical.png with ``spherical``): a row per (run, pair)."""
     rows, names = [], []
     loaded = [load_model(r, device) for r in run_dirs]
-    labels = run_labels([cfg.model for _, cfg in loaded], run_dirs)
+    labels = run_labels([run_title(c.model, c.conditional, c.dataset) for _, c in loaded], run_dirs)
     for (model, cfg), label in zip(loaded, labels, strict=True):
         images, digit_labels, split = eval_images(cfg, data_dir)
         for i, j in pick_pairs(digit_labels, pairs, seed):
@@ -299,14 +312,14 @@ def plot_dequant(
     images: int = 64,
     draws: int = 1,
     seed: int = 0,
-    data_dir: str | None = None,
+    data_dir: DataDirs = None,
     device: str = "cpu",
 ) -> list[Path]:
     """dequant_<label>.png per run: the distribution of v = x + u over real digits. Three panels:
     v in [0, 8) (the heavy mass at 0 and its neighbours), the whole range [0, 256) on a log density
     axis, and q(u|x) per pixel group (flat at 1 for uniform dequantization)."""
     loaded = [load_model(r, device) for r in run_dirs]
-    labels = run_labels([cfg.model for _, cfg in loaded], run_dirs)
+    labels = run_labels([run_title(c.model, c.conditional, c.dataset) for _, c in loaded], run_dirs)
     paths = []
     for (model, cfg), label in zip(loaded, labels, strict=True):
         data, _, split = eval_images(cfg, data_dir)
@@ -338,7 +351,7 @@ def plot_dequant(
         axes[2].set_title("dequantization noise by pixel value")
         axes[2].legend(fontsize=7)
         fig.suptitle(f"{label}: {kind} dequantization, {min(images, len(data))} {split} digits x {draws} draw(s)")
-        slug = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label)
+        slug = file_slug(label)
         paths.append(save_figure(fig, Path(out_dir) / f"dequant_{slug}.png"))
     return paths
 

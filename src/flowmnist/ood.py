@@ -247,6 +247,30 @@ def ood_scores(
     return ins, outs, info
 
 
+def compare(
+    model: FlowModel, in_images: Tensor, ood_images: Tensor, k: int = 8, batch_sizes: Sequence[int] = BATCH_SIZES
+) -> tuple[dict, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Score two sets of uint8 images with ``model`` and measure every OOD score on them: (summary,
+    in-distribution scores, OOD scores). The summary is `flowmnist ood`'s JSON without the data
+    sources: {"scores": {NAME: {"auroc", "aupr", "fpr95"}}, "in"/"ood": {"images", "mean_bpd"},
+    "importance_samples", "typicality"}; a non-finite value is null."""
+    scored = {"in": score_images(model, in_images, k), "ood": score_images(model, ood_images, k)}
+    ins, outs, info = ood_scores(scored["in"], scored["ood"], list(dict.fromkeys(batch_sizes)))
+    metrics = {name: ood_metrics(ins[name], outs[name]) for name in ins}
+    r: dict = {"scores": {name: {m: _rounded(v) for m, v in ms.items()} for name, ms in metrics.items()}}
+    for key, s in scored.items():
+        r[key] = {"images": len(s["bpd"]), "mean_bpd": _rounded(s["bpd"].mean())}
+    r["importance_samples"] = k
+    r["typicality"] = {key: _rounded(v) if isinstance(v, float) else v for key, v in info.items()}
+    return r, ins, outs
+
+
+def _rounded(v) -> float | None:
+    """6 decimals, or None (null in JSON) when not finite: a NaN is shown, never averaged away."""
+    v = float(v)
+    return round(v, 6) if math.isfinite(v) else None
+
+
 # ----------------------------------------------------------------------------------------------
 # PNG input: the user's own digits
 # ----------------------------------------------------------------------------------------------

@@ -18,15 +18,19 @@ from pathlib import Path
 from .config import atomic_write_bytes
 from .evaluate import classification_table, results_table
 from .figures import (
+    DataDirs,
+    eval_images,
+    file_slug,
     plot_confusion,
     plot_curves,
     plot_dequant,
     plot_interpolations,
+    plot_ood_histograms,
     plot_samples,
     run_labels,
     save_digit_grid,
 )
-from .runs import PRETRAINED_ROOT, load_model, run_config
+from .runs import PRETRAINED_ROOT, load_model, run_config, run_title
 from .toy import DEFAULT_PROBS, fit_toy_noting, plot_concepts
 
 CSS = """
@@ -112,8 +116,9 @@ class ReportSpec:
     temperatures: tuple[float, ...] = (1.0, 0.7)
     dequant_images: int = 64
     probs: tuple[float, ...] = DEFAULT_PROBS
-    data_dir: str | None = None
+    data_dir: DataDirs = None  # one directory, or {dataset: directory} for shipped runs
     device: str = "cpu"
+    ood: tuple[str, int] | None = None  # (OOD IDX directory, images of each set) for the OOD section
     labels: list[str] = field(default_factory=list)
     results: dict[Path, dict] = field(default_factory=dict)  # each run's results.json, where it has one
     commands: list[str] = field(default_factory=list)  # each figure's stand-alone command, in order
@@ -124,7 +129,7 @@ class ReportSpec:
 
     @property
     def data_opt(self) -> list[str]:
-        return ["--data-dir", self.data_dir] if self.data_dir else []
+        return ["--data-dir", self.data_dir] if isinstance(self.data_dir, str) else []
 
 
 def results_section(spec: ReportSpec) -> str:
@@ -165,10 +170,6 @@ def samples_section(spec: ReportSpec) -> str:
     return "<h2>Samples</h2>\n" + "".join(parts)
 
 
-def _slug(label: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in label)
-
-
 def conditional_section(spec: ReportSpec, per_digit: int = 10) -> str:
     """Class-conditional runs: a 10-row grid of each (row d: digit d on demand) and, where evaluate has
     measured them (results.json), the confusion matrices of the flow as a Bayes classifier."""
@@ -176,9 +177,9 @@ def conditional_section(spec: ReportSpec, per_digit: int = 10) -> str:
     for run, label in zip(spec.run_dirs, spec.labels, strict=True):
         if not run_config(run).conditional:
             continue
-        path = spec.out_dir / f"digits_{_slug(label)}.png"
+        path = spec.out_dir / f"digits_{file_slug(label)}.png"
         model, cfg = load_model(run, spec.device)
-        save_digit_grid(model, path, f"{cfg.model} (conditional)", per_digit, 1.0, spec.seed)
+        save_digit_grid(model, path, run_title(cfg.model, True, cfg.dataset), per_digit, 1.0, spec.seed)
         opts = ["--digit", "all", "--n", per_digit, "--seed", spec.seed, "--out", path]
         spec.commands.append(_command("sample", *run_args([run]), *opts))
         parts.append(
@@ -186,7 +187,8 @@ def conditional_section(spec: ReportSpec, per_digit: int = 10) -> str:
         )
         confusion = spec.results.get(run, {}).get("confusion") or {}
         for split, matrix in confusion.items():
-            fig = plot_confusion(matrix, spec.out_dir / f"confusion_{_slug(label)}_{split}.png", f"{label}, {split}")
+            out = spec.out_dir / f"confusion_{file_slug(label)}_{split}.png"
+            fig = plot_confusion(matrix, out, f"{label}, {split}")
             caption = f"{label}: classifier argmax_y p(x | y) p(y) on {split}; rows: true digit (from results.json)."
             parts.append(_figure(fig, spec.out_dir, caption))
         if not confusion:
@@ -241,6 +243,41 @@ def concepts_section(spec: ReportSpec, notice: Callable[[str], None] | None) -> 
     )
 
 
+def ood_section(spec: ReportSpec) -> str:
+    """With ``spec.ood``: each run's own held-out images (as the figures use) against the OOD
+    directory's (its test split where it has one, else val), every OOD score's AUROC, AUPR and FPR95
+    (``ood.compare``, K = 8) and their histograms."""
+    if spec.ood is None:
+        return ""
+    from .data import load_mnist
+    from .ood import BATCH_SIZES, compare
+
+    ood_dir, n = spec.ood
+    parts = []
+    for run, label in zip(spec.run_dirs, spec.labels, strict=True):
+        model, cfg = load_model(run, spec.device)
+        inside, _, split = eval_images(cfg, spec.data_dir)
+        data = load_mnist(ood_dir, cfg.split_seed, cfg.val_fraction)
+        ood_split = "test" if "test" in data.splits else "val"
+        inside, outside = inside[:n], data.split(ood_split)[0][:n]
+        sizes = [m for m in BATCH_SIZES if m <= min((len(inside) + 1) // 2, len(outside))]  # batches both sets fill
+        r, ins, outs = compare(model, inside, outside, batch_sizes=sizes)
+        path = plot_ood_histograms(ins, outs, spec.out_dir / f"ood_{file_slug(label)}.png")
+        opts = ["--ood-data", ood_dir, "--split", split, "--ood-split", ood_split, "--max-images", n]
+        opts += ["--batch-sizes", *sizes, "--out", path]
+        in_opt = ["--in-data", spec.data_dir] if isinstance(spec.data_dir, str) else []
+        spec.commands.append(_command("ood", *run_args([run]), *in_opt, *opts))
+        rows = ["| score | AUROC | AUPR | FPR95 |", "|---|---:|---:|---:|"]
+        rows += [f"| {name} | {m['auroc']} | {m['aupr']} | {m['fpr95']} |" for name, m in r["scores"].items()]
+        caption = (
+            f"{label}: {r['in']['images']} of its {split} images (mean bpd {r['in']['mean_bpd']}) against "
+            f"{r['ood']['images']} {ood_split} images of {ood_dir} (mean bpd {r['ood']['mean_bpd']}); high = OOD."
+        )
+        parts.append(f"<h3>{html.escape(label)}</h3>\n" + markdown_table_html("\n".join(rows)))
+        parts.append(_figure(path, spec.out_dir, caption))
+    return "<h2>Out-of-distribution scores</h2>\n" + "\n".join(parts)
+
+
 def configs_section(spec: ReportSpec) -> str:
     return "<h2>Run configs</h2>\n" + "".join(
         f"<h3>{html.escape(label)} <code>{html.escape(str(r))}</code></h3>\n<pre>"
@@ -252,6 +289,7 @@ def configs_section(spec: ReportSpec) -> str:
 def commands_section(spec: ReportSpec) -> str:
     opts = ["--n", spec.samples, "--pairs", spec.pairs, "--steps", spec.steps, "--images", spec.dequant_images]
     opts += ["--probs", *[f"{p:g}" for p in spec.probs], "--seed", spec.seed, *spec.data_opt]
+    opts += ["--ood-data", spec.ood[0], "--ood-images", spec.ood[1]] if spec.ood else []
     report_cmd = _command("report", *spec.runs, "--out", spec.out_dir, *opts)
     return (
         "<h2>Commands</h2>\n<p>This report:</p>\n<pre>"
@@ -284,8 +322,9 @@ def build_report(
     samples: int = 36,
     dequant_images: int = 64,
     probs=DEFAULT_PROBS,
-    data_dir: str | None = None,
+    data_dir: DataDirs = None,
     device: str = "cpu",
+    ood: tuple[str, int] | None = None,
     notice: Callable[[str], None] | None = None,
 ) -> Path:
     """Make every figure into ``out_dir`` and write ``out_dir/index.html``; returns its path.
@@ -295,9 +334,10 @@ def build_report(
     """
     run_dirs = [Path(r) for r in run_dirs]
     spec = ReportSpec(run_dirs, Path(out_dir), seed, pairs, steps, samples, (1.0, 0.7), dequant_images)
-    spec.probs, spec.data_dir, spec.device = tuple(probs), data_dir, device
+    spec.probs, spec.data_dir, spec.device, spec.ood = tuple(probs), data_dir, device, ood
     spec.out_dir.mkdir(parents=True, exist_ok=True)
-    spec.labels = run_labels([run_config(r).model for r in run_dirs], run_dirs)
+    cfgs = [run_config(r) for r in run_dirs]
+    spec.labels = run_labels([run_title(c.model, c.conditional, c.dataset) for c in cfgs], run_dirs)
     sections = [
         results_section(spec),
         curves_section(spec),
@@ -306,6 +346,7 @@ def build_report(
         interpolation_section(spec),
         dequant_section(spec),
         concepts_section(spec, notice),
+        ood_section(spec),
         configs_section(spec),
         commands_section(spec),
     ]

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .config import Config, FlowmnistError, atomic_write_bytes
+from .data import DATASETS
 from .models import MODELS, FlowModel, build_model
 
 FORMAT_VERSION = 1  # bump when the checkpoint layout changes; loading refuses other versions
@@ -33,7 +34,19 @@ RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.csv")
 WEIGHTS = "model.pt"  # a shipped (weights-only) run's checkpoint
 PRETRAINED_ROOT = Path(__file__).resolve().parent / "pretrained"
 PRETRAINED_FILES = ("config.json", "metrics.csv", "results.json", WEIGHTS)
-DIGITS = "digits"  # real validation digits shipped for the figures: MNIST IDX files, in the manifest too
+DIGITS = "digits"  # real validation images shipped for the figures: IDX files, in the manifest too
+
+
+def digits_folder(dataset: str = "mnist") -> str:
+    """The shipped images' folder of a dataset: ``digits`` for MNIST, ``digits-NAME`` for another."""
+    return DIGITS if dataset == "mnist" else f"{DIGITS}-{dataset}"
+
+
+def run_title(model: str, conditional: bool = False, dataset: str = "mnist") -> str:
+    """A run's name in tables and figures: the model, with "conditional" and a dataset other than
+    MNIST in brackets, e.g. "multi-vardeq (conditional)", "multi-vardeq (Fashion-MNIST)"."""
+    notes = (["conditional"] if conditional else []) + ([DATASETS[dataset].title] if dataset != "mnist" else [])
+    return f"{model} ({', '.join(notes)})" if notes else model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,13 +274,22 @@ def verify_pretrained(name: str, root: Path | None = None) -> Path:
     return _verify_files(name, root)
 
 
-def shipped_digits(root: Path | None = None) -> Path:
-    """The directory of real MNIST validation digits that ships with the models (an MNIST IDX
+def shipped_digits(root: Path | None = None, dataset: str = "mnist") -> Path:
+    """The directory of real validation images of ``dataset`` that ships with the models (an IDX
     directory), checked against the manifest: figures of shipped runs need no download."""
+    root, folder = root or PRETRAINED_ROOT, digits_folder(dataset)
+    if f"{folder}/train-images-idx3-ubyte.gz" not in read_manifest(root)["files"]:
+        raise FlowmnistError(f"{root}: no shipped {dataset} images; pass --data-dir")
+    return _verify_files(folder, root)
+
+
+def shipped_digits_by_dataset(root: Path | None = None) -> dict[str, str]:
+    """{dataset: its shipped images' directory} for every dataset that has some (each verified):
+    figures of several shipped runs give each run the images of its own dataset."""
     root = root or PRETRAINED_ROOT
-    if f"{DIGITS}/train-images-idx3-ubyte.gz" not in read_manifest(root)["files"]:
-        raise FlowmnistError(f"{root}: no shipped digits; pass --data-dir")
-    return _verify_files(DIGITS, root)
+    folders = {key.split("/")[0] for key in read_manifest(root)["files"] if key.startswith(DIGITS)}
+    names = {digits_folder(name): name for name in DATASETS}
+    return {names[f]: str(shipped_digits(root, names[f])) for f in sorted(folders) if f in names}
 
 
 def verify_if_pretrained(path: Path) -> None:
@@ -335,9 +357,8 @@ def write_manifest(root: Path | None = None) -> dict[str, Any]:
 
     runs = sorted((p for p in root.iterdir() if p.is_dir() and (p / WEIGHTS).is_file()), key=order)
     files = {f"{run.name}/{name}": sha256(run / name) for run in runs for name in PRETRAINED_FILES}
-    digits = root / DIGITS
-    if digits.is_dir():
-        files.update({f"{DIGITS}/{p.name}": sha256(p) for p in sorted(digits.iterdir()) if p.is_file()})
+    for digits in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(DIGITS)):
+        files.update({f"{digits.name}/{p.name}": sha256(p) for p in sorted(digits.iterdir()) if p.is_file()})
     manifest = {"algorithm": "sha256", "runs": [r.name for r in runs], "files": files}
     write_json(root / "manifest.json", manifest)
     return manifest
