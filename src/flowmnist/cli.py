@@ -523,7 +523,7 @@ def _ood_sets(a: argparse.Namespace, cfg: Config) -> dict:
     in-distribution set defaults to the run's own data."""
     from .data import load_mnist
 
-    own = _figure_data(a)  # a shipped model's own: the images shipped with it
+    own = _figure_data(a) if not a.in_data else None  # a shipped model's own: the images shipped with it
     own = own.get(cfg.dataset) if isinstance(own, dict) else own
     sets = {}
     for key, arg, split in (("in", a.in_data, a.split), ("ood", a.ood_data, a.ood_split or a.split)):

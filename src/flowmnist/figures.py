@@ -34,6 +34,11 @@ def file_slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", label).strip("_")
 
 
+def config_labels(cfgs: list[Config], run_dirs: list[str | Path]) -> list[str]:
+    """``run_labels`` of the runs' titles (``runs.run_title``: conditional and dataset noted)."""
+    return run_labels([run_title(c.model, c.conditional, c.dataset) for c in cfgs], run_dirs)
+
+
 def run_labels(models: list[str], run_dirs: list[str | Path]) -> list[str]:
     """Legend names: the model name alone when it is unique among the runs, else "model (dir)";
     the full path when even the directory names collide."""
@@ -84,15 +89,14 @@ class Curves:
 
 def curve_series(run_dirs: list[str | Path]) -> list[Curves]:
     """Read each run's metrics.csv into train and val (step, bpd) series, labelled by model."""
-    models, rows_per_run = [], []
+    cfgs, rows_per_run = [], []
     for run in run_dirs:
         if not (Path(run) / "metrics.csv").is_file():
             raise FlowmnistError(f"{run}: no metrics.csv; not a flowmnist run directory")
-        cfg = run_config(run)
-        models.append(run_title(cfg.model, cfg.conditional, cfg.dataset))
+        cfgs.append(run_config(run))
         rows_per_run.append(read_metrics(run))
     out = []
-    for label, rows in zip(run_labels(models, run_dirs), rows_per_run, strict=True):
+    for label, rows in zip(config_labels(cfgs, run_dirs), rows_per_run, strict=True):
         c = Curves(label)
         for r in rows:
             # 'nonfinite' rows record skipped steps; NaN/inf would break the axis limits.
@@ -149,7 +153,7 @@ def plot_samples(
     of panels, from the same seed."""
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(3.2 * len(run_dirs), 3.6), squeeze=False)
     loaded = [load_model(r, device) for r in run_dirs]
-    labels = run_labels([run_title(c.model, c.conditional, c.dataset) for _, c in loaded], run_dirs)
+    labels = config_labels([cfg for _, cfg in loaded], run_dirs)
     for ax, (model, _), label in zip(axes[0], loaded, labels, strict=True):
         g = torch.Generator(device=device).manual_seed(seed)
         ax.imshow(image_grid(model.sample(n, temperature, g)), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
@@ -235,7 +239,7 @@ def plot_interpolations(
     """interpolation.png (interpolation_spherical.png with ``spherical``): a row per (run, pair)."""
     rows, names = [], []
     loaded = [load_model(r, device) for r in run_dirs]
-    labels = run_labels([run_title(c.model, c.conditional, c.dataset) for _, c in loaded], run_dirs)
+    labels = config_labels([cfg for _, cfg in loaded], run_dirs)
     for (model, cfg), label in zip(loaded, labels, strict=True):
         images, digit_labels, split = eval_images(cfg, data_dir)
         for i, j in pick_pairs(digit_labels, pairs, seed):
@@ -319,7 +323,7 @@ def plot_dequant(
     v in [0, 8) (the heavy mass at 0 and its neighbours), the whole range [0, 256) on a log density
     axis, and q(u|x) per pixel group (flat at 1 for uniform dequantization)."""
     loaded = [load_model(r, device) for r in run_dirs]
-    labels = run_labels([run_title(c.model, c.conditional, c.dataset) for _, c in loaded], run_dirs)
+    labels = config_labels([cfg for _, cfg in loaded], run_dirs)
     paths = []
     for (model, cfg), label in zip(loaded, labels, strict=True):
         data, _, split = eval_images(cfg, data_dir)

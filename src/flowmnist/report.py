@@ -19,6 +19,7 @@ from .config import atomic_write_bytes
 from .evaluate import classification_table, results_table
 from .figures import (
     DataDirs,
+    config_labels,
     eval_images,
     file_slug,
     plot_confusion,
@@ -27,7 +28,6 @@ from .figures import (
     plot_interpolations,
     plot_ood_histograms,
     plot_samples,
-    run_labels,
     save_digit_grid,
 )
 from .runs import PRETRAINED_ROOT, load_model, run_config, run_title
@@ -253,11 +253,12 @@ def ood_section(spec: ReportSpec) -> str:
     from .ood import BATCH_SIZES, compare
 
     ood_dir, n = spec.ood
-    parts = []
+    parts, read = [], {}  # the OOD directory read once per train/val split rule
     for run, label in zip(spec.run_dirs, spec.labels, strict=True):
         model, cfg = load_model(run, spec.device)
         inside, _, split = eval_images(cfg, spec.data_dir)
-        data = load_mnist(ood_dir, cfg.split_seed, cfg.val_fraction)
+        rule = (cfg.split_seed, cfg.val_fraction)
+        data = read[rule] = read.get(rule) or load_mnist(ood_dir, *rule)
         ood_split = "test" if "test" in data.splits else "val"
         inside, outside = inside[:n], data.split(ood_split)[0][:n]
         sizes = [m for m in BATCH_SIZES if m <= min((len(inside) + 1) // 2, len(outside))]  # batches both sets fill
@@ -336,8 +337,7 @@ def build_report(
     spec = ReportSpec(run_dirs, Path(out_dir), seed, pairs, steps, samples, (1.0, 0.7), dequant_images)
     spec.probs, spec.data_dir, spec.device, spec.ood = tuple(probs), data_dir, device, ood
     spec.out_dir.mkdir(parents=True, exist_ok=True)
-    cfgs = [run_config(r) for r in run_dirs]
-    spec.labels = run_labels([run_title(c.model, c.conditional, c.dataset) for c in cfgs], run_dirs)
+    spec.labels = config_labels([run_config(r) for r in run_dirs], run_dirs)
     sections = [
         results_section(spec),
         curves_section(spec),
