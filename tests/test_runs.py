@@ -246,7 +246,7 @@ def test_sample_out_directory_error_in_a_real_process(tiny_run, tmp_path):
 # --- the models that really ship ---------------------------------------------------------------
 
 
-SHIPPED = ("multi-simple", "multi-vardeq", "multi-vardeq-cond", "fashion-multi-vardeq")
+SHIPPED = ("simple", "vardeq", "multi-simple", "multi-vardeq", "multi-vardeq-cond", "fashion-multi-vardeq")
 
 
 def test_the_package_ships_its_models():
