@@ -263,6 +263,40 @@ def test_kill9_at_random_points_loses_nothing(straight_run, tmp_path):
     assert not list(run.glob(".*.tmp"))  # stale temporary files from killed writes are cleared
 
 
+def _timed_cmd(data: Path, run: Path, *extra: str) -> list[str]:
+    """No step-based validation or checkpoint: last.pt comes from --checkpoint-minutes alone (0.12 s),
+    many times within each 20-step epoch."""
+    cmd = _train_cmd(data, run, "--batch-size", "2", "--epochs", "2", "--checkpoint-minutes", "0.002", *extra)
+    i = cmd.index("--val-every")
+    return cmd[:i] + cmd[i + 2 :]
+
+
+@pytest.mark.slow
+def test_kill9_after_a_timed_checkpoint_resumes_mid_epoch_bit_for_bit(tmp_path):
+    """A run whose epochs outlast the checkpoint interval writes last.pt mid-epoch by the clock; SIGKILL
+    after the interval has passed loses only the steps since, and resuming continues exactly as the
+    uninterrupted run does (its final weights and every log row)."""
+    data = write_mnist_dir(tmp_path / "data", 48)
+    reference = tmp_path / "straight"
+    subprocess.run(_timed_cmd(data, reference), env=_env(), check=True, capture_output=True, timeout=600)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_timed_cmd(data, run), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline, state = time.time() + 300, {}
+    while proc.poll() is None and time.time() < deadline:
+        if (run / "last.pt").exists():
+            state = load_checkpoint(run / "last.pt")["state"]
+            if state["step"] > 0 and 0 < state["batch"]:
+                break
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert state.get("step", 0) > 0 and state["batch"] > 0, state  # a mid-epoch checkpoint past step 0
+    resumed_from = load_checkpoint(run / "last.pt")["state"]["step"]
+    assert resumed_from >= state["step"]
+    subprocess.run(_timed_cmd(data, run, "--resume"), env=_env(), check=True, capture_output=True, timeout=600)
+    _same_run(run, reference)
+
+
 def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     """A failure after part of the new checkpoint is written leaves the old one intact and no temp file."""
     path = tmp_path / "last.pt"

@@ -422,3 +422,31 @@ def test_old_configs_keep_their_recipe():
     assert (cfg.schedule, cfg.warmup_steps, cfg.ema, cfg.compile, cfg.precision) == ("step", 0, 0.0, False, "float32")
     assert (cfg.lr, cfg.batch_size) == (1e-3, 128)
     assert Config.from_dict(Config().to_dict()) == Config()  # a current config round-trips unchanged
+
+
+def test_init_from_starts_at_the_shipped_weights_with_a_fresh_optimizer(real_subset, tmp_path):
+    """--init-from NAME: the run's first validation (taken before any step: a budget that is over at once)
+    is the shipped model's own val bpd on the same images and noise; the optimizer starts empty, the
+    schedule at step 0."""
+    from flowmnist.dist import Dist
+    from flowmnist.runs import load_pretrained
+    from flowmnist.train import sharded_bpd, val_noise
+
+    cfg = _cfg(real_subset, model="multi-vardeq", init_from="multi-vardeq", minutes=1e-9, val_images=64)
+    train(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert [r["split"] for r in rows] == ["val"] and rows[0]["step"] == 0
+    val = load_mnist(str(real_subset), cfg.split_seed, cfg.val_fraction).images["val"][:64]
+    want = sharded_bpd(load_pretrained("multi-vardeq"), val, val_noise(val, cfg.seed), Dist())
+    assert rows[0]["bpd"] == pytest.approx(want, abs=1e-6)
+    assert 1.0 < want < 1.3  # the trained model, not a fresh one (about 2.7 bpd at the start)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["optimizer"]["state"] == {} and ckpt["state"]["step"] == 0
+    assert ckpt["config"]["init_from"] == "multi-vardeq"
+
+
+def test_init_from_refuses_another_architecture(real_subset, tmp_path):
+    with pytest.raises(FlowmnistError, match=r"--init-from multi-vardeq: its model is .* the architectures must match"):
+        train(_cfg(real_subset, model="simple", init_from="multi-vardeq"), tmp_path / "run")
+    with pytest.raises(FlowmnistError, match="neither a shipped model"):
+        train(_cfg(real_subset, init_from=str(tmp_path / "nowhere")), tmp_path / "run2")

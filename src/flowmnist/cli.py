@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .config import PRECISIONS, SCHEDULES, Config, FlowmnistError
 from .data import DATASETS
-from .models import MODELS
+from .models import ARCHITECTURES, MODELS
 
 DEFAULTS = Config()
 
@@ -171,6 +171,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     for key in (
         *("model", "seed", "epochs", "minutes", "batch_size", "lr", "log_every", "val_every"),
         *("precision", "schedule", "warmup_steps", "ema", "lr_min", "conditional", "hybrid_weight"),
+        *("init_from", "checkpoint_minutes", "val_images", "val_minutes"),
     ):
         if key in given:
             setattr(cfg, key, given[key])
@@ -628,7 +629,7 @@ def _add_train_command(sub) -> None:
         description="Train a model into a run directory. Runs unchanged under torchrun, one process per GPU "
         "(e.g. torchrun --standalone --nproc_per_node=4 -m flowmnist train ...): NCCL on GPUs, gloo on CPUs.",
     )
-    t.add_argument("--model", choices=MODELS, help=f"model variant (default {DEFAULTS.model})")
+    t.add_argument("--model", choices=tuple(ARCHITECTURES), help=f"model architecture (default {DEFAULTS.model})")
     t.add_argument("--data-dir", help="directory with MNIST IDX files (default: $FLOWMNIST_DATA, else download)")
     t.add_argument(
         "--dataset",
@@ -672,6 +673,9 @@ def _add_recipe_options(t: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--val-every", type=_nonneg_int, help="steps between validations (default 0: each epoch)")
     t.add_argument(
+        "--val-minutes", type=_nonneg_float, help="minutes of training between validations (default 0: by --val-every)"
+    )
+    t.add_argument(
         "--schedule",
         choices=SCHEDULES,
         help=f"LR schedule (default {DEFAULTS.schedule}: over the --minutes budget if given, else the epochs)",
@@ -683,6 +687,19 @@ def _add_recipe_options(t: argparse.ArgumentParser) -> None:
         "--lr-min", type=_unit_float, help=f"final cosine LR as a fraction of --lr (default {DEFAULTS.lr_min})"
     )
     t.add_argument("--ema", type=_ema_decay, help=f"weight EMA decay, 0 for none (default {DEFAULTS.ema})")
+    t.add_argument(
+        "--init-from",
+        metavar="NAME|RUN_DIR",
+        help="start from a shipped model's or a run's weights (same architecture) with a fresh optimizer and schedule",
+    )
+    t.add_argument(
+        "--checkpoint-minutes",
+        type=_positive_float,
+        help=f"write last.pt at least this often (default {DEFAULTS.checkpoint_minutes:g})",
+    )
+    t.add_argument(
+        "--val-images", type=_nonneg_int, help="validate on the first N validation images (default 0: all of them)"
+    )
 
 
 def _add_process_options(t: argparse.ArgumentParser) -> None:

@@ -53,6 +53,7 @@ class Config:
     val_fraction: float = 1 / 6  # 10,000 of 60,000 as the original report; same share of smaller files
     log_every: int = 10  # steps between train-bpd rows in metrics.csv
     val_every: int = 0  # steps between validations (0: once per epoch and at the end)
+    val_minutes: float = 0.0  # minutes of training between validations (0: by val_every), for curves by time
     max_nonfinite: int = 10  # consecutive skipped (non-finite) steps before training gives up
     # The CPU fast path (channels-last nets, fused layer norm, lean ConcatELU): the same function and
     # state_dict as the plain code (False) within float rounding, faster and leaner to train.
@@ -67,6 +68,11 @@ class Config:
     # "auto" (bfloat16 where the device has it natively, else float32; resolved when training starts and
     # saved resolved). Validation and evaluate are always float32.
     precision: str = "auto"
+    # Start from these weights (a shipped model's name or a run directory) with a fresh optimizer and
+    # schedule: fine-tuning, or a warm restart of a run whose directory was lost. Same architecture only.
+    init_from: str | None = None
+    checkpoint_minutes: float = 10.0  # last.pt at least this often, whatever the epoch length: a kill loses less
+    val_images: int = 0  # validate on the first N validation images (0: all): cheaper curves for short runs
     conditional: bool = False  # model p(x | y): a Gaussian prior per digit (models.ClassPrior); labels: the IDX file
     hybrid_weight: float = 0.0  # lambda of -(log p(x|y) + lambda log p(y|x)), Nalisnick et al. 2019; conditional only
 
@@ -80,6 +86,12 @@ class Config:
             raise FlowmnistError(f"ema must be in [0, 1), got {self.ema}")
         if not 0 <= self.lr_min <= 1:
             raise FlowmnistError(f"lr_min must be in [0, 1] (a fraction of lr), got {self.lr_min}")
+        if not self.checkpoint_minutes > 0:
+            raise FlowmnistError(f"checkpoint_minutes must be > 0, got {self.checkpoint_minutes}")
+        if self.val_minutes < 0:
+            raise FlowmnistError(f"val_minutes must be >= 0 (0: by val_every), got {self.val_minutes}")
+        if self.val_images < 0:
+            raise FlowmnistError(f"val_images must be >= 0 (0: all), got {self.val_images}")
         if self.warmup_steps < 0:
             raise FlowmnistError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.hybrid_weight < float("inf"):

@@ -233,3 +233,152 @@ class Dequantization(Flow):
         """Quantise: x = floor(256 v), clamped to 0..255, as uint8."""
         v = self.logit.inverse(z)
         return torch.floor(v * 256).clamp(0, 255).to(torch.uint8)
+
+
+def _mixture_log_cdf_sf_pdf(x: Tensor, log_pi: Tensor, mu: Tensor, log_s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(log F(x), log (1 - F(x)), log F'(x)) of a mixture of logistics, components along dim 2:
+
+        F(x) = sum_k pi_k sigmoid((x - mu_k) / s_k),   F'(x) = sum_k pi_k sigmoid(t_k) sigmoid(-t_k) / s_k,
+
+    each as a logsumexp of log-sigmoids, finite far into the tails where F rounds to 0 or 1."""
+    t = (x.unsqueeze(2) - mu) * torch.exp(-log_s)
+    ls_pos, ls_neg = F.logsigmoid(t), F.logsigmoid(-t)
+    log_cdf = torch.logsumexp(log_pi + ls_pos, dim=2)
+    log_sf = torch.logsumexp(log_pi + ls_neg, dim=2)
+    log_pdf = torch.logsumexp(log_pi + ls_pos + ls_neg - log_s, dim=2)
+    return log_cdf, log_sf, log_pdf
+
+
+class MixLogCDFCoupling(Flow):
+    """Mixture-of-logistics CDF coupling of Flow++ (Ho et al. 2019, https://arxiv.org/abs/1902.00275):
+
+        a, b, pi, mu, s = net(x * m [, cond])            (per free element, K mixture components)
+        z = x * m + (1 - m) * ( logit(F(x; pi, mu, s)) * exp(a) + b )
+        ldj = sum (1 - m) [ log F'(x) - log F(x) - log(1 - F(x)) + a ]
+
+    F is a mixture of K logistic CDFs, so logit(F) is a monotone map of R onto R. The scale a is bounded
+    by a learnable e^c as in ``AffineCoupling``; log s is clamped below at -7 as in Flow++. The inverse
+    solves F(x) = sigmoid((z - b) e^{-a}) by bisection, bracketed exactly: logit F(x) lies between the
+    components' logits (x - mu_k) / s_k, so x lies between min_k and max_k of mu_k + s_k (z - b) e^{-a}.
+    A zero-initialised net gives a = b = mu = log s = 0 and equal weights: F = sigmoid, the identity.
+    """
+
+    LOG_S_MIN = -7.0
+
+    def __init__(self, net: nn.Module, mask: Tensor, c_in: int, components: int):
+        super().__init__()
+        self.net = net
+        self.components = components
+        self.scale_factor = nn.Parameter(torch.zeros(c_in))
+        self.register_buffer("mask", mask)
+
+    @staticmethod
+    def net_channels(c_in: int, components: int) -> int:
+        """The net's output channels: a, b and K (weight, mean, log-scale) triples per input channel."""
+        return c_in * (2 + 3 * components)
+
+    def _params(self, x: Tensor, cond: Tensor | None) -> tuple[Tensor, ...]:
+        h = x * self.mask
+        if cond is not None:
+            h = torch.cat([h, cond], dim=1)
+        b_, c, hh, ww = x.shape
+        k = self.components
+        out = self.net(h).view(b_, c, 2 + 3 * k, hh, ww)
+        fac = self.scale_factor.exp().view(1, -1, 1, 1)
+        a = torch.tanh(out[:, :, 0] / fac) * fac
+        log_pi = torch.log_softmax(out[:, :, 2 : 2 + k], dim=2)
+        mu, log_s = out[:, :, 2 + k : 2 + 2 * k], out[:, :, 2 + 2 * k :].clamp(min=self.LOG_S_MIN)
+        return a, out[:, :, 1], log_pi, mu, log_s
+
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        a, b, log_pi, mu, log_s = self._params(x, cond)
+        log_cdf, log_sf, log_pdf = _mixture_log_cdf_sf_pdf(x, log_pi, mu, log_s)
+        free = 1 - self.mask
+        z = x * self.mask + free * ((log_cdf - log_sf) * torch.exp(a) + b)
+        return z, _sum(free * (log_pdf - log_cdf - log_sf + a))
+
+    def inverse(self, z: Tensor, cond: Tensor | None = None, max_iter: int = 200) -> Tensor:
+        # The masked part of z equals that of x, so the net sees the same input as in forward.
+        a, b, log_pi, mu, log_s = self._params(z, cond)
+        target = ((z - b) * torch.exp(-a)).unsqueeze(2)
+        ends = mu + torch.exp(log_s) * target
+        lo, hi = ends.min(dim=2).values, ends.max(dim=2).values
+        for _ in range(max_iter):  # halve the bracket until it holds two adjacent floats
+            mid = (lo + hi) / 2
+            if bool(((mid == lo) | (mid == hi)).all()):
+                break
+            log_cdf, log_sf, _ = _mixture_log_cdf_sf_pdf(mid, log_pi, mu, log_s)
+            above = log_cdf - log_sf > target.squeeze(2)
+            lo, hi = torch.where(above, lo, mid), torch.where(above, mid, hi)
+        return z * self.mask + (1 - self.mask) * (lo + hi) / 2
+
+
+class ActNorm(Flow):
+    """Per-channel affine map with data-dependent initialisation (Glow, Kingma & Dhariwal 2018,
+    https://arxiv.org/abs/1807.03039):
+
+        z = (x + bias) * exp(log_scale),     ldj = H W sum_c log_scale_c.
+
+    The first forward (or ``initialize``) sets bias = -mean and log_scale = -log std per channel over
+    that batch, so its output has zero mean and unit variance per channel; the ``initialized`` buffer,
+    saved with the weights, keeps a loaded model from initialising again.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        self.bias.copy_(-x.mean(dim=(0, 2, 3), keepdim=True))
+        std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+        self.log_scale.copy_(-torch.log(std + 1e-6))
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.initialized:
+            self.initialize(x)
+        ldj = x[0, 0].numel() * self.log_scale.sum()
+        return (x + self.bias) * torch.exp(self.log_scale), ldj.expand(x.shape[0])
+
+    def inverse(self, z: Tensor) -> Tensor:
+        return z * torch.exp(-self.log_scale) - self.bias
+
+
+class InvConv1x1(Flow):
+    """Invertible 1x1 convolution, LU-parametrised (Glow, https://arxiv.org/abs/1807.03039):
+
+        W = P L (U + diag(sign(s) exp(log|s|))),   z = W x per pixel,   ldj = H W sum log|s|,
+
+    P a fixed permutation, L unit lower triangular, U strictly upper triangular, initialised from the
+    LU decomposition of a random rotation (log-determinant 0)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        w = torch.linalg.qr(torch.randn(channels, channels))[0]
+        p, lower, upper = torch.linalg.lu(w)
+        s = torch.diagonal(upper)
+        self.register_buffer("perm", p)
+        self.register_buffer("sign_s", torch.sign(s))
+        self.register_buffer("lower_mask", torch.tril(torch.ones(channels, channels), -1))
+        self.lower = nn.Parameter(lower)
+        self.upper = nn.Parameter(torch.triu(upper, 1))
+        self.log_s = nn.Parameter(torch.log(s.abs()))
+
+    def weight(self) -> Tensor:
+        eye = torch.eye(len(self.log_s), dtype=self.lower.dtype, device=self.lower.device)
+        lower = self.lower * self.lower_mask + eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
+        return self.perm @ lower @ upper
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        c = x.shape[1]
+        ldj = x[0, 0].numel() * self.log_s.sum()
+        return F.conv2d(x, self.weight().view(c, c, 1, 1)), ldj.expand(x.shape[0])
+
+    def inverse(self, z: Tensor) -> Tensor:
+        c = z.shape[1]
+        w_inv = torch.linalg.inv(self.weight().double()).to(z.dtype)  # float64: an exact-as-can-be inverse
+        return F.conv2d(z, w_inv.view(c, c, 1, 1))

@@ -17,15 +17,19 @@ the same flows under a per-class Gaussian prior (``ClassPrior``), + 2 x 10 x 784
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .flows import (
     LOG_2PI,
+    ActNorm,
     AffineCoupling,
     Dequantization,
     Flow,
+    InvConv1x1,
+    MixLogCDFCoupling,
     Split,
     Squeeze,
     channel_mask,
@@ -34,9 +38,36 @@ from .flows import (
 )
 from .nets import GatedConvNet
 
-MODELS = ("simple", "vardeq", "multi-simple", "multi-vardeq")
 IMAGE_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10  # the digits 0-9: the labels of a conditional model
+
+
+class StandardNormalPrior(nn.Module):
+    """p(z) = N(z; 0, I) on the flat latent (the final latent and every split's factored-out half).
+
+    The interface every prior shares: ``log_prob(z, y=None)`` (B, D) -> (B,) and ``sample(n, temperature,
+    generator, y=None)`` -> (n, D); ``num_classes`` is 0 (labels are refused). No parameters or buffers, so
+    an unconditional model's state_dict holds the flows alone."""
+
+    num_classes = 0
+
+    def __init__(self, dims: int):
+        super().__init__()
+        self.dims = dims
+
+    def log_prob(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        if y is not None:
+            raise ValueError("labels given to an unconditional model")
+        return std_normal_log_prob(z)
+
+    def sample(
+        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, y=None, *, like: Tensor
+    ) -> Tensor:
+        """n flat latents T eps, eps ~ N(0, I), on the device and dtype of ``like``."""
+        if y is not None:
+            raise ValueError("labels given to an unconditional model")
+        eps = torch.randn(n, self.dims, generator=generator, device=like.device, dtype=like.dtype)
+        return eps * temperature
 
 
 class ClassPrior(nn.Module):
@@ -72,33 +103,42 @@ class ClassPrior(nn.Module):
         e = (z - mean) * torch.exp(-log_scale)
         return (-0.5 * (e * e + LOG_2PI) - log_scale).sum(-1)
 
-    def log_prob(self, z: Tensor, y: Tensor) -> Tensor:
-        """log N(z; mu_y, sigma_y) per example: z (B, D), labels y (B,) -> (B,)."""
-        return self._log_normal(z, self.mean[y], self.log_scale[y])
+    def log_prob(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """log N(z; mu_y, sigma_y) per example: z (B, D), labels y (B,) -> (B,); without labels the
+        marginal log sum_y N(z; mu_y, sigma_y) p(y)."""
+        if y is None:
+            return torch.logsumexp(self.log_prob_all(z) + self.log_py, dim=1)
+        return self._log_normal(z, self.mean[y.to(z.device)], self.log_scale[y.to(z.device)])
 
     def log_prob_all(self, z: Tensor) -> Tensor:
         """log N(z; mu_y, sigma_y) for every class: z (B, D) -> (B, C)."""
         return self._log_normal(z.unsqueeze(1), self.mean, self.log_scale)
 
-    def sample(self, y: Tensor, temperature: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
-        """z = mu_y + T sigma_y eps, eps ~ N(0, I): one flat latent (len(y), D) per label."""
+    def sample(
+        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, y=None, *, like: Tensor
+    ) -> Tensor:
+        """z = mu_y + T sigma_y eps, eps ~ N(0, I): n flat latents (n, D) of digit ``y`` (an int or n
+        labels), or y ~ p(y) when ``y`` is None. (``like``: the shared interface; the means fix the device.)"""
         m = self.mean
-        eps = torch.randn(len(y), m.shape[1], generator=generator, device=m.device, dtype=m.dtype)
+        if y is None:
+            y = torch.multinomial(self.log_py.exp(), n, replacement=True, generator=generator)
+        y = torch.as_tensor(y, device=m.device).long().expand(n)
+        eps = torch.randn(n, m.shape[1], generator=generator, device=m.device, dtype=m.dtype)
         return self.mean[y] + (eps * temperature) * torch.exp(self.log_scale[y])
 
 
 class FlowModel(nn.Module):
-    """Dequantization, then an ordered list of flows, then a N(0, I) prior on the final latent.
+    """Dequantization, then an ordered list of flows, then a prior on the flat latent (the final latent
+    and every split's factored-out half):
 
-    log p(x) = log N(z) + ldj_dequant + sum_k ldj_k   (a one-sample lower bound on log P(x) for
-    discrete x; ``log_prob(x, k)`` tightens it by importance weighting over k noise draws).
+        log p(x | y) = prior.log_prob(latent, y) + ldj_dequant + sum_k ldj_k
 
-    With ``num_classes`` > 0 the model is class-conditional: a ``ClassPrior`` p(z | y) on the flat latent
-    replaces N(0, I) for the final latent and the splits' halves. The flows do not depend on y, so one
-    pass gives the latent z and the ldj (without prior terms), and every class costs one Gaussian:
+    a one-sample lower bound on log P(x) for discrete x; ``log_prob(x, k)`` tightens it by importance
+    weighting over k noise draws. The prior is ``StandardNormalPrior`` (N(0, I)), or with ``num_classes``
+    > 0 a ``ClassPrior`` p(z | y): the model is then class-conditional, and since the flows do not depend
+    on y, one pass gives the latent and the ldj, and every class costs one Gaussian:
 
-        log p(x | y) = log N(z; mu_y, sigma_y) + ldj,
-        log p(x)     = logsumexp_y [ log p(x | y) + log p(y) ],
+        log p(x)     = logsumexp_y [ log p(x | y) + log p(y) ]   (the prior's log_prob without labels),
         log p(y | x) = log p(x | y) + log p(y) - log p(x)          (the flow as a Bayes classifier).
     """
 
@@ -111,19 +151,17 @@ class FlowModel(nn.Module):
         # then each split's factored-out half, last split first.
         shape, pieces = self.image_shape, []
         for f in self.flows:
+            shape = f.out_shape(shape)
             if isinstance(f, Split):
-                shape = f.out_shape(shape)
                 pieces.append(shape)
-            else:
-                shape = f.out_shape(shape)
         self.latent_shapes = [shape] + pieces[::-1]
         self.dims = math.prod(self.image_shape)
         # Registered last, so an unconditional model's parameters, names and their order are unchanged.
-        self.prior = ClassPrior(num_classes, self.dims) if num_classes else None
+        self.prior = ClassPrior(num_classes, self.dims) if num_classes else StandardNormalPrior(self.dims)
 
     @property
     def conditional(self) -> bool:
-        return self.prior is not None
+        return self.prior.num_classes > 0
 
     def _ref(self) -> Tensor:
         """A tensor carrying the model's device and float dtype (a flow may have no parameters)."""
@@ -147,28 +185,34 @@ class FlowModel(nn.Module):
         x = self._prep(x)
         return self.dequant.noise(x, u0.to(device=x.device, dtype=x.dtype))[0]
 
+    def latent_and_ldj(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(flat latent (B, D), ldj (B,)): the final latent and every split's factored-out half (last
+        split first, the order ``decode`` reads), and ldj_dequant + the flows' ldj; the prior scores the
+        whole latent, so a split adds its half and no term of its own. ``noise``: the dequantization's
+        u0, drawn if None."""
+        z, ldj = self.dequant(self._prep(x), noise)
+        outs = []
+        for flow in self.flows:
+            if isinstance(flow, Split):
+                z, out, _ = flow.split(z)
+                outs.append(out)
+            else:
+                z, l = flow(z)
+                ldj = ldj + l
+        return torch.cat([z.flatten(1)] + [o.flatten(1) for o in outs[::-1]], dim=1), ldj
+
     def log_prob_single(self, x: Tensor, noise: Tensor | None = None, y: Tensor | None = None) -> Tensor:
         """One-sample estimate of the ELBO on log P(x) in nats, shape (B,). x: pixels in 0..255.
 
         A conditional model gives log p(x | y) for labels ``y`` (B,), and without ``y`` the marginal
         log p(x) = logsumexp_y [log p(x | y) + log p(y)] (one noise draw shared by all classes)."""
-        if self.prior is None:
-            if y is not None:
-                raise ValueError("labels given to an unconditional model")
-            z, logp = self.dequant(self._prep(x), noise)
-            for flow in self.flows:
-                z, ldj = flow(z)
-                logp = logp + ldj
-            return logp + std_normal_log_prob(z)
-        if y is None:
-            return torch.logsumexp(self.class_log_probs(x, noise) + self.prior.log_py, dim=1)
         z, ldj = self.latent_and_ldj(x, noise)
-        return ldj + self.prior.log_prob(z, y.to(z.device))
+        return ldj + self.prior.log_prob(z, y)
 
     def class_log_probs(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
         """log p(x | y) for every class y of a conditional model, shape (B, C), from one pass through the
         dequantization and the flows: log N(z; mu_y, sigma_y) + ldj, the same noise for every class."""
-        if self.prior is None:
+        if not self.conditional:
             raise ValueError("class_log_probs needs a class-conditional model")
         z, ldj = self.latent_and_ldj(x, noise)
         return ldj.unsqueeze(1) + self.prior.log_prob_all(z)
@@ -199,21 +243,6 @@ class FlowModel(nn.Module):
         y = y.to(lp.device).unsqueeze(1)
         log_post = torch.log_softmax(lp + self.prior.log_py, dim=1).gather(1, y)
         return -(lp.gather(1, y) + weight * log_post).squeeze(1) / (self.dims * math.log(2))
-
-    def latent_and_ldj(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(flat latent (B, D), ldj (B,)): the final latent and every split's factored-out half (last
-        split first, the order ``decode`` reads), and ldj_dequant + the flows' ldj without any prior
-        term (a split's N(0, I) term left out). ``noise``: the dequantization's u0, drawn if None."""
-        z, ldj = self.dequant(self._prep(x), noise)
-        outs = []
-        for flow in self.flows:
-            if isinstance(flow, Split):
-                z, out, _ = flow.split(z)
-                outs.append(out)
-            else:
-                z, l = flow(z)
-                ldj = ldj + l
-        return torch.cat([z.flatten(1)] + [o.flatten(1) for o in outs[::-1]], dim=1), ldj
 
     def encode(self, x: Tensor, noise: Tensor | None = None) -> Tensor:
         """Image -> flat latent (B, D): the final latent and every split's factored-out half.
@@ -249,62 +278,170 @@ class FlowModel(nn.Module):
         """n uint8 images from the model; the prior's std is scaled by ``temperature``.
 
         A conditional model draws digit ``y`` (an int, or n labels), or y ~ p(y) when ``y`` is None."""
-        ref = self._ref()
-        if self.prior is None:
-            if y is not None:
-                raise ValueError("labels given to an unconditional model")
-            latent = torch.randn(n, self.dims, generator=generator, device=ref.device, dtype=ref.dtype)
-            return self.decode(latent * temperature)
-        if y is None:
-            y = torch.multinomial(self.prior.log_py.exp(), n, replacement=True, generator=generator)
-        y = torch.as_tensor(y, device=ref.device).long().expand(n)
-        return self.decode(self.prior.sample(y, temperature, generator))
+        return self.decode(self.prior.sample(n, temperature, generator, y, like=self._ref()))
+
+    @torch.no_grad()
+    def initialize(self, x: Tensor) -> None:
+        """Data-dependent initialisation (``ActNorm``) from the uint8 images ``x``: one pass, each layer
+        initialised on what the layers before it make of the batch. A no-op for a model without ActNorm."""
+        if any(isinstance(m, ActNorm) for m in self.modules()):
+            self.log_prob_single(x)
 
 
-def _checker_couplings(n: int, c_in: int, hidden: int, cond: int = 0, c_out: int | None = None, fast: bool = False):
-    return [
-        AffineCoupling(
-            GatedConvNet(c_in + cond, hidden, c_out if c_out is not None else 2 * c_in, fast=fast),
-            checkerboard_mask(28, 28, invert=i % 2 == 1),
-            c_in,
-        )
-        for i in range(n)
-    ]
+# --- Architectures as data: a list of stages that ``build`` turns into flows ---------------------------
+
+SQUEEZE, SPLIT = "squeeze", "split"
+COUPLING_KINDS = ("affine", "mixlog")
 
 
-def _channel_couplings(n: int, c_in: int, hidden: int, fast: bool = False):
-    return [
-        AffineCoupling(GatedConvNet(c_in, hidden, fast=fast), channel_mask(c_in, invert=i % 2 == 1), c_in)
-        for i in range(n)
-    ]
+@dataclass(frozen=True)
+class Couplings:
+    """``n`` couplings at the current resolution, masks alternating (the first one keeps the pixels where
+    i + j is odd, or the first half of the channels).
+
+    kind: "affine" (``AffineCoupling``) or "mixlog" (``MixLogCDFCoupling`` with ``components``); hidden:
+    the coupling net's width; mask: "checkerboard" or "channel"; glow: ActNorm and an invertible 1x1
+    convolution before each coupling (Glow's step; the 1x1 convolution needs more than one channel);
+    attention: a self-attention block after each gated block of the nets."""
+
+    n: int
+    hidden: int
+    mask: str = "checkerboard"
+    kind: str = "affine"
+    components: int = 4
+    glow: bool = False
+    attention: bool = False
+    layers: int = 3
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A flow model as data: the stages from the image to the latent (``Couplings``, ``SQUEEZE`` or
+    ``SPLIT``) and, for variational dequantization, the noise flow's couplings (checkerboard, each net
+    conditioned on the image)."""
+
+    stages: tuple
+    dequant: Couplings | None = None
+    doc: str = ""
+
+
+_MULTI = (Couplings(2, 32), SQUEEZE, Couplings(2, 48, "channel"), SPLIT, SQUEEZE, Couplings(4, 64, "channel"))
+_VARDEQ = Couplings(4, 16)
+
+ARCHITECTURES: dict[str, Architecture] = {
+    # The original report's four (Lippe's tutorial): parameter counts and state_dict names are fixed.
+    "simple": Architecture((Couplings(8, 32),), doc="uniform dequantization, 8 checkerboard couplings"),
+    "vardeq": Architecture((Couplings(8, 32),), _VARDEQ, doc="variational dequantization, 8 checkerboard couplings"),
+    "multi-simple": Architecture(_MULTI, doc="uniform dequantization, multi-scale 28/14/7"),
+    "multi-vardeq": Architecture(_MULTI, _VARDEQ, doc="variational dequantization, multi-scale 28/14/7"),
+    # Capacity where it is cheap: a 14x14 pixel costs a quarter, a 7x7 one a sixteenth of a 28x28 one.
+    "multi-vardeq-wide": Architecture(
+        (Couplings(2, 32), SQUEEZE, Couplings(4, 64, "channel"), SPLIT, SQUEEZE, Couplings(8, 96, "channel")),
+        _VARDEQ,
+        doc="multi-vardeq with 4 couplings of 64 at 14x14 and 8 of 96 at 7x7",
+    ),
+    "multi-vardeq-mixlog": Architecture(
+        (
+            Couplings(2, 32, kind="mixlog"),
+            SQUEEZE,
+            Couplings(2, 48, "channel", kind="mixlog"),
+            SPLIT,
+            SQUEEZE,
+            Couplings(4, 64, "channel", kind="mixlog"),
+        ),
+        _VARDEQ,
+        doc="multi-vardeq with mixture-of-logistics CDF couplings (4 components)",
+    ),
+    "multi-vardeq-glow": Architecture(
+        (
+            Couplings(2, 32),
+            SQUEEZE,
+            Couplings(2, 48, "channel", glow=True),
+            SPLIT,
+            SQUEEZE,
+            Couplings(4, 64, "channel", glow=True),
+        ),
+        _VARDEQ,
+        doc="multi-vardeq with ActNorm and invertible 1x1 convolutions before the channel couplings",
+    ),
+    "flowpp": Architecture(
+        (
+            Couplings(2, 32, kind="mixlog"),
+            SQUEEZE,
+            Couplings(4, 64, "channel", kind="mixlog", glow=True, attention=True),
+            SPLIT,
+            SQUEEZE,
+            Couplings(8, 96, "channel", kind="mixlog", glow=True, attention=True),
+        ),
+        _VARDEQ,
+        doc="Flow++-style: mixture couplings, Glow steps and self-attention at 14x14 and 7x7, wide",
+    ),
+}
+MODELS = ("simple", "vardeq", "multi-simple", "multi-vardeq")  # the original report's four
+
+
+def _coupling(spec: Couplings, i: int, shape: tuple[int, int, int], cond: int, c_out: int | None, fast: bool) -> Flow:
+    """The i-th coupling of ``spec`` for inputs of ``shape`` (C, H, W), its net seeing ``cond`` extra channels."""
+    c, h, w = shape
+    if spec.mask == "checkerboard":
+        mask = checkerboard_mask(h, w, invert=i % 2 == 1)
+    elif spec.mask == "channel":
+        mask = channel_mask(c, invert=i % 2 == 1)
+    else:
+        raise ValueError(f"unknown mask {spec.mask!r}; choose checkerboard or channel")
+    attention = (h, w) if spec.attention else None
+    if spec.kind == "mixlog":
+        out = MixLogCDFCoupling.net_channels(c, spec.components)
+        net = GatedConvNet(c + cond, spec.hidden, out, spec.layers, fast=fast, attention=attention)
+        return MixLogCDFCoupling(net, mask, c, spec.components)
+    if spec.kind != "affine":
+        raise ValueError(f"unknown coupling kind {spec.kind!r}; choose one of {', '.join(COUPLING_KINDS)}")
+    net = GatedConvNet(c + cond, spec.hidden, c_out or 2 * c, spec.layers, fast=fast, attention=attention)
+    return AffineCoupling(net, mask, c)
+
+
+def _stage(spec: Couplings, shape: tuple[int, int, int], fast: bool) -> list[Flow]:
+    flows: list[Flow] = []
+    for i in range(spec.n):
+        if spec.glow:
+            flows.append(ActNorm(shape[0]))
+            if shape[0] > 1:
+                flows.append(InvConv1x1(shape[0]))
+        flows.append(_coupling(spec, i, shape, 0, None, fast))
+    return flows
+
+
+def build(arch: Architecture, alpha: float = 1e-5, *, fast: bool = False, num_classes: int = 0) -> FlowModel:
+    """The FlowModel of ``arch``: stages in order, the shape tracked through squeezes and splits."""
+    noise_flows = None
+    if arch.dequant is not None:  # q(u|x): couplings on the noise, each net conditioned on the image (+1 channel)
+        noise_flows = [_coupling(arch.dequant, i, IMAGE_SHAPE, 1, 2, fast) for i in range(arch.dequant.n)]
+    flows: list[Flow] = []
+    shape = IMAGE_SHAPE
+    for stage in arch.stages:
+        if isinstance(stage, Couplings):
+            new = _stage(stage, shape, fast)
+        elif stage in (SQUEEZE, SPLIT):
+            new = [Squeeze() if stage == SQUEEZE else Split()]
+        else:
+            raise ValueError(f"unknown stage {stage!r}")
+        for f in new:
+            shape = f.out_shape(shape)
+        flows += new
+    return FlowModel(Dequantization(alpha, noise_flows), flows, num_classes=num_classes)
 
 
 def build_model(name: str, alpha: float = 1e-5, *, fast: bool = False, conditional: bool = False) -> FlowModel:
-    """One of the four named variants (see the module docstring); ``conditional``: its class-conditional
-    variant (the same flows, and a ``ClassPrior`` over the 10 digits in place of N(0, I)).
+    """The named architecture (``ARCHITECTURES``); ``conditional``: its class-conditional variant (the same
+    flows, and a ``ClassPrior`` over the 10 digits in place of N(0, I)).
 
     ``fast=True`` builds the CPU fast path (see ``nets``): the same function, the same parameter
     names and shapes and the same initialisation for a given seed, so a state_dict of either loads
     into the other. ``fast=False`` is the plain implementation.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    noise_flows = None
-    if name.endswith("vardeq"):
-        # q(u|x): 4 checkerboard couplings on the noise, each conditioned on the image (+1 channel).
-        noise_flows = _checker_couplings(4, c_in=1, hidden=16, cond=1, c_out=2, fast=fast)
-    dequant = Dequantization(alpha, noise_flows)
-    if name.startswith("multi"):
-        flows = (
-            _checker_couplings(2, 1, 32, fast=fast)
-            + [Squeeze()]
-            + _channel_couplings(2, 4, 48, fast=fast)
-            + [Split(), Squeeze()]
-            + _channel_couplings(4, 8, 64, fast=fast)
-        )
-    else:
-        flows = _checker_couplings(8, 1, 32, fast=fast)
-    return FlowModel(dequant, flows, num_classes=NUM_CLASSES if conditional else 0)
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
+    return build(ARCHITECTURES[name], alpha, fast=fast, num_classes=NUM_CLASSES if conditional else 0)
 
 
 def count_params(model: nn.Module) -> int:

@@ -321,6 +321,23 @@ def load_pretrained(name: str, device: str = "cpu") -> FlowModel:
     return load_model(verify_pretrained(name), device)[0]
 
 
+def initial_weights(source: str, cfg: Config) -> dict[str, Tensor]:
+    """The weights that start a run with ``--init-from``: a shipped model's name or a run directory
+    (its best or final weights, the EMA's if kept), refused in one line unless its architecture is
+    ``cfg``'s (model name and conditioning)."""
+    run = verify_pretrained(source) if source in pretrained_names() else Path(source)
+    if not run.exists():
+        raise FlowmnistError(f"--init-from {source}: neither a shipped model ({', '.join(pretrained_names())}) "
+                             "nor a run directory")
+    model, old = load_model(run)
+    if (old.model, old.conditional) != (cfg.model, cfg.conditional):
+        raise FlowmnistError(
+            f"--init-from {source}: its model is {run_title(old.model, old.conditional)!r}, this run's is "
+            f"{run_title(cfg.model, cfg.conditional)!r}; the architectures must match"
+        )
+    return model.state_dict()
+
+
 def export_run(run_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """Write a shipped run into ``out_dir`` from a trained ``run_dir``: config.json, metrics.csv,
     results.json, and ``model.pt`` holding the final float32 weights (last.pt's; its EMA average where

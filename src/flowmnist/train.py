@@ -38,6 +38,7 @@ from .nets import compile_nets, set_autocast
 from .runs import (
     check_run_dir,
     check_writable,
+    initial_weights,
     load_checkpoint,
     read_metrics,
     save_checkpoint,
@@ -278,6 +279,8 @@ class Run:
     t0: float  # perf_counter at the run's (virtual) start: now minus the seconds trained before
     budget: float  # seconds; inf without --minutes
     bar: Any = None
+    saved_at: float = 0.0  # elapsed() at the last save of last.pt
+    validated_at: float = 0.0  # elapsed() at the last validation
 
     @property
     def total_steps(self) -> int:
@@ -300,9 +303,14 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
         data = load_mnist(cfg.data_dir, cfg.split_seed, cfg.val_fraction, cfg.dataset)
         _check_batch_size(cfg.batch_size, len(data.images["train"]), env.world)
         ckpt, rows = _resume_point(run_dir, cfg) if resume else (None, [])
+        init = initial_weights(cfg.init_from, cfg) if cfg.init_from and ckpt is None else None
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.alpha, fast=cfg.fast, conditional=cfg.conditional).to(device)
+    if init is not None:
+        model.load_state_dict(init)
+    elif ckpt is None:  # ActNorm's data-dependent start: the first training images, the same on every rank
+        model.initialize(data.images["train"][:512].to(device))
     if cfg.conditional:  # p(y) = the training labels' frequencies, kept in the model
         model.prior.set_class_frequencies(data.labels["train"])
     opt = make_optimizer(model, cfg.lr, fused=cfg.fast)
@@ -323,7 +331,7 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
     step_loss: nn.Module = _BatchLoss(model, cfg.hybrid_weight)
     if env.distributed:  # DDP averages the step's gradients over ranks
         step_loss = DistributedDataParallel(step_loss, device_ids=[device.index] if device.type == "cuda" else None)
-    train_x, val_x = data.images["train"], data.images["val"]
+    train_x, val_x = data.images["train"], data.images["val"][: cfg.val_images or None]
     st.batches_per_epoch = len(train_x) // cfg.batch_size  # the last partial batch is dropped: constant shapes
     # MNIST is 47 MB as uint8: keep it resident on the device, so a step copies nothing from the host.
     return Run(
@@ -343,6 +351,8 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
         rows=rows,
         t0=time.perf_counter() - st.seconds,
         budget=cfg.minutes * 60 if cfg.minutes is not None else math.inf,
+        saved_at=st.seconds,
+        validated_at=st.seconds,
     )
 
 
@@ -365,7 +375,7 @@ def log_running(run: Run) -> None:
 def save_last(run: Run) -> None:
     """last.pt: everything a resume needs. metrics.csv already holds every row; metrics_rows says how
     many of them this state covers."""
-    run.st.seconds = run.elapsed()
+    run.st.seconds = run.saved_at = run.elapsed()
     if not run.env.is_main:
         return
     state = {
@@ -384,6 +394,7 @@ def validate(run: Run) -> float:
     """Val bpd (single-sample bound, the run's fixed noise, float32; the EMA weights if kept), logged;
     best.pt when it is the best so far."""
     model, st = run.model, run.st
+    run.validated_at = run.elapsed()
     model.eval()
     set_autocast(model, None)
     if run.ema is not None:
@@ -475,8 +486,13 @@ def run_epoch(run: Run, stop: _StopFlag) -> str | None:
         if cfg.val_every and st.step != stepped and st.step % cfg.val_every == 0:
             validate(run)
             save_last(run)
+        elif cfg.val_minutes and run.env.agree_max(int(run.elapsed() - run.validated_at >= cfg.val_minutes * 60)):
+            validate(run)  # collective: the ranks agree on when (their clocks differ slightly)
+            save_last(run)
+        elif run.elapsed() - run.saved_at >= cfg.checkpoint_minutes * 60:
+            save_last(run)  # rank 0 writes; the others only note the time
     log_running(run)
-    if not cfg.val_every:
+    if not (cfg.val_every or cfg.val_minutes):
         validate(run)
     st.epoch, st.batch = st.epoch + 1, 0
     save_last(run)
