@@ -1,5 +1,6 @@
 """flowmnist: normalizing-flow generative models of MNIST digits (RealNVP / Flow++ style)."""
 
+from .codec import compress, decompress
 from .config import Config, FlowmnistError
 from .models import MODELS, FlowModel, build_model
 from .runs import load_model, load_pretrained, pretrained_names
@@ -10,6 +11,8 @@ __all__ = [
     "FlowModel",
     "MODELS",
     "build_model",
+    "compress",
+    "decompress",
     "load_model",
     "load_pretrained",
     "pretrained_names",

@@ -1,0 +1,813 @@
+"""Lossless compression of digits with a flow: bits-back coding on an ANS stack.
+
+A file costs, per image, the model's single-sample bound  -log p(v) + log q(u | x)  (v = x + u, the
+dequantized image) plus a fixed, amortised start-up cost, because every step below is a bijection
+between (values, stream) pairs, coded with ``constriction``'s ANS stack (Bamler 2022, arXiv:2201.01741):
+
+* **Dequantization by bits back** (Townsend et al. 2019, BB-ANS, arXiv:1901.04866; Ho et al. 2019,
+  Flow++): the encoder *decodes* the noise from the stream under q(u | x), which gives -log q bits back,
+  and the decoder, once it knows x, *encodes* the noise again. For a variational model q is itself a flow
+  (base h0 ~ logistic, then affine couplings conditioned on x, then u = sigmoid(h)), coded by the same
+  steps as the main flow.
+* **Local bits-back coding through each affine coupling** (Ho, Lohn & Abbeel 2019, arXiv:1905.08500):
+  the transformed half has a diagonal Jacobian, z = (x + t) e^s, so every element is coded in closed form.
+  With x and z on one grid (index k, value (k + 1/2) delta), the shift is an integer t' = round(t/delta)
+  and the scale a = e^s is coded with uniform bits back, in integer arithmetic (the modular scale
+  transform of iFlow, Zhang et al. 2021, arXiv:2111.00965: local bits back with uniform noise):
+
+      P = round(a Q):   decode r ~ U{0..P-1};   n = (k + t') P + r;   m = n div Q;   encode n mod Q ~ U{0..Q-1}
+
+  which costs log Q - log P = -log a (the layer's log-determinant) and is undone exactly by the decoder.
+* **Elementwise maps** (the dequantization's sigmoid, the shift by x, the logit) are one monotone map
+  g_x: y -> z0 per pixel, from a fine noise grid to the main grid. The fine cells whose centres fall in a
+  coarse cell m form an interval K(m); the encoder encodes its offset in K(m) uniformly (cost
+  log |K(m)| = -log g' + log(delta_z / delta_y)), the decoder decodes it.
+* **Squeeze and Split are free**; each split's half and the final latent are coded under their Gaussian
+  on the grid 2^-prior_bits (the finer bits of the main grid uniformly).
+
+The grids are parameters of the file (``CodecParams``). Encoder and decoder must compute bit-identical
+network outputs: the codec runs the nets in the model's dtype on one thread (set inside the codec, so the
+caller's thread count does not matter), in the same batches (a fixed schedule of chunk sizes), so a file
+decodes on the same build of flowmnist and PyTorch and the same kind of CPU that wrote it.
+
+File layout (little-endian): magic ``FMNZ``, format version (u16), a header (model name, SHA-256 of the
+weights, numerics tag, codec parameters, image count, IDX header, CRC-32 of the original IDX bytes, source
+kind, initial-bits bookkeeping), the ANS words, and a CRC-32 of everything before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import FlowmnistError
+from .flows import AffineCoupling, Dequantization, Logit, Sigmoid, Split, Squeeze
+
+MAGIC = b"FMNZ"
+FORMAT_VERSION = 1
+SIDE = 28
+DIMS = SIDE * SIDE
+H_RANGE = 64.0  # |h| bound of the dequantization noise before its sigmoid: u within e^-64 of a bin edge
+PRIOR_RANGE = 2048  # Gaussian symbols -2048..2048 (|z| <= 128 on the 2^-4 grid): the leaky quantizer's floor
+# of 2^-24 per symbol costs 4097 * 2^-24 / ln 2 = 0.00035 bits per latent element
+MAX_SCALE = (1 << 23) - 1  # P < 2^24: constriction's uniform models need sizes below 2^24
+SEED = 0x5EED_F10E  # the initial bits are a fixed pseudo-random stream the decoder regenerates
+
+
+@dataclass(frozen=True)
+class CodecParams:
+    """Grids and schedule of a file, recorded in its header.
+
+    grid_bits:   the main flow's grid, delta_z = 2^-grid_bits (logit space and every coupling's output)
+    noise_bits:  the dequantization noise's grid below g_x, delta_y = 2^-noise_bits (h for a variational
+                 model, u itself for uniform dequantization)
+    prior_bits:  the Gaussians are coded on the grid 2^-prior_bits
+    base_bits:   the logistic base h0 of q is coded as a categorical over cells of 2^-base_bits
+    batch, ramp: chunk sizes min(batch, max(1, images_done // ramp)): the first images, with few bits on
+                 the stack to give back, go one by one, so the start-up cost is about one image's noise
+    seed_words:  length of the initial-bits stream (32-bit words)
+    """
+
+    grid_bits: int = 16
+    noise_bits: int = 20
+    prior_bits: int = 4
+    base_bits: int = 4
+    batch: int = 32
+    ramp: int = 32
+    seed_words: int = 1 << 14
+
+    def check(self) -> None:
+        ok = (
+            4 <= self.prior_bits < self.grid_bits <= 20
+            and 1 <= self.base_bits < self.noise_bits <= 30
+            and self.batch >= 1
+            and self.ramp >= 1
+            and 16 <= self.seed_words <= 1 << 24
+        )
+        if not ok:
+            raise FlowmnistError(f"codec parameters out of range: {self}")
+
+
+def chunk_sizes(n: int, batch: int, ramp: int) -> list[int]:
+    """The batch partition both sides use: min(batch, max(1, done // ramp)) images per chunk."""
+    sizes, done = [], 0
+    while done < n:
+        b = min(batch, max(1, done // ramp), n - done)
+        sizes.append(b)
+        done += b
+    return sizes
+
+
+# ----------------------------------------------------------------------------------------------
+# The ANS stack: uniform, Gaussian and categorical symbols, each pop the exact inverse of a push
+# ----------------------------------------------------------------------------------------------
+
+
+class _Stream:
+    """An ``constriction`` AnsCoder with vectorised uniform / Gaussian / categorical pushes and pops.
+
+    ``push_*`` encodes (adds about -log2 P bits), ``pop_*`` decodes (takes them back); ``pop_x(push_x(v))``
+    returns v and leaves the stack as it was, for any stack contents."""
+
+    def __init__(self, words: np.ndarray | None = None):
+        import constriction
+
+        ans = constriction.stream.stack.AnsCoder
+        self.c = ans(words) if words is not None else ans()
+        m = constriction.stream.model
+        self._uniform = m.Uniform()
+        self._gauss = m.QuantizedGaussian(-PRIOR_RANGE, PRIOR_RANGE)
+        self._m = m
+
+    def push_uniform(self, v: np.ndarray, size, exact: bool = False) -> None:
+        """v in [0, size), as two digits lo + r_lo * hi (see ``_radices``): lo first, then hi."""
+        size = np.broadcast_to(np.asarray(size, np.int64), np.shape(v)).ravel()
+        v = v.ravel().astype(np.int64)
+        r_lo, r_hi = _radices(size, exact)
+        if (v < 0).any() or (v >= r_lo * r_hi).any():
+            raise ValueError("uniform symbol out of range")
+        for digit, radix in ((v % r_lo, r_lo), (v // r_lo, r_hi)):
+            coded = radix >= 2
+            if coded.any():
+                self.c.encode_reverse(digit[coded].astype(np.int32), self._uniform, radix[coded].astype(np.int32))
+
+    def pop_uniform(self, size, shape: tuple[int, ...], exact: bool = False) -> np.ndarray:
+        """The inverse of ``push_uniform``: hi first, then lo."""
+        r_lo, r_hi = _radices(np.broadcast_to(np.asarray(size, np.int64), shape).ravel(), exact)
+        digits = []
+        for radix in (r_hi, r_lo):
+            d, coded = np.zeros(radix.shape, np.int64), radix >= 2
+            if coded.any():
+                d[coded] = self.c.decode(self._uniform, radix[coded].astype(np.int32))
+            digits.append(d)
+        return (digits[0] * r_lo + digits[1]).reshape(shape)
+
+    def push_gauss(self, v: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
+        v = v.ravel()
+        if (np.abs(v) > PRIOR_RANGE).any():
+            raise ValueError("latent outside the codec's range")
+        self.c.encode_reverse(v.astype(np.int32), self._gauss, mean.ravel(), std.ravel())
+
+    def pop_gauss(self, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+        return self.c.decode(self._gauss, mean.ravel(), std.ravel()).astype(np.int64)
+
+    def categorical(self, probs: np.ndarray):
+        return self._m.Categorical(probs, perfect=False)
+
+    def push_cat(self, v: np.ndarray, model) -> None:
+        self.c.encode_reverse(v.ravel().astype(np.int32), model)
+
+    def pop_cat(self, n: int, model) -> np.ndarray:
+        return self.c.decode(model, n).astype(np.int64)
+
+    def words(self) -> np.ndarray:
+        return self.c.get_compressed()
+
+
+def _radices(size: np.ndarray, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Two radices (r_lo, r_hi) per uniform of ``size``, each a symbol constriction codes nearly exactly.
+
+    constriction quantises probabilities to multiples of 2^-24 and gives the remainder to the last symbol,
+    so U{0..N-1} costs about (2^24 mod N) / 2^24 bits more than log2 N unless N is a power of two: 0.02
+    bits at N ~ 2^16, 3e-6 at N ~ 2^10. Powers of two split into two exact digits (2^20 at most each);
+    another N below 2^11 is one digit; a larger one (only for what the encoder pushes, never pops:
+    ``exact`` False) is 2^s times U{0..H-1}, H = ceil(N / 2^s) in [2^10, 2^11], which wastes
+    log2(H 2^s / N) < 2^-10 / ln 2 bits of code space."""
+    pow2 = (size & (size - 1)) == 0
+    bits = np.floor(np.log2(np.maximum(size, 1))).astype(np.int64)
+    r_lo, r_hi = size.copy(), np.ones_like(size)
+    big = pow2 & (bits > 20)
+    r_lo[big], r_hi[big] = 1 << 20, size[big] >> 20
+    mixed = ~pow2 & (size >= 1 << 11) & (not exact)
+    s = bits[mixed] - 10
+    r_lo[mixed], r_hi[mixed] = np.int64(1) << s, (size[mixed] + (np.int64(1) << s) - 1) >> s
+    if (r_lo >= 1 << 24).any() or (r_hi >= 1 << 24).any():
+        raise ValueError("uniform size too large")
+    return r_lo, r_hi
+
+
+def _seed(n: int) -> np.ndarray:
+    """The initial bits: n pseudo-random nonzero words from a fixed seed, regenerated by the decoder."""
+    return np.random.Generator(np.random.PCG64(SEED)).integers(1, 1 << 32, n, dtype=np.uint32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model as the codec sees it: its layers, checked once
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    """What the codec needs of a model: the layer lists (each of a kind it can code) and the grids."""
+
+    model: torch.nn.Module
+    params: CodecParams
+    noise: list[AffineCoupling]
+    flows: list[torch.nn.Module]
+    alpha: float  # the main logit's
+    noise_alpha: float  # the noise logit's (the logistic base of q)
+    variational: bool
+    model_dtype: torch.dtype = torch.float32
+    base_c0: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def dz(self) -> float:
+        return 2.0**-self.params.grid_bits
+
+    @property
+    def dy(self) -> float:
+        return 2.0 ** -(self.params.noise_bits + (9 if not self.variational else 0))
+
+    @property
+    def y_range(self) -> tuple[int, int]:
+        """(k_min, k_max) of the fine noise grid: u in [0, 1), or h in [-H, H)."""
+        if not self.variational:
+            return 0, round(1 / self.dy) - 1
+        return -round(H_RANGE / self.dy), round(H_RANGE / self.dy) - 1
+
+
+def _refuse(what: str) -> FlowmnistError:
+    return FlowmnistError(f"codec: {what} has no local bits-back coding; this model cannot be compressed")
+
+
+def _plan(model: torch.nn.Module, params: CodecParams) -> _Plan:
+    """Check every layer of ``model`` against the kinds the codec codes; refuse the first other one."""
+    dq = getattr(model, "dequant", None)
+    if type(dq) is not Dequantization:
+        raise _refuse(f"dequantization layer {type(dq).__name__}")
+    for name in ("logit", "noise_logit"):
+        if type(getattr(dq, name)) is not Logit:
+            raise _refuse(f"dequant.{name} {type(getattr(dq, name)).__name__}")
+    if type(dq.noise_sigmoid) is not Sigmoid:
+        raise _refuse(f"dequant.noise_sigmoid {type(dq.noise_sigmoid).__name__}")
+    for i, f in enumerate(dq.noise_flows):
+        if type(f) is not AffineCoupling:
+            raise _refuse(f"layer {type(f).__name__} (dequant.noise_flows[{i}])")
+    for i, f in enumerate(model.flows):
+        if type(f) not in (AffineCoupling, Squeeze, Split):
+            raise _refuse(f"layer {type(f).__name__} (flows[{i}])")
+    if not _standard_prior(getattr(model, "prior", None)):
+        raise _refuse(f"prior {type(model.prior).__name__}")
+    if tuple(getattr(model, "image_shape", ())) != (1, SIDE, SIDE):
+        raise FlowmnistError(f"codec: model image shape {getattr(model, 'image_shape', None)}, expected (1, 28, 28)")
+    dtype = next(model.parameters(), torch.empty(0)).dtype
+    plan = _Plan(
+        model,
+        params,
+        list(dq.noise_flows),
+        list(model.flows),
+        dq.logit.alpha,
+        dq.noise_logit.alpha,
+        dq.variational,
+        dtype,
+    )
+    if plan.variational:
+        _base_model(plan)
+    return plan
+
+
+def _standard_prior(prior) -> bool:
+    """N(0, I) on the whole latent: no prior object, or the models' standard-normal one."""
+    from . import models
+
+    standard = getattr(models, "StandardNormalPrior", None)
+    return prior is None or (standard is not None and type(prior) is standard)
+
+
+def _base_model(plan: _Plan) -> None:
+    """The categorical over coarse cells of the logistic base h0 = logit(a/2 + (1 - a) u0), u0 ~ U[0, 1):
+    P(cell c) = F(hi_c) - F(lo_c), F(h) = (sigmoid(h) - a/2) / (1 - a); each cell then uniform."""
+    a, w = plan.noise_alpha, 2.0**-plan.params.base_bits
+    lo, hi = _logit(a / 2), _logit(1 - a / 2)
+    c0, c1 = math.floor(lo / w), math.floor(hi / w)
+    edges = np.clip(np.arange(c0, c1 + 2) * w, lo, hi)
+    cdf = (_sigmoid(edges) - a / 2) / (1 - a)
+    plan.base_c0 = c0
+    plan.extra["base_probs"] = np.diff(cdf)
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over the model's state_dict: each name and the tensor's raw bytes, in order."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def numerics_tag(model: torch.nn.Module) -> str:
+    """What the nets' float results depend on besides the weights: dtype, code path, torch build."""
+    fast = any(getattr(m, "fast", False) for m in model.modules())
+    ref = next(model.parameters(), torch.empty(0))
+    return f"{str(ref.dtype).removeprefix('torch.')} fast={int(fast)} torch={torch.__version__}"
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """The nets run on one thread inside the codec: the same kernels, whatever the caller set."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementwise maths (float64 numpy: the same on both sides)
+# ----------------------------------------------------------------------------------------------
+
+
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, np.float64)))
+
+
+def _logit(p):
+    p = np.asarray(p, np.float64)
+    return np.log(p) - np.log1p(-p)
+
+
+def _log_dsigmoid(h):
+    """log sigmoid'(h) = -softplus(h) - softplus(-h)."""
+    h = np.asarray(h, np.float64)
+    return -(np.logaddexp(0, h) + np.logaddexp(0, -h))
+
+
+# ----------------------------------------------------------------------------------------------
+# Affine coupling: local bits back in closed form (integer scale by uniform bits back)
+# ----------------------------------------------------------------------------------------------
+
+
+def _scale_shift(layer: AffineCoupling, k: Tensor, delta: float, cond: Tensor | None, dtype) -> tuple:
+    """The coupling's (s, t) on the free elements, from the grid values (k + 1/2) delta of the kept ones."""
+    v = ((k.to(torch.float64) + 0.5) * delta).to(dtype)
+    s, t = layer._scale_shift(v, cond)
+    free = (1 - layer.mask).bool().expand_as(k)
+    return s[free].double().numpy(), t[free].double().numpy(), free
+
+
+def _scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(P, q) with e^s ~ P / 2^q and P in [2^10, 2^11]: the scale to 11 bits, every uniform nearly exact."""
+    q = np.clip(10 - np.floor(s / math.log(2)), 0, 40).astype(np.int64)
+    p = np.clip(np.rint(np.exp(s) * np.exp2(q)), 1, MAX_SCALE).astype(np.int64)
+    return p, q
+
+
+def _coupling_fwd(st: _Stream, plan: _Plan, layer, k: Tensor, delta: float, cond, ideal: np.ndarray) -> Tensor:
+    """Encoder: z = (x + t) e^s on the free half; decode r ~ U{0..P-1}, encode (n mod Q) ~ U{0..Q-1}."""
+    s, t, free = _scale_shift(layer, k, delta, cond, plan.model_dtype)
+    p, q = _scales(s)
+    n = (k[free].numpy() + np.rint(t / delta).astype(np.int64)) * p + st.pop_uniform(p, p.shape, exact=True)
+    st.push_uniform(n & ((np.int64(1) << q) - 1), np.int64(1) << q)
+    out = k.clone()
+    out[free] = torch.from_numpy(n >> q)
+    ideal -= s.reshape(k.shape[0], -1).sum(1)
+    return out
+
+
+def _coupling_inv(st: _Stream, plan: _Plan, layer, m: Tensor, delta: float, cond) -> Tensor:
+    """Decoder: the exact inverse of ``_coupling_fwd`` (the kept half is unchanged, so s and t are too)."""
+    s, t, free = _scale_shift(layer, m, delta, cond, plan.model_dtype)
+    p, q = _scales(s)
+    n = (m[free].numpy() << q) + st.pop_uniform(np.int64(1) << q, s.shape)
+    st.push_uniform(n % p, p, exact=True)
+    out = m.clone()
+    out[free] = torch.from_numpy(n // p - np.rint(t / delta).astype(np.int64))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The elementwise map g_x: noise y (h or u) -> logit space z0, by fine cells per coarse cell
+# ----------------------------------------------------------------------------------------------
+
+
+def _w_of_z(plan: _Plan, z):
+    """Pixel units w = x + u in [0, 256) of a logit-space value z = logit(a/2 + (1 - a) w / 256)."""
+    return 256.0 * (_sigmoid(z) - plan.alpha / 2) / (1 - plan.alpha)
+
+
+def _z_of_w(plan: _Plan, w):
+    return _logit(plan.alpha / 2 + (1 - plan.alpha) * np.asarray(w, np.float64) / 256.0)
+
+
+def _u_of_y(plan: _Plan, y):
+    return _sigmoid(y) if plan.variational else y
+
+
+def _y_of_u(plan: _Plan, u):
+    if not plan.variational:
+        return np.clip(u, 0.0, 1.0)
+    u = np.clip(u, 1e-300, 1.0)
+    return np.clip(np.log(u) - np.log1p(-np.minimum(u, 1 - 1e-16)), -H_RANGE - 1, H_RANGE + 1)
+
+
+def _pixel(plan: _Plan, m):
+    """The pixel value a logit-space cell m belongs to: floor of w at its centre (-1 or 256 outside)."""
+    return np.clip(np.floor(_w_of_z(plan, (m + 0.5) * plan.dz)), -1, 256).astype(np.int64)
+
+
+def _lower(plan: _Plan, m, x):
+    """First fine noise index of cell m for pixel x; the bottom of the range for x's lowest cell."""
+    kmin, kmax = plan.y_range
+    y = _y_of_u(plan, _w_of_z(plan, m * plan.dz) - x)
+    lo = np.clip(np.ceil(y / plan.dy - 0.5), kmin, kmax + 1).astype(np.int64)
+    return np.where(_pixel(plan, m - 1) != x, kmin, lo)
+
+
+def _upper(plan: _Plan, m, x):
+    return np.where(_pixel(plan, m + 1) != x, plan.y_range[1] + 1, _lower(plan, m + 1, x))
+
+
+def _ymap_fwd(st: _Stream, plan: _Plan, ky: np.ndarray, x: np.ndarray, ideal: np.ndarray) -> np.ndarray:
+    """Encoder: noise index k -> logit-space cell m of pixel x; encode k's offset in the cell uniformly."""
+    y = (ky + 0.5) * plan.dy
+    w = x + _u_of_y(plan, y)
+    m = np.floor(_z_of_w(plan, w) / plan.dz).astype(np.int64)
+    for _ in range(64):  # a few corrections at most: the first guess is within a cell or two
+        px = _pixel(plan, m)
+        lo, hi = _lower(plan, m, x), _upper(plan, m, x)
+        step = np.where(px < x, 1, np.where(px > x, -1, np.where(ky < lo, -1, np.where(ky >= hi, 1, 0))))
+        if not step.any():
+            break
+        m = m + step
+    else:
+        raise FlowmnistError("codec: the noise-to-logit map did not converge (numerical trouble)")
+    st.push_uniform(ky - lo, hi - lo)
+    s = plan.alpha / 2 + (1 - plan.alpha) * w / 256.0
+    log_dz = math.log((1 - plan.alpha) / 256.0) - np.log(s) - np.log1p(-s)
+    ideal -= log_dz.reshape(len(ideal), -1).sum(1)
+    if plan.variational:
+        ideal -= _log_dsigmoid(y).reshape(len(ideal), -1).sum(1)
+    return m
+
+
+def _ymap_inv(st: _Stream, plan: _Plan, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Decoder: logit-space cell m -> (pixel x, noise index k)."""
+    x = _pixel(plan, m)
+    if (x < 0).any() or (x > 255).any():
+        raise ValueError("logit-space cell outside the pixel range")
+    lo, hi = _lower(plan, m, x), _upper(plan, m, x)
+    if (hi <= lo).any():
+        raise ValueError("empty noise cell")
+    return x, lo + st.pop_uniform(hi - lo, m.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# The base of the noise and the Gaussian latents
+# ----------------------------------------------------------------------------------------------
+
+
+def _base_pop(st: _Stream, plan: _Plan, shape: tuple[int, ...], ideal: np.ndarray) -> np.ndarray:
+    """Encoder: decode the noise's base. Uniform dequantization: u on its grid. Variational: h0 from the
+    logistic's coarse cell (categorical) and a uniform fine offset in it."""
+    n = math.prod(shape)
+    if not plan.variational:
+        return st.pop_uniform(np.int64(plan.y_range[1] + 1), shape)
+    c = st.pop_cat(n, st.categorical(plan.extra["base_probs"])) + plan.base_c0
+    fine = plan.params.noise_bits - plan.params.base_bits
+    k = (c << fine) + st.pop_uniform(np.int64(1 << fine), (n,))
+    h0 = (k + 0.5) * plan.dy
+    ideal += (_log_dsigmoid(h0) - math.log1p(-plan.noise_alpha)).reshape(len(ideal), -1).sum(1)
+    return k.reshape(shape)
+
+
+def _base_push(st: _Stream, plan: _Plan, k: np.ndarray) -> None:
+    """Decoder: the inverse of ``_base_pop``."""
+    if not plan.variational:
+        st.push_uniform(k, np.int64(plan.y_range[1] + 1))
+        return
+    fine = plan.params.noise_bits - plan.params.base_bits
+    k = k.ravel()
+    st.push_uniform(k & ((1 << fine) - 1), np.int64(1 << fine))
+    c = (k >> fine) - plan.base_c0
+    if (c < 0).any() or (c >= len(plan.extra["base_probs"])).any():
+        raise ValueError("base noise outside its range")
+    st.push_cat(c, st.categorical(plan.extra["base_probs"]))
+
+
+def _prior_push(st: _Stream, plan: _Plan, k: np.ndarray, ideal: np.ndarray) -> None:
+    """Encode latent grid indices under N(0, 1): the finer bits uniformly, the coarse cell by its Gaussian
+    mass (constriction's QuantizedGaussian over cells of 2^-prior_bits)."""
+    shift = plan.params.grid_bits - plan.params.prior_bits
+    k = k.ravel()
+    st.push_uniform(k & ((1 << shift) - 1), np.int64(1 << shift))
+    scale = float(1 << plan.params.prior_bits)
+    st.push_gauss(k >> shift, np.full(k.shape, -0.5), np.full(k.shape, scale))
+    z = (k + 0.5) * plan.dz
+    ideal += (0.5 * (z * z + math.log(2 * math.pi))).reshape(len(ideal), -1).sum(1)
+
+
+def _prior_pop(st: _Stream, plan: _Plan, shape: tuple[int, ...]) -> np.ndarray:
+    shift = plan.params.grid_bits - plan.params.prior_bits
+    n = math.prod(shape)
+    scale = float(1 << plan.params.prior_bits)
+    hi = st.pop_gauss(np.full(n, -0.5), np.full(n, scale))
+    return ((hi << shift) + st.pop_uniform(np.int64(1 << shift), (n,))).reshape(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# One chunk of images, both ways
+# ----------------------------------------------------------------------------------------------
+
+
+def _cond(x: Tensor, dtype) -> Tensor:
+    return (x.to(dtype) / 255 * 2 - 1).contiguous()  # as Dequantization.noise conditions its couplings
+
+
+def _encode_chunk(st: _Stream, plan: _Plan, x: Tensor) -> np.ndarray:
+    """Encode images x (B, 1, 28, 28) uint8; returns each one's single-sample bound in nats at the noise
+    the codec drew (the cost the codec realises, up to its grids)."""
+    ideal = np.zeros(x.shape[0])
+    ky = torch.from_numpy(_base_pop(st, plan, tuple(x.shape), ideal))
+    cond = _cond(x, plan.model_dtype)
+    for layer in plan.noise:
+        ky = _coupling_fwd(st, plan, layer, ky, plan.dy, cond, ideal)
+    kmin, kmax = plan.y_range
+    if (ky < kmin).any() or (ky > kmax).any():
+        raise FlowmnistError(f"codec: dequantization noise outside the codec's range (|h| > {H_RANGE:g})")
+    k = torch.from_numpy(_ymap_fwd(st, plan, ky.numpy(), x.numpy().astype(np.int64), ideal))
+    for layer in plan.flows:
+        if isinstance(layer, AffineCoupling):
+            k = _coupling_fwd(st, plan, layer, k, plan.dz, None, ideal)
+        elif isinstance(layer, Squeeze):
+            k = layer(k)[0]
+        else:
+            k, out = k.chunk(2, dim=1)
+            _prior_push(st, plan, out.contiguous().numpy(), ideal)
+    _prior_push(st, plan, k.contiguous().numpy(), ideal)
+    return ideal
+
+
+def _latent_shapes(plan: _Plan, b: int) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
+    """The split halves' shapes (in flow order) and the final latent's, for a chunk of b images."""
+    shape, outs = (1, SIDE, SIDE), []
+    for layer in plan.flows:
+        shape = layer.out_shape(shape)
+        if isinstance(layer, Split):
+            outs.append((b, *shape))
+    return outs, (b, *shape)
+
+
+def _decode_chunk(st: _Stream, plan: _Plan, b: int) -> Tensor:
+    """The exact inverse of ``_encode_chunk``: b images as uint8 (b, 1, 28, 28)."""
+    outs, final = _latent_shapes(plan, b)
+    k = torch.from_numpy(_prior_pop(st, plan, final))
+    for layer in reversed(plan.flows):
+        if isinstance(layer, AffineCoupling):
+            k = _coupling_inv(st, plan, layer, k, plan.dz, None)
+        elif isinstance(layer, Squeeze):
+            k = layer.inverse(k)
+        else:
+            k = torch.cat([k, torch.from_numpy(_prior_pop(st, plan, outs.pop()))], dim=1)
+    x, ky = _ymap_inv(st, plan, k.numpy())
+    xt = torch.from_numpy(x.astype(np.uint8))
+    cond = _cond(xt, plan.model_dtype)
+    ky = torch.from_numpy(ky)
+    for layer in reversed(plan.noise):
+        ky = _coupling_inv(st, plan, layer, ky, plan.dy, cond)
+    _base_push(st, plan, ky.numpy())
+    return xt
+
+
+# ----------------------------------------------------------------------------------------------
+# The file
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Header:
+    """Everything before the ANS words. ``kept`` is how many of the initial-bits words stay at the bottom
+    of the stack untouched (the decoder regenerates them), ``words`` how many words follow."""
+
+    model_name: str
+    weights_sha256: str
+    numerics: str
+    params: CodecParams
+    count: int
+    idx_header: bytes
+    crc32: int
+    source: str
+    kept: int
+    words: int
+
+    def pack(self) -> bytes:
+        meta = {
+            "model": self.model_name,
+            "sha256": self.weights_sha256,
+            "numerics": self.numerics,
+            "params": asdict(self.params),
+            "count": self.count,
+            "idx_header": self.idx_header.hex(),
+            "crc32": self.crc32,
+            "source": self.source,
+            "kept": self.kept,
+            "words": self.words,
+        }
+        blob = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+        return MAGIC + struct.pack("<HI", FORMAT_VERSION, len(blob)) + blob
+
+
+def _read_header(data: bytes, name: str) -> tuple[Header, int]:
+    """Parse and check the fixed part; returns the header and the offset of the ANS words."""
+    if len(data) < 10 or data[:4] != MAGIC:
+        raise FlowmnistError(f"{name}: not a flowmnist compressed file (no FMNZ magic)")
+    version, n = struct.unpack("<HI", data[4:10])
+    if version > FORMAT_VERSION:
+        raise FlowmnistError(f"{name}: format version {version}, this flowmnist reads up to {FORMAT_VERSION}; upgrade")
+    if version != FORMAT_VERSION:
+        raise FlowmnistError(f"{name}: format version {version} is not one this flowmnist reads")
+    if len(data) < 10 + n + 4 or zlib.crc32(data[:-4]) != struct.unpack("<I", data[-4:])[0]:
+        what = "truncated" if len(data) < 10 + n + 4 else "damaged (CRC-32 mismatch)"
+        raise FlowmnistError(f"{name}: {what}")
+    try:
+        m = json.loads(data[10 : 10 + n])
+        h = Header(
+            m["model"],
+            m["sha256"],
+            m["numerics"],
+            CodecParams(**m["params"]),
+            int(m["count"]),
+            bytes.fromhex(m["idx_header"]),
+            int(m["crc32"]),
+            m["source"],
+            int(m["kept"]),
+            int(m["words"]),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise FlowmnistError(f"{name}: damaged header ({e})") from e
+    if len(data) != 10 + n + 4 * h.words + 4:
+        raise FlowmnistError(f"{name}: truncated or padded ({len(data)} bytes, header says {10 + n + 4 * h.words + 4})")
+    return h, 10 + n
+
+
+def idx_bytes(images: np.ndarray) -> bytes:
+    """The IDX file of uint8 images (N, 28, 28): magic 0x00000803, three big-endian sizes, the pixels."""
+    return bytes([0, 0, 8, 3]) + struct.pack(">3I", *images.shape) + images.tobytes()
+
+
+def _as_images(images) -> np.ndarray:
+    arr = np.asarray(images.numpy() if isinstance(images, Tensor) else images)
+    if arr.ndim == 4 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 3 or arr.shape[1:] != (SIDE, SIDE):
+        raise FlowmnistError(f"codec: expected N x 28 x 28 images, got shape {tuple(arr.shape)}")
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 255 or (arr != np.round(arr)).any()):
+            raise FlowmnistError("codec: pixels must be integers 0..255")
+        arr = arr.astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+@dataclass
+class Stats:
+    """What ``compress_images`` measured: file bytes, the single-sample bound at the codec's own noise
+    (bits, summed over images) and the initial bits the file carries."""
+
+    images: int
+    file_bytes: int
+    bound_bits: float
+    initial_bits: int
+
+    @property
+    def rate_bpd(self) -> float:
+        return 8 * self.file_bytes / max(1, self.images * DIMS)
+
+    @property
+    def bound_bpd(self) -> float:
+        return self.bound_bits / max(1, self.images * DIMS)
+
+
+def compress_images(
+    model: torch.nn.Module,
+    images,
+    *,
+    name: str = "",
+    params: CodecParams | None = None,
+    original: bytes | None = None,
+    source: str = "idx",
+    progress: Callable[[int], None] | None = None,
+) -> tuple[bytes, Stats]:
+    """Compress uint8 images (N, 28, 28) or (N, 1, 28, 28); ``original``: the bytes decompression restores
+    (an IDX file of exactly these pixels; default the IDX file of the images). Returns (file, stats)."""
+    params = params or CodecParams()
+    params.check()
+    arr = _as_images(images)
+    original = idx_bytes(arr) if original is None else original
+    plan = _plan(model, params)
+    st = _Stream(_seed(params.seed_words))
+    bound, start = 0.0, 0
+    with _one_thread():
+        for b in chunk_sizes(len(arr), params.batch, params.ramp):
+            x = torch.from_numpy(arr[start : start + b].copy()).unsqueeze(1)
+            try:
+                bound += float(_encode_chunk(st, plan, x).sum()) / math.log(2)
+            except ValueError as e:
+                raise FlowmnistError(f"codec: cannot encode images {start}..{start + b - 1} ({e})") from e
+            start += b
+            if progress:
+                progress(b)
+    words, seed = st.words(), _seed(params.seed_words)
+    kept = _common_prefix(words, seed)
+    header = Header(
+        name,
+        weights_sha256(model),
+        numerics_tag(model),
+        params,
+        len(arr),
+        original[: len(original) - arr.size],
+        zlib.crc32(original),
+        source,
+        kept,
+        len(words) - kept,
+    )
+    body = header.pack() + words[kept:].astype("<u4").tobytes()
+    data = body + struct.pack("<I", zlib.crc32(body))
+    return data, Stats(len(arr), len(data), bound, 32 * (params.seed_words - kept))
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.nonzero(a[:n] != b[:n])[0]
+    return int(diff[0]) if len(diff) else n
+
+
+def read_header(data: bytes, name: str = "<bytes>") -> Header:
+    """The header of a compressed file, checked (magic, version, CRC-32, length)."""
+    return _read_header(data, name)[0]
+
+
+def decompress_bytes(
+    data: bytes, model: torch.nn.Module, *, name: str = "<bytes>", progress: Callable[[int], None] | None = None
+) -> tuple[bytes, Header]:
+    """The original bytes (an IDX file) of a compressed file, and its header; every check names ``name``."""
+    header, offset = _read_header(data, name)
+    sha = weights_sha256(model)
+    if sha != header.weights_sha256:
+        raise FlowmnistError(
+            f"{name}: made with model {header.model_name or '?'} (weights {header.weights_sha256[:12]}), "
+            f"not the one given (weights {sha[:12]})"
+        )
+    plan = _plan(model, header.params)
+    seed = _seed(header.params.seed_words)
+    words = np.concatenate([seed[: header.kept], np.frombuffer(data, "<u4", header.words, offset).astype(np.uint32)])
+    images = _decode_all(_Stream(words), plan, header, name, progress)
+    if not np.array_equal(images.words, seed):
+        raise _undecodable(name, header, model)
+    original = header.idx_header + images.pixels.tobytes()
+    if zlib.crc32(original) != header.crc32:
+        raise _undecodable(name, header, model)
+    return original, header
+
+
+@dataclass
+class _Decoded:
+    pixels: np.ndarray
+    words: np.ndarray
+
+
+def _decode_all(st: _Stream, plan: _Plan, header: Header, name: str, progress) -> _Decoded:
+    sizes = chunk_sizes(header.count, header.params.batch, header.params.ramp)
+    out = np.zeros((header.count, SIDE, SIDE), np.uint8)
+    end = header.count
+    with _one_thread():
+        for b in reversed(sizes):
+            try:
+                out[end - b : end] = _decode_chunk(st, plan, b)[:, 0].numpy()
+            except (ValueError, OverflowError, RuntimeError, IndexError) as e:
+                raise _undecodable(name, header, plan.model, e) from e
+            end -= b
+            if progress:
+                progress(b)
+    return _Decoded(out, st.words())
+
+
+def _undecodable(name: str, header: Header, model, err: Exception | None = None) -> FlowmnistError:
+    here = numerics_tag(model)
+    why = f"written with {header.numerics}, decoding with {here}" if here != header.numerics else "damaged"
+    return FlowmnistError(f"{name}: does not decode to its checksum ({why})")
+
+
+def compress(model: torch.nn.Module, images, *, name: str = "", params: CodecParams | None = None) -> bytes:
+    """Lossless compression of uint8 digits (N, 28, 28) or (N, 1, 28, 28) by bits-back coding with
+    ``model``; about its single-sample bound in bits per image. ``decompress`` inverts it."""
+    return compress_images(model, images, name=name, params=params)[0]
+
+
+def decompress(data: bytes, model: torch.nn.Module) -> Tensor:
+    """The images of a ``compress`` file, uint8 (N, 1, 28, 28); errors (wrong model, damaged file, newer
+    format) are one-line ``FlowmnistError``s."""
+    original, header = decompress_bytes(data, model)
+    pixels = np.frombuffer(original, np.uint8, header.count * DIMS, len(header.idx_header))
+    return torch.from_numpy(pixels.reshape(header.count, 1, SIDE, SIDE).copy())
