@@ -624,31 +624,23 @@ def _read_header(data: bytes, name: str) -> tuple[Header, int]:
     if len(data) < 10 or data[:4] != MAGIC:
         raise FlowmnistError(f"{name}: not a flowmnist compressed file (no FMNZ magic)")
     version, n = struct.unpack("<HI", data[4:10])
-    if version > FORMAT_VERSION:
-        raise FlowmnistError(f"{name}: format version {version}, this flowmnist reads up to {FORMAT_VERSION}; upgrade")
     if version != FORMAT_VERSION:
-        raise FlowmnistError(f"{name}: format version {version} is not one this flowmnist reads")
-    if len(data) < 10 + n + 4 or zlib.crc32(data[:-4]) != struct.unpack("<I", data[-4:])[0]:
-        what = "truncated" if len(data) < 10 + n + 4 else "damaged (CRC-32 mismatch)"
-        raise FlowmnistError(f"{name}: {what}")
+        newer = "; a newer flowmnist wrote it" if version > FORMAT_VERSION else ""
+        raise FlowmnistError(f"{name}: format version {version}, this flowmnist reads version {FORMAT_VERSION}{newer}")
+    if len(data) < 10 + n + 4:
+        raise FlowmnistError(f"{name}: truncated ({len(data)} bytes, shorter than its header)")
     try:
         m = json.loads(data[10 : 10 + n])
         h = Header(
-            m["model"],
-            m["sha256"],
-            m["numerics"],
-            CodecParams(**m["params"]),
-            int(m["count"]),
-            bytes.fromhex(m["idx_header"]),
-            int(m["crc32"]),
-            m["source"],
-            int(m["kept"]),
-            int(m["words"]),
+            *(m["model"], m["sha256"], m["numerics"], CodecParams(**m["params"]), int(m["count"])),
+            *(bytes.fromhex(m["idx_header"]), int(m["crc32"]), m["source"], int(m["kept"]), int(m["words"])),
         )
     except (ValueError, KeyError, TypeError) as e:
-        raise FlowmnistError(f"{name}: damaged header ({e})") from e
-    if len(data) != 10 + n + 4 * h.words + 4:
-        raise FlowmnistError(f"{name}: truncated or padded ({len(data)} bytes, header says {10 + n + 4 * h.words + 4})")
+        raise FlowmnistError(f"{name}: damaged header ({type(e).__name__})") from e
+    want = 10 + n + 4 * h.words + 4
+    if zlib.crc32(data[:-4]) != struct.unpack("<I", data[-4:])[0] or len(data) != want:
+        what = "truncated" if len(data) < want else "damaged (CRC-32 mismatch)"
+        raise FlowmnistError(f"{name}: {what} ({len(data)} bytes, its header says {want})")
     return h, 10 + n
 
 
