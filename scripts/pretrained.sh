@@ -5,6 +5,7 @@
 #   scripts/pretrained.sh train    DATA_DIR NAME   # train (or --resume) runs/full/NAME for its epochs
 #   scripts/pretrained.sh evaluate NAME            # K = 8 on its splits (below)
 #   scripts/pretrained.sh ship     NAME            # into src/flowmnist/pretrained/NAME, manifest rewritten
+#   scripts/pretrained.sh test     DATA_DIR NAME   # the shipped NAME on all 10,000 t10k images, K = 8, into its results
 #   scripts/pretrained.sh figures                  # docs/images/ from every shipped model
 #   scripts/pretrained.sh ood MNIST_DIR FASHION_DIR # both OOD directions: docs/images/ood_*.png, docs/results/
 #
@@ -52,6 +53,11 @@ case ${1:-} in
     pin "$BIN/flowmnist" evaluate "$RUNS/$2" "${splits[@]}" --importance-samples 8 --compile ;;
   ship)
     "$BIN/python" scripts/ship_pretrained.py "$RUNS/$2" --name "$2" ;;
+  test)  # once, for a finished model chosen on val
+    mkdir -p "$RUNS"
+    pin "$BIN/flowmnist" evaluate --pretrained "$3" --data-dir "$2" --split test --importance-samples 8 --compile \
+      --json > "$RUNS/$3.test.json"
+    "$BIN/python" scripts/ship_pretrained.py --test-results "$RUNS/$3.test.json" --name "$3" ;;
   figures)  # the analysis of the unconditional MNIST models, then the conditional and Fashion-MNIST ones
     out=docs/images names=()
     for m in simple vardeq multi-simple multi-vardeq; do if [ -d "src/flowmnist/pretrained/$m" ]; then names+=("$m"); fi; done

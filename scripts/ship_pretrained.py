@@ -3,6 +3,7 @@
     python scripts/ship_pretrained.py RUN_DIR --name multi-vardeq      # after `flowmnist evaluate RUN_DIR`
     python scripts/ship_pretrained.py --digits ../shared/data/mnist     # the real validation digits for figures
     python scripts/ship_pretrained.py --digits DIR --dataset fashion-mnist   # the same for Fashion-MNIST models
+    python scripts/ship_pretrained.py --test-results R.json --name NAME # add R's test split to NAME's results
     python scripts/ship_pretrained.py                                   # only rewrite the manifest
 
 A shipped run holds config.json, metrics.csv, results.json and model.pt (the final float32 weights and
@@ -12,9 +13,10 @@ the config; no optimizer state). See flowmnist.runs.
 from __future__ import annotations
 
 import argparse
+import json
 
 from flowmnist.data import FILES, load_mnist, write_idx
-from flowmnist.runs import PRETRAINED_ROOT, digits_folder, export_run, write_manifest
+from flowmnist.runs import PRETRAINED_ROOT, digits_folder, export_run, write_json, write_manifest
 
 N_DIGITS = 600  # load_mnist's split keeps 1/6 of them (100) as the figures' "val" digits
 
@@ -30,12 +32,30 @@ def ship_digits(data_dir: str, dataset: str = "mnist", split_seed: int = 42) -> 
     write_idx(out / (FILES["train-labels"][0] + ".gz"), labels[:N_DIGITS].numpy())
 
 
+def add_split_results(results_json: str, name: str) -> None:
+    """Merge the per-split entries of ``results_json`` (`flowmnist evaluate --pretrained NAME --split test
+    --json`) into the shipped run's results.json: its other splits and fields stay as they are."""
+    new = json.loads(open(results_json).read())
+    path = PRETRAINED_ROOT / name / "results.json"
+    old = json.loads(path.read_text())
+    if (new["model"], new.get("conditional"), new["params"]) != (old["model"], old.get("conditional"), old["params"]):
+        raise SystemExit(f"{results_json}: results of another model than the shipped {name}")
+    if new["importance_samples"] != old["importance_samples"]:
+        k, shipped = new["importance_samples"], old["importance_samples"]
+        raise SystemExit(f"{results_json}: K = {k}, the shipped results have K = {shipped}")
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict) and key != "training":
+            old[key].update(value)
+    write_json(path, old)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", nargs="?", help="a trained and evaluated run directory")
     p.add_argument("--name", help="the shipped name (default: the run's model name)")
     p.add_argument("--digits", metavar="DATA_DIR", help="ship real validation images from this IDX directory")
     p.add_argument("--dataset", default="mnist", help="what --digits holds (default mnist)")
+    p.add_argument("--test-results", metavar="JSON", help="merge this evaluation's splits into --name's results")
     a = p.parse_args()
     if a.run_dir:
         from flowmnist.runs import run_config
@@ -45,6 +65,8 @@ def main() -> None:
             print(path)
     if a.digits:
         ship_digits(a.digits, a.dataset)
+    if a.test_results:
+        add_split_results(a.test_results, a.name)
     manifest = write_manifest()
     print(f"manifest: {len(manifest['files'])} files, runs {', '.join(manifest['runs']) or 'none'}")
 

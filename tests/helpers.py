@@ -10,7 +10,16 @@ import torch
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The unconditional models' parameter counts, pinned: an architecture change must change them here.
-PARAMS = {"simple": 556_312, "vardeq": 628_388, "multi-simple": 1_639_742, "multi-vardeq": 1_711_818}
+PARAMS = {
+    "simple": 556_312,
+    "vardeq": 628_388,
+    "multi-simple": 1_639_742,
+    "multi-vardeq": 1_711_818,
+    "multi-vardeq-wide": 6_497_730,
+    "multi-vardeq-mixlog": 2_251_458,
+    "multi-vardeq-glow": 1_712_514,
+    "flowpp": 9_698_826,
+}
 
 
 def png_size(path: str | Path) -> tuple[int, int]:
