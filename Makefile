@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   venv + install + the report of the shipped models + a short training run of its own
-#   make test   venv + install + lint + the test suite
+#   make test   venv + install + lint + the test suite (what CI runs; make test-fast skips the slow tests)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,7 +9,9 @@ DEMO_MINUTES ?= 5
 DEMO_RUN ?= runs/demo-multi-vardeq
 DEMO_REPORT ?= runs/report
 
-.PHONY: demo test lint install
+LINTED := src tests scripts benchmarks hubconf.py
+
+.PHONY: demo test test-fast lint install
 
 $(BIN)/flowmnist: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -32,8 +34,12 @@ demo: install
 	$(BIN)/flowmnist sample $(DEMO_RUN) --out $(DEMO_RUN)/samples.png
 
 test: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check $(LINTED)
 	$(BIN)/python -m pytest -q
 
+test-fast: install
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: install
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check $(LINTED)

@@ -4,16 +4,17 @@ budget on full MNIST, their validation bpd against CPU-minutes in one figure.
     python benchmarks/cpu_minutes.py --data-dir ../shared/data/mnist --cpu-minutes 24 [--out runs/cpu_minutes]
     python benchmarks/cpu_minutes.py --figure-only          # redraw from docs/results/cpu_minutes/
 
-A one-core candidate is `flowmnist train --minutes B` pinned to one core with one thread; two of them run
-at once, one per core. A two-core candidate (torchrun with 2 ranks x 1 thread, or one process with 2
-threads) runs alone for B / 2 minutes of wall clock. So every candidate gets B CPU-minutes, and CPU-minutes
-on the figure are wall-clock minutes times the cores used. Every run: the package's default recipe (batch
-16, Adam 2e-3, warm-up, cosine to 0 over its budget, bfloat16 training steps where native, compiled nets),
-seed 0, validation every --val-minutes on the first --val-images validation images (single-sample bound,
-the run's fixed noise; the EMA's weights where kept), and at the end. Validation time is part of the
-budget. A run directory per candidate under --out; an interrupted benchmark resumes its runs.
-Each run's metrics.csv is copied to docs/results/cpu_minutes/ and summarised in
-docs/results/cpu_minutes.json; the figure is docs/images/cpu_minutes.png.
+A one-core candidate is `flowmnist train --minutes B` pinned to one core with one thread; they run in
+one queue per core (--cores), the queues side by side. A two-core candidate (torchrun with 2 ranks x 1
+thread, or one process with 2 threads) runs alone for B / 2 minutes of wall clock. So every candidate
+gets B CPU-minutes, and CPU-minutes on the figure are wall-clock minutes times the cores used. Every
+run: the package's default recipe (batch 16, Adam 2e-3, warm-up, cosine to 0 over its budget, bfloat16
+training steps where native, compiled nets), seed 0, validation every --val-minutes on the first
+--val-images validation images (single-sample bound, the run's fixed noise; the EMA's weights where
+kept), and at the end. Validation time is part of the budget. A run directory per candidate under
+--out; an interrupted benchmark resumes its runs. Each run's metrics.csv is copied to
+docs/results/cpu_minutes/ and summarised in docs/results/cpu_minutes.json; the figure is
+docs/images/cpu_minutes.png.
 """
 
 from __future__ import annotations
@@ -33,13 +34,13 @@ RESULTS = ROOT / "docs" / "results" / "cpu_minutes"
 # name -> (cores, train options)
 CANDIDATES: dict[str, tuple[int, list[str]]] = {
     "multi-vardeq": (1, ["--model", "multi-vardeq"]),
-    "multi-vardeq, EMA 0.999": (1, ["--model", "multi-vardeq", "--ema", "0.999"]),
+    "multi-vardeq + EMA 0.999": (1, ["--model", "multi-vardeq", "--ema", "0.999"]),
     "multi-vardeq-wide": (1, ["--model", "multi-vardeq-wide"]),
     "multi-vardeq-mixlog": (1, ["--model", "multi-vardeq-mixlog"]),
     "multi-vardeq-glow": (1, ["--model", "multi-vardeq-glow"]),
     "flowpp": (1, ["--model", "flowpp"]),
-    "multi-vardeq, 2 ranks x 1 thread": (2, ["--model", "multi-vardeq"]),
-    "multi-vardeq, 1 process x 2 threads": (2, ["--model", "multi-vardeq"]),
+    "multi-vardeq on 2 ranks x 1 thread": (2, ["--model", "multi-vardeq"]),
+    "multi-vardeq on 1 process x 2 threads": (2, ["--model", "multi-vardeq"]),
 }
 
 
@@ -63,30 +64,37 @@ def command(name: str, run: Path, a: argparse.Namespace, core: int | None) -> tu
         return ["taskset", "-c", "0,1", *launch, *args], env
     if cores == 2:
         return ["taskset", "-c", "0,1", sys.executable, "-m", "flowmnist", *args], {**env, "OMP_NUM_THREADS": "2"}
-    return ["taskset", "-c", str(core), sys.executable, "-m", "flowmnist", *args], env
+    return ["taskset", "-c", str(core), sys.executable, "-m", "flowmnist", *args], env  # one core, one thread
+
+
+def run_one(name: str, a: argparse.Namespace, core: int | None) -> None:
+    run = Path(a.out) / slug(name)
+    if (run / "done").exists():
+        return
+    cmd, env = command(name, run, a, core)
+    print("$", " ".join(cmd), flush=True)
+    with open(Path(a.out) / f"{slug(name)}.log", "a") as log:
+        code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise SystemExit(f"{name}: training failed (exit {code}); see {log.name}")
+    (run / "done").touch()
+    collect(name, run)
 
 
 def run_all(names: list[str], a: argparse.Namespace) -> None:
-    """One-core candidates two at a time (one per core), then each two-core one alone."""
+    """The one-core candidates in one queue per core of --cores (round robin), the queues side by side;
+    then each two-core candidate alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cores = [int(c) for c in a.cores.split(",")]
     single = [n for n in names if CANDIDATES[n][0] == 1]
-    double = [n for n in names if CANDIDATES[n][0] == 2]
-    batches = [single[i : i + 2] for i in range(0, len(single), 2)] + [[n] for n in double]
-    for batch in batches:
-        procs = []
-        for core, name in enumerate(batch):
-            run = Path(a.out) / slug(name)
-            if (run / "done").exists():
-                continue
-            cmd, env = command(name, run, a, core)
-            print("$", " ".join(cmd), flush=True)
-            log = open(Path(a.out) / f"{slug(name)}.log", "a")  # noqa: SIM115 - closed below
-            procs.append((name, run, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        for name, run, proc, log in procs:
-            if proc.wait() != 0:
-                sys.exit(f"{name}: training failed (exit {proc.returncode}); see {log.name}")
-            log.close()
-            (run / "done").touch()
-            collect(name, run)
+    queues = {c: single[i :: len(cores)] for i, c in enumerate(cores)}
+    with ThreadPoolExecutor(len(cores)) as pool:
+        for f in [pool.submit(lambda c=c: [run_one(n, a, c) for n in queues[c]]) for c in cores]:
+            f.result()
+    for name in names:
+        if CANDIDATES[name][0] == 2:
+            run_one(name, a, None)
 
 
 def collect(name: str, run: Path) -> None:
@@ -169,6 +177,7 @@ def main() -> None:
     p.add_argument("--val-images", type=int, default=2000, help="validation images per validation (default 2000)")
     p.add_argument("--out", default="runs/cpu_minutes", help="run directories (default runs/cpu_minutes)")
     p.add_argument("--only", help="comma-separated candidate names (default all)")
+    p.add_argument("--cores", default="0,1", help="cores for the one-core candidates, one queue each (default 0,1)")
     p.add_argument("--figure-only", action="store_true", help="redraw the figure and summary from docs/results")
     a = p.parse_args()
     names = a.only.split(",") if a.only else list(CANDIDATES)

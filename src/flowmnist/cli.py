@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import PRECISIONS, SCHEDULES, Config, FlowmnistError
+from .config import PRECISIONS, SCHEDULES, Config, FlowmnistError, prepare_output
 from .data import DATASETS
 from .models import ARCHITECTURES, MODELS
 
@@ -95,21 +95,9 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _writable_parent(path: Path, option: str) -> None:
-    parent = path.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise FlowmnistError(f"{option} {path}: directory {parent} is not writable")
-
-
 def _out_file(arg: str, option: str = "--out") -> Path:
-    """An output file path: not an existing directory, in a writable directory."""
-    out = Path(arg)
-    if out.is_dir():
-        raise FlowmnistError(f"{option} {out}: is a directory; expected a file name")
-    _writable_parent(out, option)
-    return out
+    """An output file path: not an existing directory, its folder made (``config.prepare_output``)."""
+    return prepare_output(arg, option)
 
 
 def _add_run_args(p: argparse.ArgumentParser, many: bool) -> None:
@@ -183,7 +171,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         cfg.fast = False
     if a.no_compile:
         cfg.compile = False
-    _writable_parent(run_dir, "--out")
+    prepare_output(run_dir, "--out", is_dir=True, make=False)  # training makes and probes it itself
     summary = train(cfg, run_dir, resume=a.resume, force=a.force, device=a.device, tf32=a.tf32)
     if _is_main_process():
         print(json.dumps(summary))
@@ -282,11 +270,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
 
 def _out_dir(arg: str) -> Path:
-    out = Path(arg)
-    if out.exists() and not out.is_dir():
-        raise FlowmnistError(f"--out {out}: exists and is not a directory")
-    _writable_parent(out / "x", "--out")
-    return out
+    return prepare_output(arg, "--out", is_dir=True)
 
 
 def _print_paths(paths) -> int:

@@ -127,6 +127,30 @@ BEFORE_FIELD: dict[str, Any] = {
 }
 
 
+def prepare_output(path: str | Path, option: str, *, is_dir: bool = False, make: bool = True) -> Path:
+    """The one check of an output path before any work: a directory where a file is expected (or a file
+    where a directory is) refused, the nearest existing folder writable, and (``make``) the folder made:
+    the path itself for ``is_dir``, else its parent. Every failure is one line naming the option and path
+    (no permission, a read-only file system, a file in the way)."""
+    path = Path(path)
+    if is_dir and path.exists() and not path.is_dir():
+        raise FlowmnistError(f"{option} {path}: exists and is not a directory")
+    if not is_dir and path.is_dir():
+        raise FlowmnistError(f"{option} {path}: is a directory; expected a file name")
+    existing = path.resolve().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise FlowmnistError(f"{option} {path}: directory {existing} is not writable")
+    folder = path if is_dir else path.parent
+    if make:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise FlowmnistError(f"{option} {path}: cannot make the folder {folder} ({e.strerror or e})") from e
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
