@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+from pathlib import Path
+
 import pytest
 
-from flowmnist.cli import main
+import flowmnist.cli
+from flowmnist.cli import build_parser, main
+from flowmnist.cli.train import PROCESS_OPTIONS, train_config
+from flowmnist.config import Config
 
 # command -> its arguments, with OUT standing for the output path (a file name, or a folder for DIR/)
 WRITERS = {
@@ -46,3 +53,31 @@ def test_the_output_folder_is_made(tmp_path):
     out = tmp_path / "a" / "b" / "grid.png"
     assert main(["sample", "--pretrained", "simple", "--n", "4", "--out", str(out)]) == 0
     assert out.is_file()
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_the_package_docstring_lists_every_command_once():
+    listed = [line.split()[0] for line in flowmnist.cli.__doc__.splitlines() if line.startswith("  ")]
+    assert sorted(listed) == sorted(_subcommands()) and len(set(listed)) == len(listed)
+
+
+def test_every_train_option_is_a_config_field_or_a_process_option():
+    """So a new Config field needs only its option to be settable: train derives its overrides."""
+    dests = {a.dest for a in _subcommands()["train"]._actions if a.dest != "help"}
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert dests - fields == set(PROCESS_OPTIONS) and not set(PROCESS_OPTIONS) & fields
+
+
+def test_train_options_override_the_defaults_and_nothing_else(tmp_path, monkeypatch):
+    monkeypatch.delenv("FLOWMNIST_DATA", raising=False)
+    parse = build_parser().parse_args
+    assert train_config(parse(["train", "--out", str(tmp_path / "r")])) == Config()
+    args = ["train", "--out", str(tmp_path / "r"), "--lr", "0.1", "--epochs", "3", "--plain", "--no-compile"]
+    cfg = train_config(parse([*args, "--data-dir", "d", "--dataset", "fashion-mnist", "--conditional"]))
+    want = {"lr": 0.1, "epochs": 3, "fast": False, "compile": False, "dataset": "fashion-mnist", "conditional": True}
+    assert cfg == dataclasses.replace(Config(), data_dir=str(Path("d").resolve()), **want)
+    assert train_config(parse(["train", "--out", "r", "--reference"])).fast is False  # the alias

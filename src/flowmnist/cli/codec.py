@@ -1,0 +1,115 @@
+"""`flowmnist compress | decompress`: lossless compression of digits by bits-back coding with a flow."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..config import FlowmnistError
+from .common import out_file
+
+
+def _codec_input(paths: list[str]):
+    """(uint8 images (N, 28, 28), original bytes, source): one IDX file (gzipped or not), else PNG files
+    or directories of them (the original is then the IDX file of their pixels, in order)."""
+    import gzip
+    import zlib
+
+    import numpy as np
+
+    from ..codec import idx_bytes
+    from ..data import DataError, parse_idx
+    from ..ood import read_png_digits
+
+    first = Path(paths[0])
+    if len(paths) == 1 and first.is_file() and first.suffix.lower() != ".png":
+        raw = first.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            try:
+                raw = gzip.decompress(raw)
+            except (OSError, EOFError, zlib.error) as e:
+                raise DataError(f"{first}: not a valid gzip file ({e})") from e
+        images = parse_idx(raw, str(first))
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise DataError(f"{first}: expected N x 28 x 28 images, header says {'x'.join(map(str, images.shape))}")
+        return images, raw, "idx"
+    images = read_png_digits(paths)[:, 0].numpy()
+    return images, idx_bytes(np.ascontiguousarray(images)), "png"
+
+
+def _codec_bar(n: int, what: str):
+    from tqdm import tqdm
+
+    return tqdm(total=n, unit="img", desc=what, disable=n < 100, file=sys.stderr, leave=False)
+
+
+def cmd_compress(a: argparse.Namespace) -> int:
+    from ..codec import compress_images
+    from ..config import atomic_write_bytes
+    from ..runs import load_model, verify_pretrained
+
+    if a.pretrained:
+        run, name, paths = verify_pretrained(a.pretrained), f"pretrained:{a.pretrained}", a.paths
+    elif len(a.paths) >= 3:
+        run, name, paths = Path(a.paths[0]), f"run:{Path(a.paths[0]).resolve()}", a.paths[1:]
+    else:
+        raise FlowmnistError("give RUN_DIR IN... OUT, or --pretrained NAME IN... OUT")
+    if len(paths) < 2:
+        raise FlowmnistError("give the input (an IDX file, PNG files or a directory of them) and OUT")
+    out = out_file(paths[-1], "OUT")
+    images, original, source = _codec_input(paths[:-1])
+    model = load_model(run)[0]
+    with _codec_bar(len(images), "compress") as bar:
+        data, st = compress_images(model, images, name=name, original=original, source=source, progress=bar.update)
+    atomic_write_bytes(out, data)
+    print(
+        f"{out}: {st.images} images, {len(data)} bytes, {st.rate_bpd:.4f} bits/dim; the model's single-sample bound "
+        f"{st.bound_bpd:.4f} bits/dim (initial bits and header: {8 * len(data) - st.bound_bits:.0f} bits in all)"
+    )
+    return 0
+
+
+def cmd_decompress(a: argparse.Namespace) -> int:
+    import gzip
+
+    from ..codec import decompress_bytes, read_header
+    from ..config import atomic_write_bytes
+    from ..runs import load_model, load_pretrained
+
+    src, out = Path(a.input), out_file(a.output, "OUT")
+    try:
+        data = src.read_bytes()
+    except OSError as e:
+        raise FlowmnistError(f"{src}: cannot read ({e.strerror or e})") from e
+    made_with = read_header(data, str(src)).model_name
+    if a.pretrained or a.run:
+        model = load_pretrained(a.pretrained) if a.pretrained else load_model(a.run)[0]
+    elif made_with.startswith("pretrained:"):
+        model = load_pretrained(made_with.removeprefix("pretrained:"))
+    elif made_with.startswith("run:") and Path(made_with[4:]).exists():
+        model = load_model(made_with[4:])[0]
+    else:
+        raise FlowmnistError(f"{src}: made with {made_with or 'an unnamed model'}; pass --run RUN_DIR or --pretrained")
+    with _codec_bar(read_header(data).count, "decompress") as bar:
+        original, header = decompress_bytes(data, model, name=str(src), progress=bar.update)
+    atomic_write_bytes(out, gzip.compress(original, mtime=0) if out.suffix == ".gz" else original)
+    what = "IDX file of the PNGs' pixels" if header.source == "png" else "IDX file"
+    print(f"{out}: {header.count} images, the original {what} ({len(original)} bytes, CRC-32 checked)")
+    return 0
+
+
+def add_codec_commands(sub) -> None:
+    c = sub.add_parser("compress", help="lossless compression of digits by bits-back coding with a flow")
+    c.add_argument(
+        "paths", nargs="+", metavar="PATH", help="[RUN_DIR] IN... OUT: an IDX file (gzipped or not) or PNGs, then OUT"
+    )
+    c.add_argument("--pretrained", metavar="NAME", help="a shipped model instead of RUN_DIR")
+    c.set_defaults(func=cmd_compress)
+    d = sub.add_parser("decompress", help="restore the original IDX bytes of a compressed file exactly")
+    d.add_argument("input", metavar="IN", help="a file written by `flowmnist compress`")
+    d.add_argument("output", metavar="OUT", help="the IDX file to write (gzipped if it ends in .gz)")
+    src = d.add_mutually_exclusive_group()
+    src.add_argument("--pretrained", metavar="NAME", help="the shipped model (default: the one the file names)")
+    src.add_argument("--run", metavar="RUN_DIR", help="the run directory (default: the one the file names)")
+    d.set_defaults(func=cmd_decompress)

@@ -1,0 +1,201 @@
+"""`flowmnist score | ood`: per-image out-of-distribution scores, and their AUROC / AUPR / FPR95
+between two data sets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from ..config import Config, FlowmnistError
+from .common import (
+    add_device,
+    add_importance_samples,
+    add_run_args,
+    add_split,
+    data_dir,
+    figure_data,
+    out_file,
+    positive_int,
+    runs,
+)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    add_run_args(p, many=False)
+    p.add_argument("--max-images", type=positive_int, metavar="N", help="only the first N images (of each set)")
+    add_importance_samples(p, "bpd")
+    add_device(p)
+
+
+# --- score --------------------------------------------------------------------------------------------
+
+
+def _rounded(v) -> float | None:
+    """A score for CSV/JSON: 6 decimals, None (empty in CSV, null in JSON) when not finite."""
+    v = float(v)
+    return round(v, 6) if math.isfinite(v) else None
+
+
+def _score_format(a: argparse.Namespace) -> str:
+    """The output format, "csv" or "json": --out's extension when given, else --json's choice."""
+    if a.out is None:
+        return "json" if a.json else "csv"
+    suffix = Path(a.out).suffix.lower()
+    if suffix not in (".csv", ".json"):
+        raise FlowmnistError(f"--out {a.out}: must end in .csv or .json")
+    if a.json and suffix == ".csv":
+        raise FlowmnistError(f"--json and --out {a.out} disagree; use a .json file name")
+    out_file(a.out)
+    return suffix[1:]
+
+
+def _score_input(a: argparse.Namespace, cfg: Config):
+    """(uint8 images, labels, source description) for `score`: a data directory's split, or PNGs."""
+    from ..data import load_mnist
+    from ..ood import png_files, read_png_digits
+
+    if a.png:
+        if a.split:
+            raise FlowmnistError("--split applies to --data-dir, not to --png")
+        files = png_files(a.png)[: a.max_images]
+        return read_png_digits(files), [str(f) for f in files], {"png": [str(p) for p in a.png]}
+    split = a.split or "val"
+    data = load_mnist(data_dir(a.data_dir), cfg.split_seed, cfg.val_fraction)
+    images, labels = data.split(split)
+    return images[: a.max_images], labels[: a.max_images].tolist(), {"data_dir": str(data.root), "split": split}
+
+
+def _csv_text(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def cmd_score(a: argparse.Namespace) -> int:
+    from ..config import atomic_write_bytes
+    from ..ood import score_images
+    from ..runs import load_model
+
+    fmt = _score_format(a)
+    (run,) = runs(a)
+    model, cfg = load_model(run, a.device)
+    images, labels, source = _score_input(a, cfg)
+    s = score_images(model, images, a.importance_samples)
+    rows = [
+        {"index": i, "label": label, **{key: _rounded(s[key][i]) for key in ("bpd", "complexity_bpd", "corrected")}}
+        for i, label in enumerate(labels)
+    ]
+    if fmt == "json":
+        doc = {"run": str(run), **source, "importance_samples": a.importance_samples, "rows": rows}
+        text = json.dumps(doc, indent=1) + "\n"
+    else:
+        text = _csv_text(rows)
+    if a.out:
+        atomic_write_bytes(out_file(a.out), text.encode())
+        print(a.out)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def add_score_command(sub) -> None:
+    sc = sub.add_parser("score", help="per-image OOD scores: bpd, PNG complexity, complexity-corrected bpd")
+    _common(sc)
+    src = sc.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-dir", metavar="DIR", help="score a split of this IDX directory")
+    src.add_argument("--png", nargs="+", metavar="FILE_OR_DIR", help="score 28x28 PNG files (a directory: its *.png)")
+    add_split(sc, help="split of --data-dir (default val)")
+    sc.add_argument("--out", metavar="FILE", help="write the rows to FILE.csv or FILE.json (default: CSV on stdout)")
+    sc.add_argument("--json", action="store_true", help="JSON instead of CSV on stdout")
+    sc.set_defaults(func=cmd_score)
+
+
+# --- ood ----------------------------------------------------------------------------------------------
+
+
+def _ood_table(r: dict) -> str:
+    """The metrics as a Markdown table, then the two sets and the typicality reference as a list."""
+    lines = ["| score | AUROC | AUPR | FPR95 |", "|---|---:|---:|---:|"]
+    for name, m in r["scores"].items():
+        lines.append(f"| {name} | {m['auroc']:.4f} | {m['aupr']:.4f} | {m['fpr95']:.4f} |")
+    lines.append("")
+    for key, title in (("in", "in-distribution"), ("ood", "OOD")):
+        d = r[key]
+        mean = "–" if d["mean_bpd"] is None else f"{d['mean_bpd']:.4f}"
+        lines.append(f"- {title}: {d['data_dir']} ({d['split']}), {d['images']} images, mean bpd {mean}")
+    t = r["typicality"]
+    lines.append(
+        f"- typicality: Ĥ = {t['entropy_bpd']:.4f} bpd from {t['reference_images']} in-distribution images; "
+        f"the other {t['scored_in_images']} are scored"
+    )
+    return "\n".join(lines)
+
+
+def _ood_sets(a: argparse.Namespace, cfg: Config) -> dict:
+    """{"in" | "ood": (data directory, split, uint8 images)}, both read before any scoring starts. The
+    in-distribution set defaults to the run's own data."""
+    from ..data import load_mnist
+
+    own = figure_data(a) if not a.in_data else None  # a shipped model's own: the images shipped with it
+    own = own.get(cfg.dataset) if isinstance(own, dict) else own
+    sets = {}
+    for key, arg, split in (("in", a.in_data, a.split), ("ood", a.ood_data, a.ood_split or a.split)):
+        root = data_dir(arg) if arg else own or cfg.data_dir
+        data = load_mnist(root, cfg.split_seed, cfg.val_fraction, cfg.dataset if key == "in" else "mnist")
+        sets[key] = (str(data.root), split, data.split(split)[0][: a.max_images])
+    return sets
+
+
+def cmd_ood(a: argparse.Namespace) -> int:
+    from ..ood import compare
+    from ..runs import load_model
+
+    out = out_file(a.out) if a.out else None
+    (run,) = runs(a)
+    model, cfg = load_model(run, a.device)
+    sets = _ood_sets(a, cfg)
+    r, ins, outs = compare(model, sets["in"][2], sets["ood"][2], a.importance_samples, a.batch_sizes)
+    for key, (root, split, _) in sets.items():
+        r[key].update(data_dir=root, split=split)
+    r["split"] = a.split
+    if out is not None:
+        from ..figures import plot_ood_histograms
+
+        r["figure"] = str(plot_ood_histograms(ins, outs, out))
+    print(json.dumps(r) if a.json else _ood_table(r))
+    return 0
+
+
+def add_ood_command(sub) -> None:
+    from ..ood import BATCH_SIZES
+
+    o = sub.add_parser("ood", help="AUROC, AUPR, FPR95 of each OOD score between two IDX directories")
+    _common(o)
+    o.add_argument(
+        "--in-data",
+        metavar="DIR",
+        help="IDX directory of in-distribution images (default: the run's own data; for a shipped model, the "
+        "images shipped with it)",
+    )
+    o.add_argument("--ood-data", required=True, metavar="DIR", help="IDX directory of out-of-distribution images")
+    add_split(o, default="val", help="split of both sets (default val)")
+    add_split(o, "--ood-split", help="split of the OOD set, where it differs from --split")
+    o.add_argument(
+        "--batch-sizes",
+        type=positive_int,
+        nargs="+",
+        default=list(BATCH_SIZES),
+        metavar="M",
+        help=f"typicality test batch sizes M (default {' '.join(map(str, BATCH_SIZES))})",
+    )
+    o.add_argument("--out", metavar="FIG", help="write the score histograms to this PNG file (default: no figure)")
+    o.add_argument("--json", action="store_true", help="print one JSON object")
+    o.set_defaults(func=cmd_ood)
