@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,9 @@ import pytest
 import flowmnist.cli
 from flowmnist.cli import build_parser, main
 from flowmnist.cli.train import PROCESS_OPTIONS, train_config
+from flowmnist.commands import argv, runs_argv, shell_line
 from flowmnist.config import Config
+from flowmnist.runs import PRETRAINED_ROOT
 
 # command -> its arguments, with OUT standing for the output path (a file name, or a folder for DIR/)
 WRITERS = {
@@ -81,3 +84,38 @@ def test_train_options_override_the_defaults_and_nothing_else(tmp_path, monkeypa
     want = {"lr": 0.1, "epochs": 3, "fast": False, "compile": False, "dataset": "fashion-mnist", "conditional": True}
     assert cfg == dataclasses.replace(Config(), data_dir=str(Path("d").resolve()), **want)
     assert train_config(parse(["train", "--out", "r", "--reference"])).fast is False  # the alias
+
+
+SHIPPED = PRETRAINED_ROOT / "simple"
+# (command, its runs or None, options by parser dest): every kind of command line the report writes
+WRITTEN = [
+    ("curves", [Path("runs/a"), SHIPPED], {"out": Path("out")}),
+    ("samples", [SHIPPED], {"out": Path("out"), "n": 4, "seed": 3, "temperature": 0.7}),
+    ("interpolate", [Path("a")], {"out": "o", "pairs": 1, "steps": 3, "seed": 2, "spherical": True, "data_dir": "d"}),
+    ("dequant", [Path("a"), Path("b")], {"out": "o", "images": 4, "seed": 1, "data_dir": "d"}),
+    ("concepts", None, {"out": "o", "probs": [0.5, 0.25, 0.25], "seed": 5}),
+    ("sample", [SHIPPED], {"digit": "all", "n": 10, "seed": 0, "out": Path("o/digits.png")}),
+    ("ood", [Path("a")], {"in_data": "i", "ood_data": "o", "split": "val", "ood_split": "test", "max_images": 9}),
+    ("ood", [SHIPPED], {"ood_data": "o", "batch_sizes": [1, 5], "out": "o/ood.png"}),
+    ("report", [SHIPPED], {"out": "o", "n": 4, "pairs": 1, "images": 4, "probs": [0.3, 0.7], "ood_images": 9}),
+]
+
+
+@pytest.mark.parametrize("command, run_dirs, options", WRITTEN)
+def test_written_command_lines_parse_to_their_options(command, run_dirs, options):
+    """commands.argv spells options by argparse's rule; the real parser must read each back."""
+    words = argv(command, **options) if run_dirs is None else runs_argv(command, run_dirs, **options)
+    assert words[0] == "flowmnist" and shlex.split(shell_line(words)) == words
+    ns = build_parser().parse_args(words[1:])
+    assert ns.command == command
+    for dest, value in options.items():
+        assert getattr(ns, dest) == (str(value) if isinstance(value, Path) else value), dest
+    if run_dirs is not None:
+        paths = [str(r) for r in run_dirs if r != SHIPPED]
+        assert (getattr(ns, "run_dirs", None) or [x for x in [getattr(ns, "run_dir", None)] if x]) == paths
+        assert ns.pretrained in ((["simple"], "simple") if SHIPPED in run_dirs else (None,))
+
+
+def test_argv_leaves_out_what_is_unset():
+    words = argv("x", "a", b=None, c=False, d=[], e=True, f=0.5, g=[1, 2.0])
+    assert words == ["flowmnist", "x", "a", "--e", "--f", "0.5", "--g", "1", "2"]

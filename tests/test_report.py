@@ -95,3 +95,18 @@ def test_report_renders_with_every_image_loaded(report, tmp_path):
     shutil.copytree(report.parent, broken)
     (broken / "samples.png").write_bytes(b"not a png")
     assert _body_flags(_dump_dom(broken / "index.html")) == ("false", "10")
+
+
+def test_every_command_in_the_report_parses(report):
+    """The report's command lines come from commands.argv; each must be one the parser accepts."""
+    import html
+    import shlex
+
+    from flowmnist.cli import build_parser
+
+    lines = [re.sub("</?pre>", "", ln) for ln in report.read_text().splitlines()]
+    lines = [html.unescape(ln) for ln in lines if ln.startswith("flowmnist ")]
+    assert len(lines) == 8  # the report, curves, 2 samples, 2 interpolations, dequant, concepts
+    for line in lines:
+        words = shlex.split(line)
+        assert build_parser().parse_args(words[1:]).command == words[1], line

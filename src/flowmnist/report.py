@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import html
 import json
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+from .commands import argv, runs_argv, shell_line
 from .config import atomic_write_bytes
 from .evaluate import classification_table, results_table
 from .figures import (
@@ -30,7 +31,7 @@ from .figures import (
     plot_samples,
     save_digit_grid,
 )
-from .runs import PRETRAINED_ROOT, load_model, run_config, run_title
+from .runs import load_model, run_config, run_title
 from .toy import DEFAULT_PROBS, fit_toy_noting, plot_concepts
 
 CSS = """
@@ -82,19 +83,6 @@ def markdown_table_html(md: str) -> str:
     return "\n".join(out)
 
 
-def _command(*parts) -> str:
-    return shlex.join(["flowmnist", *[str(p) for p in parts]])
-
-
-def run_args(run_dirs: list[Path]) -> list[str]:
-    """The command-line words that name ``run_dirs``: paths, then ``--pretrained NAME ...`` for the
-    shipped runs (a path inside the installed package means nothing on another machine)."""
-    root = PRETRAINED_ROOT.resolve()
-    paths = [str(r) for r in run_dirs if r.resolve().parent != root]
-    shipped = [r.name for r in run_dirs if r.resolve().parent == root]
-    return paths + (["--pretrained", *shipped] if shipped else [])
-
-
 def _figure(path: Path, out_dir: Path, caption: str) -> str:
     rel = path.relative_to(out_dir).as_posix()
     return (
@@ -103,9 +91,17 @@ def _figure(path: Path, out_dir: Path, caption: str) -> str:
     )
 
 
-@dataclass
+class Section(NamedTuple):
+    """What a section adds to the page: its HTML, and the stand-alone command of each of its figures."""
+
+    html: str
+    commands: list[list[str]] = []
+
+
+@dataclass(frozen=True)
 class ReportSpec:
-    """What a report shows: its runs, output folder and the figures' options."""
+    """What a report shows: its runs (with their labels and results.json), output folder and the
+    figures' options. Read-only: each section returns what it adds."""
 
     run_dirs: list[Path]
     out_dir: Path
@@ -121,182 +117,215 @@ class ReportSpec:
     ood: tuple[str, int] | None = None  # (OOD IDX directory, images of each set) for the OOD section
     labels: list[str] = field(default_factory=list)
     results: dict[Path, dict] = field(default_factory=dict)  # each run's results.json, where it has one
-    commands: list[str] = field(default_factory=list)  # each figure's stand-alone command, in order
 
     @property
-    def runs(self) -> list[str]:
-        return run_args(self.run_dirs)
+    def data_opt(self) -> str | None:
+        """--data-dir of the figure commands: the one directory given, if any."""
+        return self.data_dir if isinstance(self.data_dir, str) else None
 
-    @property
-    def data_opt(self) -> list[str]:
-        return ["--data-dir", self.data_dir] if isinstance(self.data_dir, str) else []
+    def runs_argv(self, command: str, **options) -> list[str]:
+        """A figure command over every run of the report, writing into its folder."""
+        return runs_argv(command, self.run_dirs, out=self.out_dir, **options)
 
 
-def results_section(spec: ReportSpec) -> str:
-    """The results table, from each run's results.json where `flowmnist evaluate` wrote one."""
-    missing = []
-    for r in spec.run_dirs:
+def read_results(run_dirs: list[Path]) -> dict[Path, dict]:
+    """Each run's results.json, where `flowmnist evaluate` wrote one (and it reads)."""
+    results = {}
+    for r in run_dirs:
         try:
-            spec.results[r] = json.loads((r / "results.json").read_text())
+            results[r] = json.loads((r / "results.json").read_text())
         except (OSError, json.JSONDecodeError):
-            missing.append(str(r))
+            pass
+    return results
+
+
+def _evaluate_hint() -> str:
+    return f"<code>{html.escape(shell_line(argv('evaluate', 'RUN_DIR')))}</code>"
+
+
+def results_section(spec: ReportSpec) -> Section:
+    """The results table, from each run's results.json where `flowmnist evaluate` wrote one."""
     results = list(spec.results.values())
+    missing = [str(r) for r in spec.run_dirs if r not in spec.results]
     body = markdown_table_html(results_table(results)) if results else ""
     body += markdown_table_html(classification_table(results))
     if missing:
         body += "<p>No results.json for: " + ", ".join(f"<code>{html.escape(m)}</code>" for m in missing)
-        body += " (run <code>flowmnist evaluate RUN_DIR</code> to add them).</p>"
-    return f"<h2>Results</h2>\n{body}"
+        body += f" (run {_evaluate_hint()} to add them).</p>"
+    return Section(f"<h2>Results</h2>\n{body}")
 
 
-def curves_section(spec: ReportSpec) -> str:
+def curves_section(spec: ReportSpec) -> Section:
     figs = plot_curves(spec.run_dirs, spec.out_dir)
-    spec.commands.append(_command("curves", *spec.runs, "--out", spec.out_dir))
-    return (
+    return Section(
         "<h2>Training curves</h2>\n"
         + _figure(figs[0], spec.out_dir, "Training bpd (mean over each logging interval) vs step.")
-        + _figure(figs[1], spec.out_dir, "Validation bpd (single-sample bound, fixed noise) vs step.")
+        + _figure(figs[1], spec.out_dir, "Validation bpd (single-sample bound, fixed noise) vs step."),
+        [spec.runs_argv("curves")],
     )
 
 
-def samples_section(spec: ReportSpec) -> str:
-    parts = []
+def samples_section(spec: ReportSpec) -> Section:
+    parts, commands = [], []
     for t in spec.temperatures:
         (fig,) = plot_samples(spec.run_dirs, spec.out_dir, spec.samples, spec.seed, t, spec.device)
-        opts = ["--n", spec.samples, "--seed", spec.seed, *(["--temperature", f"{t:g}"] if t != 1 else [])]
-        spec.commands.append(_command("samples", *spec.runs, "--out", spec.out_dir, *opts))
+        commands.append(spec.runs_argv("samples", n=spec.samples, seed=spec.seed, temperature=None if t == 1 else t))
         what = "the model's own distribution" if t == 1 else "the prior's spread scaled down: cleaner, less varied"
         parts.append(_figure(fig, spec.out_dir, f"{spec.samples} samples per run at T = {t:g} ({what})."))
-    return "<h2>Samples</h2>\n" + "".join(parts)
+    return Section("<h2>Samples</h2>\n" + "".join(parts), commands)
 
 
-def conditional_section(spec: ReportSpec, per_digit: int = 10) -> str:
+def _conditional_run(spec: ReportSpec, run: Path, label: str, per_digit: int) -> Section:
+    """One class-conditional run's digit grid and its confusion matrices (from results.json)."""
+    path = spec.out_dir / f"digits_{file_slug(label)}.png"
+    model, cfg = load_model(run, spec.device)
+    save_digit_grid(model, path, run_title(cfg.model, True, cfg.dataset), per_digit, 1.0, spec.seed)
+    command = runs_argv("sample", [run], digit="all", n=per_digit, seed=spec.seed, out=path)
+    parts = [_figure(path, spec.out_dir, f"{label}: {per_digit} samples of each digit, row d = digit d, T = 1.")]
+    confusion = spec.results.get(run, {}).get("confusion") or {}
+    for split, matrix in confusion.items():
+        out = spec.out_dir / f"confusion_{file_slug(label)}_{split}.png"
+        fig = plot_confusion(matrix, out, f"{label}, {split}")
+        caption = f"{label}: classifier argmax_y p(x | y) p(y) on {split}; rows: true digit (from results.json)."
+        parts.append(_figure(fig, spec.out_dir, caption))
+    if not confusion:
+        parts.append(
+            f"<p>No confusion matrix for <code>{html.escape(str(run))}</code>: run {_evaluate_hint()} to add it.</p>"
+        )
+    return Section("\n".join(parts), [command])
+
+
+def conditional_section(spec: ReportSpec, per_digit: int = 10) -> Section:
     """Class-conditional runs: a 10-row grid of each (row d: digit d on demand) and, where evaluate has
     measured them (results.json), the confusion matrices of the flow as a Bayes classifier."""
-    parts = []
-    for run, label in zip(spec.run_dirs, spec.labels, strict=True):
-        if not run_config(run).conditional:
-            continue
-        path = spec.out_dir / f"digits_{file_slug(label)}.png"
-        model, cfg = load_model(run, spec.device)
-        save_digit_grid(model, path, run_title(cfg.model, True, cfg.dataset), per_digit, 1.0, spec.seed)
-        opts = ["--digit", "all", "--n", per_digit, "--seed", spec.seed, "--out", path]
-        spec.commands.append(_command("sample", *run_args([run]), *opts))
-        parts.append(
-            _figure(path, spec.out_dir, f"{label}: {per_digit} samples of each digit, row d = digit d, T = 1.")
-        )
-        confusion = spec.results.get(run, {}).get("confusion") or {}
-        for split, matrix in confusion.items():
-            out = spec.out_dir / f"confusion_{file_slug(label)}_{split}.png"
-            fig = plot_confusion(matrix, out, f"{label}, {split}")
-            caption = f"{label}: classifier argmax_y p(x | y) p(y) on {split}; rows: true digit (from results.json)."
-            parts.append(_figure(fig, spec.out_dir, caption))
-        if not confusion:
-            parts.append(
-                f"<p>No confusion matrix for <code>{html.escape(str(run))}</code>: run "
-                "<code>flowmnist evaluate RUN_DIR</code> to add it.</p>"
-            )
-    if not parts:
-        return ""
-    return "<h2>Digits on demand (class-conditional runs)</h2>\n" + "\n".join(parts)
+    runs = [
+        _conditional_run(spec, run, label, per_digit)
+        for run, label in zip(spec.run_dirs, spec.labels, strict=True)
+        if run_config(run).conditional
+    ]
+    if not runs:
+        return Section("")
+    heading = "<h2>Digits on demand (class-conditional runs)</h2>\n"
+    return Section(heading + "\n".join(r.html for r in runs), [c for r in runs for c in r.commands])
 
 
-def interpolation_section(spec: ReportSpec) -> str:
-    figs = []
+def interpolation_section(spec: ReportSpec) -> Section:
+    figs, commands = [], []
     for spherical in (False, True):
         figs += plot_interpolations(
             spec.run_dirs, spec.out_dir, spec.pairs, spec.steps, spec.seed, spherical, spec.data_dir, spec.device
         )
-        opts = ["--pairs", spec.pairs, "--steps", spec.steps, "--seed", spec.seed]
-        opts += ["--spherical"] if spherical else []
-        spec.commands.append(_command("interpolate", *spec.runs, "--out", spec.out_dir, *opts, *spec.data_opt))
-    return (
+        opts = {"pairs": spec.pairs, "steps": spec.steps, "seed": spec.seed, "spherical": spherical}
+        commands.append(spec.runs_argv("interpolate", **opts, data_dir=spec.data_opt))
+    return Section(
         "<h2>Interpolation</h2>\n"
         + _figure(figs[0], spec.out_dir, "Linear walks between the latents of two real digits; ends are the inputs.")
-        + _figure(figs[1], spec.out_dir, "The same walks, spherical (slerp).")
+        + _figure(figs[1], spec.out_dir, "The same walks, spherical (slerp)."),
+        commands,
     )
 
 
-def dequant_section(spec: ReportSpec) -> str:
+def dequant_section(spec: ReportSpec) -> Section:
     figs = plot_dequant(spec.run_dirs, spec.out_dir, spec.dequant_images, 1, spec.seed, spec.data_dir, spec.device)
-    opts = ["--images", spec.dequant_images, "--seed", spec.seed]
-    spec.commands.append(_command("dequant", *spec.runs, "--out", spec.out_dir, *opts, *spec.data_opt))
-    return "<h2>Dequantization</h2>\n" + "".join(
-        _figure(f, spec.out_dir, f"{label}: distribution of v = x + u over real digits.")
-        for f, label in zip(figs, spec.labels, strict=True)
+    command = spec.runs_argv("dequant", images=spec.dequant_images, seed=spec.seed, data_dir=spec.data_opt)
+    return Section(
+        "<h2>Dequantization</h2>\n"
+        + "".join(
+            _figure(f, spec.out_dir, f"{label}: distribution of v = x + u over real digits.")
+            for f, label in zip(figs, spec.labels, strict=True)
+        ),
+        [command],
     )
 
 
-def concepts_section(spec: ReportSpec, notice: Callable[[str], None] | None) -> str:
+def concepts_section(spec: ReportSpec, notice: Callable[[str], None] | None) -> Section:
     fit, notes = fit_toy_noting(spec.probs, spec.seed)
     for note in notes if notice else []:
         notice(note)
     figs = plot_concepts(fit, spec.out_dir)
-    probs = [f"{p:g}" for p in spec.probs]
-    spec.commands.append(_command("concepts", "--out", spec.out_dir, "--probs", *probs, "--seed", spec.seed))
-    return (
+    command = argv("concepts", out=spec.out_dir, probs=[float(p) for p in spec.probs], seed=spec.seed)
+    return Section(
         "<h2>Dequantization on a toy distribution</h2>\n"
         + "<p>A smooth density on uniformly dequantized values pays "
         + f"{fit.uniform_smooth_bits - fit.entropy_bits:.3f} bits over the entropy; "
         + f"with learned (variational) dequantization it pays {fit.variational_bits - fit.entropy_bits:.3f}.</p>\n"
-        + "".join(_figure(f, spec.out_dir, f.stem.replace("_", " ")) for f in figs)
+        + "".join(_figure(f, spec.out_dir, f.stem.replace("_", " ")) for f in figs),
+        [command],
     )
 
 
-def ood_section(spec: ReportSpec) -> str:
-    """With ``spec.ood``: each run's own held-out images (as the figures use) against the OOD
-    directory's (its test split where it has one, else val), every OOD score's AUROC, AUPR and FPR95
-    (``ood.compare``, K = 8) and their histograms."""
-    if spec.ood is None:
-        return ""
+def _ood_run(spec: ReportSpec, run: Path, label: str, read: dict) -> Section:
+    """One run's OOD table and histograms; ``read`` caches the OOD directory per train/val split rule."""
     from .data import load_mnist
     from .ood import BATCH_SIZES, compare
 
     ood_dir, n = spec.ood
-    parts, read = [], {}  # the OOD directory read once per train/val split rule
-    for run, label in zip(spec.run_dirs, spec.labels, strict=True):
-        model, cfg = load_model(run, spec.device)
-        inside, _, split = eval_images(cfg, spec.data_dir)
-        rule = (cfg.split_seed, cfg.val_fraction)
-        data = read[rule] = read.get(rule) or load_mnist(ood_dir, *rule)
-        ood_split = "test" if "test" in data.splits else "val"
-        inside, outside = inside[:n], data.split(ood_split)[0][:n]
-        sizes = [m for m in BATCH_SIZES if m <= min((len(inside) + 1) // 2, len(outside))]  # batches both sets fill
-        r, ins, outs = compare(model, inside, outside, batch_sizes=sizes)
-        path = plot_ood_histograms(ins, outs, spec.out_dir / f"ood_{file_slug(label)}.png")
-        opts = ["--ood-data", ood_dir, "--split", split, "--ood-split", ood_split, "--max-images", n]
-        opts += ["--batch-sizes", *sizes, "--out", path]
-        in_opt = ["--in-data", spec.data_dir] if isinstance(spec.data_dir, str) else []
-        spec.commands.append(_command("ood", *run_args([run]), *in_opt, *opts))
-        rows = ["| score | AUROC | AUPR | FPR95 |", "|---|---:|---:|---:|"]
-        rows += [f"| {name} | {m['auroc']} | {m['aupr']} | {m['fpr95']} |" for name, m in r["scores"].items()]
-        caption = (
-            f"{label}: {r['in']['images']} of its {split} images (mean bpd {r['in']['mean_bpd']}) against "
-            f"{r['ood']['images']} {ood_split} images of {ood_dir} (mean bpd {r['ood']['mean_bpd']}); high = OOD."
+    model, cfg = load_model(run, spec.device)
+    inside, _, split = eval_images(cfg, spec.data_dir)
+    rule = (cfg.split_seed, cfg.val_fraction)
+    data = read[rule] = read.get(rule) or load_mnist(ood_dir, *rule)
+    ood_split = "test" if "test" in data.splits else "val"
+    inside, outside = inside[:n], data.split(ood_split)[0][:n]
+    sizes = [m for m in BATCH_SIZES if m <= min((len(inside) + 1) // 2, len(outside))]  # batches both sets fill
+    r, ins, outs = compare(model, inside, outside, batch_sizes=sizes)
+    path = plot_ood_histograms(ins, outs, spec.out_dir / f"ood_{file_slug(label)}.png")
+    opts = {"ood_data": ood_dir, "split": split, "ood_split": ood_split, "max_images": n, "batch_sizes": sizes}
+    command = runs_argv("ood", [run], in_data=spec.data_opt, **opts, out=path)
+    rows = ["| score | AUROC | AUPR | FPR95 |", "|---|---:|---:|---:|"]
+    rows += [f"| {name} | {m['auroc']} | {m['aupr']} | {m['fpr95']} |" for name, m in r["scores"].items()]
+    caption = (
+        f"{label}: {r['in']['images']} of its {split} images (mean bpd {r['in']['mean_bpd']}) against "
+        f"{r['ood']['images']} {ood_split} images of {ood_dir} (mean bpd {r['ood']['mean_bpd']}); high = OOD."
+    )
+    body = f"<h3>{html.escape(label)}</h3>\n" + markdown_table_html("\n".join(rows))
+    return Section(body + "\n" + _figure(path, spec.out_dir, caption), [command])
+
+
+def ood_section(spec: ReportSpec) -> Section:
+    """With ``spec.ood``: each run's own held-out images (as the figures use) against the OOD
+    directory's (its test split where it has one, else val), every OOD score's AUROC, AUPR and FPR95
+    (``ood.compare``, K = 8) and their histograms."""
+    if spec.ood is None:
+        return Section("")
+    read: dict = {}
+    runs = [_ood_run(spec, run, label, read) for run, label in zip(spec.run_dirs, spec.labels, strict=True)]
+    heading = "<h2>Out-of-distribution scores</h2>\n"
+    return Section(heading + "\n".join(r.html for r in runs), [c for r in runs for c in r.commands])
+
+
+def configs_section(spec: ReportSpec) -> Section:
+    return Section(
+        "<h2>Run configs</h2>\n"
+        + "".join(
+            f"<h3>{html.escape(label)} <code>{html.escape(str(r))}</code></h3>\n<pre>"
+            f"{html.escape(json.dumps(run_config(r).to_dict(), indent=2))}</pre>\n"
+            for label, r in zip(spec.labels, spec.run_dirs, strict=True)
         )
-        parts.append(f"<h3>{html.escape(label)}</h3>\n" + markdown_table_html("\n".join(rows)))
-        parts.append(_figure(path, spec.out_dir, caption))
-    return "<h2>Out-of-distribution scores</h2>\n" + "\n".join(parts)
-
-
-def configs_section(spec: ReportSpec) -> str:
-    return "<h2>Run configs</h2>\n" + "".join(
-        f"<h3>{html.escape(label)} <code>{html.escape(str(r))}</code></h3>\n<pre>"
-        f"{html.escape(json.dumps(run_config(r).to_dict(), indent=2))}</pre>\n"
-        for label, r in zip(spec.labels, spec.run_dirs, strict=True)
     )
 
 
-def commands_section(spec: ReportSpec) -> str:
-    opts = ["--n", spec.samples, "--pairs", spec.pairs, "--steps", spec.steps, "--images", spec.dequant_images]
-    opts += ["--probs", *[f"{p:g}" for p in spec.probs], "--seed", spec.seed, *spec.data_opt]
-    opts += ["--ood-data", spec.ood[0], "--ood-images", spec.ood[1]] if spec.ood else []
-    report_cmd = _command("report", *spec.runs, "--out", spec.out_dir, *opts)
-    return (
+def report_argv(spec: ReportSpec) -> list[str]:
+    """The command that makes this report."""
+    return spec.runs_argv(
+        "report",
+        n=spec.samples,
+        pairs=spec.pairs,
+        steps=spec.steps,
+        images=spec.dequant_images,
+        probs=[float(p) for p in spec.probs],
+        seed=spec.seed,
+        data_dir=spec.data_opt,
+        ood_data=spec.ood[0] if spec.ood else None,
+        ood_images=spec.ood[1] if spec.ood else None,
+    )
+
+
+def commands_section(spec: ReportSpec, commands: list[list[str]]) -> Section:
+    return Section(
         "<h2>Commands</h2>\n<p>This report:</p>\n<pre>"
-        + html.escape(report_cmd)
+        + html.escape(shell_line(report_argv(spec)))
         + "</pre>\n<p>Each figure on its own:</p>\n<pre>"
-        + html.escape("\n".join(spec.commands))
+        + html.escape("\n".join(map(shell_line, commands)))
         + "</pre>"
     )
 
@@ -334,10 +363,23 @@ def build_report(
     file (same runs, options and seed), so any figure can be re-made or varied on its own.
     """
     run_dirs = [Path(r) for r in run_dirs]
-    spec = ReportSpec(run_dirs, Path(out_dir), seed, pairs, steps, samples, (1.0, 0.7), dequant_images)
-    spec.probs, spec.data_dir, spec.device, spec.ood = tuple(probs), data_dir, device, ood
+    labels = config_labels([run_config(r) for r in run_dirs], run_dirs)
+    spec = ReportSpec(
+        run_dirs,
+        Path(out_dir),
+        seed=seed,
+        pairs=pairs,
+        steps=steps,
+        samples=samples,
+        dequant_images=dequant_images,
+        probs=tuple(probs),
+        data_dir=data_dir,
+        device=device,
+        ood=ood,
+        labels=labels,
+        results=read_results(run_dirs),
+    )
     spec.out_dir.mkdir(parents=True, exist_ok=True)
-    spec.labels = config_labels([run_config(r) for r in run_dirs], run_dirs)
     sections = [
         results_section(spec),
         curves_section(spec),
@@ -348,9 +390,8 @@ def build_report(
         concepts_section(spec, notice),
         ood_section(spec),
         configs_section(spec),
-        commands_section(spec),
     ]
-    sections = [part for part in sections if part]
+    sections.append(commands_section(spec, [c for s in sections for c in s.commands]))
     index = spec.out_dir / "index.html"
-    atomic_write_bytes(index, page(spec, sections).encode())
+    atomic_write_bytes(index, page(spec, [s.html for s in sections if s.html]).encode())
     return index
