@@ -1,4 +1,4 @@
-"""Small checks shared by the tests: PNG files, weights moved off their initial values, and the
+"""Small checks shared by the tests: PNG files (read and written), weights moved off their initial values, and the
 models' pinned parameter counts."""
 
 from __future__ import annotations
@@ -28,6 +28,14 @@ def png_size(path: str | Path) -> tuple[int, int]:
     assert data[:8] == PNG_SIGNATURE, f"{path}: not a PNG"
     assert data[12:16] == b"IHDR", f"{path}: no IHDR chunk first"
     return struct.unpack(">II", data[16:24])
+
+
+def write_png(path: Path, pixels) -> Path:
+    """An image array (H x W gray, H x W x 3 RGB or x 4 RGBA, uint8) as a PNG file; returns its path."""
+    from PIL import Image
+
+    Image.fromarray(pixels).save(path)
+    return path
 
 
 def assert_png(path: str | Path, min_w: int = 200, min_h: int = 100, max_side: int = 6000) -> None:

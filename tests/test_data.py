@@ -8,10 +8,22 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import write_mnist_dir
+import torch
+from conftest import synthetic_digits, write_mnist_dir
+from helpers import write_png
 
 from flowmnist import data as D
-from flowmnist.data import DataError, load_mnist, parse_idx, read_idx, write_idx
+from flowmnist.config import Config
+from flowmnist.data import (
+    DataError,
+    check_images,
+    load_data,
+    load_mnist,
+    parse_idx,
+    read_idx,
+    read_png_digits,
+    write_idx,
+)
 
 
 def _idx(dims, payload=None, magic=b"\x00\x00\x08"):
@@ -171,3 +183,44 @@ def test_offline_message_names_files_and_place(tmp_path, monkeypatch):
         load_mnist(None)
     msg = str(e.value)
     assert "train-images-idx3-ubyte" in msg and str(tmp_path / "cache" / "mnist") in msg and "--data-dir" in msg
+
+
+def test_load_data_reads_the_runs_own_data_unless_given_another(tmp_path):
+    own, other = write_mnist_dir(tmp_path / "own", 12, n_test=3), write_mnist_dir(tmp_path / "other", 18, seed=5)
+    cfg = Config(data_dir=str(own), split_seed=1, val_fraction=0.25)
+    data = load_data(cfg)
+    assert data.root == own and len(data.images["val"]) == 3 and data.held_out == "test"
+    assert load_data(cfg, other).root == other and load_data(cfg, other).held_out == "val"
+    same = load_mnist(own, 1, 0.25)
+    assert torch.equal(data.images["val"], same.images["val"])  # the run's split rule, not the defaults'
+    assert not torch.equal(data.images["val"], load_mnist(own, 2, 0.25).images["val"])
+
+
+def test_load_data_keeps_the_runs_dataset(tmp_path):
+    """The dataset names what a run downloads; a directory given or not, a bad one is refused."""
+    cfg = Config(data_dir=str(write_mnist_dir(tmp_path / "d", 12)), dataset="cifar")
+    with pytest.raises(DataError, match="cifar"):
+        load_data(cfg)
+
+
+def test_check_images_names_the_file_and_shape():
+    assert check_images(np.zeros((2, 28, 28), np.uint8), "f").shape == (2, 28, 28)
+    with pytest.raises(DataError, match=r"^f: expected N x 28 x 28 images, header says 2x32x32$"):
+        check_images(np.zeros((2, 32, 32), np.uint8), "f")
+
+
+def test_png_reading_gray_rgb_and_alpha(tmp_path):
+    digit = synthetic_digits(1, seed=2)[0][0]
+    rgb = write_png(tmp_path / "rgb.png", np.stack([digit] * 3, axis=-1))  # gray in RGB: luma = the value
+    opaque = write_png(tmp_path / "opaque.png", np.dstack([digit] * 3 + [np.full_like(digit, 255)]))
+    x = read_png_digits([rgb, opaque])
+    assert x.dtype == torch.uint8 and x.shape == (2, 1, 28, 28)
+    assert np.array_equal(x[0, 0].numpy(), digit) and np.array_equal(x[1, 0].numpy(), digit)
+    colour = np.zeros((28, 28, 3), np.uint8)
+    colour[..., 0] = 200  # pure red -> 0.299 · 200
+    assert read_png_digits([write_png(tmp_path / "red.png", colour)])[0, 0, 0, 0] == 60
+    see_through = np.dstack([digit] * 3 + [np.where(digit > 0, 255, 0).astype(np.uint8)])
+    with pytest.raises(DataError, match="see.png: has transparent pixels"):
+        read_png_digits([write_png(tmp_path / "see.png", see_through)])
+    with pytest.raises(DataError, match="no PNG files given"):
+        read_png_digits([])

@@ -1,4 +1,4 @@
-"""OOD scores and metrics (flowmnist.ood), the `score` and `ood` commands, PNG input, and Fashion-MNIST."""
+"""OOD scores and metrics (flowmnist.ood), the `score` and `ood` commands, and Fashion-MNIST."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import fashion_data_or_skip, synthetic_digits, write_mnist_dir
-from helpers import assert_png
+from helpers import assert_png, write_png
 from PIL import Image
 
 import flowmnist.data as D
@@ -226,17 +226,12 @@ def test_score_a_data_directory_to_csv(ood_run, tiny_data, tmp_path, capsys):
     np.testing.assert_allclose([float(r["corrected"]) for r in rows], bpd - comp, atol=2e-6)
 
 
-def _write_png(path: Path, pixels: np.ndarray) -> Path:
-    Image.fromarray(pixels).save(path)
-    return path
-
-
 def test_score_png_files_and_directories(ood_run, tmp_path, capsys):
     digits = synthetic_digits(3, seed=7)[0]
     pngs = tmp_path / "pngs"
     pngs.mkdir()
     for name, img in zip(("b.png", "a.png", "c.PNG"), digits, strict=True):
-        _write_png(pngs / name, img)
+        write_png(pngs / name, img)
     (pngs / "notes.txt").write_text("not an image")
     assert main(["score", str(ood_run), "--png", str(pngs), "--importance-samples", "2", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
@@ -252,23 +247,6 @@ def test_score_png_files_and_directories(ood_run, tmp_path, capsys):
     assert [r["label"] for r in json.loads(out.read_text())["rows"]] == [str(pngs / "c.PNG")]
 
 
-def test_png_reading_gray_rgb_and_alpha(tmp_path):
-    digit = synthetic_digits(1, seed=2)[0][0]
-    rgb = _write_png(tmp_path / "rgb.png", np.stack([digit] * 3, axis=-1))  # gray in RGB: luma = the value
-    opaque = _write_png(tmp_path / "opaque.png", np.dstack([digit] * 3 + [np.full_like(digit, 255)]))
-    x = ood.read_png_digits([rgb, opaque])
-    assert x.dtype == torch.uint8 and x.shape == (2, 1, 28, 28)
-    assert np.array_equal(x[0, 0].numpy(), digit) and np.array_equal(x[1, 0].numpy(), digit)
-    colour = np.zeros((28, 28, 3), np.uint8)
-    colour[..., 0] = 200  # pure red -> 0.299 · 200
-    assert ood.read_png_digits([_write_png(tmp_path / "red.png", colour)])[0, 0, 0, 0] == 60
-    see_through = np.dstack([digit] * 3 + [np.where(digit > 0, 255, 0).astype(np.uint8)])
-    with pytest.raises(DataError, match="see.png: has transparent pixels"):
-        ood.read_png_digits([_write_png(tmp_path / "see.png", see_through)])
-    with pytest.raises(DataError, match="no PNG files given"):
-        ood.read_png_digits([])
-
-
 def test_score_bad_png_is_one_line_without_traceback(ood_run, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("this is not a PNG\n")
@@ -282,7 +260,7 @@ def test_score_bad_png_is_one_line_without_traceback(ood_run, tmp_path):
 
 def test_score_input_errors_name_the_file(ood_run, tiny_data, tmp_path, capsys):
     run = str(ood_run)
-    small = _write_png(tmp_path / "small.png", np.zeros((28, 27), np.uint8))  # 27 wide, 28 high
+    small = write_png(tmp_path / "small.png", np.zeros((28, 27), np.uint8))  # 27 wide, 28 high
     _one_line_error(capsys, main(["score", run, "--png", str(small)]), "small.png: 27x28 pixels, expected 28x28")
     jpeg = tmp_path / "photo.png"
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(jpeg, format="JPEG")

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from .data import IMAGE_SHAPE
 from .models import MODELS, FlowModel, build_model
 from .nets import compile_nets, set_autocast
 from .runtime import native_bf16
@@ -73,7 +74,7 @@ def _models(name: str, seed: int = 0) -> dict[str, FlowModel]:
 
 
 def _images(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 1, 28, 28), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return torch.randint(0, 256, (n, *IMAGE_SHAPE), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
 def _train_step(model: FlowModel, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:

@@ -51,12 +51,13 @@ import torch
 from torch import Tensor
 
 from .config import FlowmnistError
+from .data import IMAGE_SHAPE
 from .flows import AffineCoupling, Dequantization, Logit, Sigmoid, Split, Squeeze
 
 MAGIC = b"FMNZ"
 FORMAT_VERSION = 1
-SIDE = 28
-DIMS = SIDE * SIDE
+SIDE = IMAGE_SHAPE[-1]
+DIMS = math.prod(IMAGE_SHAPE)
 H_RANGE = 64.0  # |h| bound of the dequantization noise before its sigmoid: u within e^-64 of a bin edge
 PRIOR_RANGE = 2048  # Gaussian symbols -2048..2048 (|z| <= 128 on the 2^-4 grid): the leaky quantizer's floor
 # of 2^-24 per symbol costs 4097 * 2^-24 / ln 2 = 0.00035 bits per latent element
@@ -259,8 +260,8 @@ def _plan(model: torch.nn.Module, params: CodecParams) -> _Plan:
             raise _refuse(f"layer {type(f).__name__} (flows[{i}])")
     if not _standard_prior(getattr(model, "prior", None)):
         raise _refuse(f"prior {type(model.prior).__name__}")
-    if tuple(getattr(model, "image_shape", ())) != (1, SIDE, SIDE):
-        raise FlowmnistError(f"codec: model image shape {getattr(model, 'image_shape', None)}, expected (1, 28, 28)")
+    if tuple(getattr(model, "image_shape", ())) != IMAGE_SHAPE:
+        raise FlowmnistError(f"codec: model image shape {getattr(model, 'image_shape', None)}, expected {IMAGE_SHAPE}")
     dtype = next(model.parameters(), torch.empty(0)).dtype
     plan = _Plan(
         model,
@@ -552,7 +553,7 @@ def _encode_chunk(st: _Stream, plan: _Plan, x: Tensor) -> np.ndarray:
 
 def _latent_shapes(plan: _Plan, b: int) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
     """The split halves' shapes (in flow order) and the final latent's, for a chunk of b images."""
-    shape, outs = (1, SIDE, SIDE), []
+    shape, outs = IMAGE_SHAPE, []
     for layer in plan.flows:
         shape = layer.out_shape(shape)
         if isinstance(layer, Split):

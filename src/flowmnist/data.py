@@ -14,15 +14,21 @@ import os
 import struct
 import urllib.request
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .config import FlowmnistError, atomic_write_bytes
+
+if TYPE_CHECKING:
+    from .config import Config
+
+IMAGE_SHAPE = (1, 28, 28)  # (channels, height, width) of every image: MNIST's and Fashion-MNIST's
 
 
 class DataError(FlowmnistError):
@@ -179,6 +185,11 @@ class MNIST:
     def splits(self) -> list[str]:
         return [s for s in SPLITS if s in self.images]
 
+    @property
+    def held_out(self) -> str:
+        """The split of images no run trained on or was selected by: test where present, else val."""
+        return "test" if "test" in self.images else "val"
+
     def split(self, name: str) -> tuple[Tensor, Tensor]:
         if name not in SPLITS:
             raise DataError(f"unknown split {name!r}; choose from {', '.join(SPLITS)}")
@@ -190,6 +201,14 @@ class MNIST:
         return self.images[name], self.labels[name]
 
 
+def check_images(images: np.ndarray, path: str | Path) -> np.ndarray:
+    """``images`` if it is N x 28 x 28 (an IDX image file's layout), else a DataError naming ``path``."""
+    if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE[1:]:
+        want = " x ".join(map(str, ("N", *IMAGE_SHAPE[1:])))
+        raise DataError(f"{path}: expected {want} images, header says {'x'.join(map(str, images.shape))}")
+    return images
+
+
 def _load_pair(root: Path, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
     img_stem, lab_stem = FILES[f"{kind}-images"][0], FILES[f"{kind}-labels"][0]
     img_path, lab_path = find_file(root, img_stem), find_file(root, lab_stem)
@@ -198,9 +217,7 @@ def _load_pair(root: Path, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
     if img_path is None or lab_path is None:
         missing = img_stem if img_path is None else lab_stem
         raise DataError(f"{root}: {missing}[.gz] is missing (its pair is present)")
-    images, labels = read_idx(img_path), read_idx(lab_path)
-    if images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise DataError(f"{img_path}: expected N x 28 x 28 images, header says {'x'.join(map(str, images.shape))}")
+    images, labels = check_images(read_idx(img_path), img_path), read_idx(lab_path)
     if labels.ndim != 1:
         raise DataError(f"{lab_path}: expected a 1-D label file, header says {labels.ndim} dimensions")
     if len(images) != len(labels):
@@ -253,8 +270,84 @@ def load_mnist(
     return data
 
 
+def load_data(cfg: Config, data_dir: str | Path | None = None) -> MNIST:
+    """A run's data: ``data_dir`` if given, else the run's own (``cfg.data_dir``, else the download
+    cache of ``cfg.dataset``), split by the run's seed and fraction."""
+    root = data_dir if data_dir is not None else cfg.data_dir
+    return load_mnist(root, cfg.split_seed, cfg.val_fraction, cfg.dataset)
+
+
 def write_idx(path: str | Path, array: np.ndarray) -> None:
     """Write a uint8 array as an IDX file (gzipped if the name ends in .gz); used by tests and tools."""
     array = np.ascontiguousarray(array, dtype=np.uint8)
     raw = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
     atomic_write_bytes(path, gzip.compress(raw) if str(path).endswith(".gz") else raw)
+
+
+# ----------------------------------------------------------------------------------------------
+# PNG files: the user's own digits
+# ----------------------------------------------------------------------------------------------
+
+
+def png_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Each path as given, a directory replaced by its *.png files (any case; sorted by name; not
+    recursive). A missing path or a directory without PNGs is a one-line DataError."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            try:
+                found = sorted(f for f in p.iterdir() if f.suffix.lower() == ".png" and f.is_file())
+            except OSError as e:
+                raise DataError(f"{p}: cannot list this directory ({e.strerror or e})") from e
+            if not found:
+                raise DataError(f"{p}: no .png files in this directory")
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            raise DataError(f"{p}: no such file or directory")
+    return files
+
+
+def _gray(im, path: Path) -> np.ndarray:
+    """8-bit grayscale pixels. Palette and RGB images are converted to gray by ITU-R 601-2 luma
+    (L = 0.299 R + 0.587 G + 0.114 B, Pillow's convert("L")); an alpha channel is dropped only when
+    every pixel is opaque, since flattening onto a guessed background could invert a digit."""
+    if im.mode in ("P", "PA") or "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("LA", "RGBA"):
+        if np.asarray(im.getchannel("A")).min() < 255:
+            raise DataError(f"{path}: has transparent pixels; flatten it first (MNIST digits are light on black)")
+        im = im.convert(im.mode[:-1])
+    if im.mode not in ("1", "L", "RGB"):
+        raise DataError(f"{path}: pixel mode {im.mode} is not supported; save it as 8-bit grayscale")
+    return np.asarray(im.convert("L"), dtype=np.uint8)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    import zlib
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.format != "PNG":
+                raise DataError(f"{path}: a {im.format} image, not a PNG")
+            if im.size[::-1] != IMAGE_SHAPE[1:]:  # PIL's size is (width, height)
+                raise DataError(f"{path}: {im.size[0]}x{im.size[1]} pixels, expected 28x28")
+            im.load()
+            return _gray(im, path)
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not a readable PNG image") from None
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read as a PNG ({str(e).strip() or type(e).__name__})") from e
+
+
+def read_png_digits(paths: Iterable[str | Path]) -> Tensor:
+    """Digits from PNG files (directories expand as in ``png_files``) as uint8 (N, 1, 28, 28), in
+    order. Each must be a 28x28 PNG; gray, palette and RGB are accepted (see ``_gray``). Like MNIST,
+    digits should be light on a dark background; nothing is inverted. Errors name the file."""
+    images = [_read_png(f) for f in png_files(paths)]
+    if not images:
+        raise DataError("no PNG files given")
+    return torch.from_numpy(np.stack(images)).unsqueeze(1)

@@ -163,13 +163,13 @@ def evaluate_run(
     with unconditional runs, and the results add, per split, "bpd_conditional" (-log2 p(x | y) / D of the
     true labels), "accuracy" (a fraction) and "confusion" (rows: true digit, columns: predicted), all from
     the same k noise draws per image, shared by the ten classes."""
-    from .data import load_mnist
+    from .data import load_data
     from .nets import compile_nets
 
     model, cfg = load_model(run, device)
     if compile:
         compile_nets(model)
-    data = load_mnist(data_dir if data_dir is not None else cfg.data_dir, cfg.split_seed, cfg.val_fraction, cfg.dataset)
+    data = load_data(cfg, data_dir)
     splits = splits or data.splits
     bpd, single, counts, exact = {}, {}, {}, {}
     extra: dict[str, dict[str, Any]] = {"bpd_conditional": {}, "accuracy": {}, "confusion": {}}

@@ -60,17 +60,16 @@ DataDirs = str | dict[str, str] | None  # one directory for every run, or one pe
 
 
 def eval_images(cfg: Config, data_dir: DataDirs = None) -> tuple[Tensor, Tensor, str]:
-    """Real digits for a run: (images, labels, split), the test split when the data has one, else
-    val (never train: the figures should show what the model does on digits it did not fit).
+    """Real digits for a run: (images, labels, split), its held-out split (``MNIST.held_out``; never
+    train: the figures should show what the model does on digits it did not fit).
     ``data_dir``: a directory, {dataset: directory} (the run's dataset's), or None (the run's own)."""
-    from .data import load_mnist
+    from .data import load_data
 
     if isinstance(data_dir, dict):
         data_dir = data_dir.get(cfg.dataset)
-    data = load_mnist(data_dir if data_dir is not None else cfg.data_dir, cfg.split_seed, cfg.val_fraction, cfg.dataset)
-    split = "test" if "test" in data.splits else "val"
-    images, labels = data.split(split)
-    return images, labels, split
+    data = load_data(cfg, data_dir)
+    images, labels = data.split(data.held_out)
+    return images, labels, data.held_out
 
 
 # ----------------------------------------------------------------------------------------------

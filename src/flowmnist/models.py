@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .data import IMAGE_SHAPE  # the layout data.py reads; every model is built for it
 from .flows import (
     LOG_2PI,
     ActNorm,
@@ -38,7 +39,6 @@ from .flows import (
 )
 from .nets import GatedConvNet
 
-IMAGE_SHAPE = (1, 28, 28)
 NUM_CLASSES = 10  # the digits 0-9: the labels of a conditional model
 
 

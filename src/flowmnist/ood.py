@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from .config import FlowmnistError
-from .data import DataError
+from .data import IMAGE_SHAPE
 from .evaluate import image_bpd
 from .models import FlowModel
 
-SIDE = 28
-DIMS = SIDE * SIDE
+SIDE = IMAGE_SHAPE[-1]
+DIMS = math.prod(IMAGE_SHAPE)
 PNG_LEVEL = 9  # zlib's maximum compression, as Serrà et al. used for PNG
 BATCH_SIZES = (1, 5, 10, 25)  # typicality batch sizes M that `flowmnist ood` reports by default
 
@@ -257,84 +255,16 @@ def compare(
     scored = {"in": score_images(model, in_images, k), "ood": score_images(model, ood_images, k)}
     ins, outs, info = ood_scores(scored["in"], scored["ood"], list(dict.fromkeys(batch_sizes)))
     metrics = {name: ood_metrics(ins[name], outs[name]) for name in ins}
-    r: dict = {"scores": {name: {m: _rounded(v) for m, v in ms.items()} for name, ms in metrics.items()}}
+    r: dict = {"scores": {name: {m: rounded(v) for m, v in ms.items()} for name, ms in metrics.items()}}
     for key, s in scored.items():
-        r[key] = {"images": len(s["bpd"]), "mean_bpd": _rounded(s["bpd"].mean())}
+        r[key] = {"images": len(s["bpd"]), "mean_bpd": rounded(s["bpd"].mean())}
     r["importance_samples"] = k
-    r["typicality"] = {key: _rounded(v) if isinstance(v, float) else v for key, v in info.items()}
+    r["typicality"] = {key: rounded(v) if isinstance(v, float) else v for key, v in info.items()}
     return r, ins, outs
 
 
-def _rounded(v) -> float | None:
-    """6 decimals, or None (null in JSON) when not finite: a NaN is shown, never averaged away."""
+def rounded(v) -> float | None:
+    """A score for CSV and JSON: 6 decimals, or None (empty in CSV, null in JSON) when not finite: a NaN
+    is shown, never averaged away."""
     v = float(v)
     return round(v, 6) if math.isfinite(v) else None
-
-
-# ----------------------------------------------------------------------------------------------
-# PNG input: the user's own digits
-# ----------------------------------------------------------------------------------------------
-
-
-def png_files(paths: Iterable[str | Path]) -> list[Path]:
-    """Each path as given, a directory replaced by its *.png files (any case; sorted by name; not
-    recursive). A missing path or a directory without PNGs is a one-line DataError."""
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            try:
-                found = sorted(f for f in p.iterdir() if f.suffix.lower() == ".png" and f.is_file())
-            except OSError as e:
-                raise DataError(f"{p}: cannot list this directory ({e.strerror or e})") from e
-            if not found:
-                raise DataError(f"{p}: no .png files in this directory")
-            files += found
-        elif p.exists():
-            files.append(p)
-        else:
-            raise DataError(f"{p}: no such file or directory")
-    return files
-
-
-def _gray(im, path: Path) -> np.ndarray:
-    """8-bit grayscale pixels. Palette and RGB images are converted to gray by ITU-R 601-2 luma
-    (L = 0.299 R + 0.587 G + 0.114 B, Pillow's convert("L")); an alpha channel is dropped only when
-    every pixel is opaque, since flattening onto a guessed background could invert a digit."""
-    if im.mode in ("P", "PA") or "transparency" in im.info:
-        im = im.convert("RGBA")
-    if im.mode in ("LA", "RGBA"):
-        if np.asarray(im.getchannel("A")).min() < 255:
-            raise DataError(f"{path}: has transparent pixels; flatten it first (MNIST digits are light on black)")
-        im = im.convert(im.mode[:-1])
-    if im.mode not in ("1", "L", "RGB"):
-        raise DataError(f"{path}: pixel mode {im.mode} is not supported; save it as 8-bit grayscale")
-    return np.asarray(im.convert("L"), dtype=np.uint8)
-
-
-def _read_png(path: Path) -> np.ndarray:
-    import zlib
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            if im.format != "PNG":
-                raise DataError(f"{path}: a {im.format} image, not a PNG")
-            if im.size != (SIDE, SIDE):
-                raise DataError(f"{path}: {im.size[0]}x{im.size[1]} pixels, expected 28x28")
-            im.load()
-            return _gray(im, path)
-    except UnidentifiedImageError:
-        raise DataError(f"{path}: not a readable PNG image") from None
-    except (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read as a PNG ({str(e).strip() or type(e).__name__})") from e
-
-
-def read_png_digits(paths: Iterable[str | Path]) -> Tensor:
-    """Digits from PNG files (directories expand as in ``png_files``) as uint8 (N, 1, 28, 28), in
-    order. Each must be a 28x28 PNG; gray, palette and RGB are accepted (see ``_gray``). Like MNIST,
-    digits should be light on a dark background; nothing is inverted. Errors name the file."""
-    images = [_read_png(f) for f in png_files(paths)]
-    if not images:
-        raise DataError("no PNG files given")
-    return torch.from_numpy(np.stack(images)).unsqueeze(1)

@@ -256,15 +256,15 @@ def concepts_section(spec: ReportSpec, notice: Callable[[str], None] | None) -> 
 
 def _ood_run(spec: ReportSpec, run: Path, label: str, read: dict) -> Section:
     """One run's OOD table and histograms; ``read`` caches the OOD directory per train/val split rule."""
-    from .data import load_mnist
+    from .data import load_data
     from .ood import BATCH_SIZES, compare
 
     ood_dir, n = spec.ood
     model, cfg = load_model(run, spec.device)
     inside, _, split = eval_images(cfg, spec.data_dir)
     rule = (cfg.split_seed, cfg.val_fraction)
-    data = read[rule] = read.get(rule) or load_mnist(ood_dir, *rule)
-    ood_split = "test" if "test" in data.splits else "val"
+    data = read[rule] = read.get(rule) or load_data(cfg, ood_dir)
+    ood_split = data.held_out
     inside, outside = inside[:n], data.split(ood_split)[0][:n]
     sizes = [m for m in BATCH_SIZES if m <= min((len(inside) + 1) // 2, len(outside))]  # batches both sets fill
     r, ins, outs = compare(model, inside, outside, batch_sizes=sizes)

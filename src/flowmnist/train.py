@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .config import Config, FlowmnistError
-from .data import load_mnist
+from .data import load_data
 from .dist import Dist, process_group
 from .models import FlowModel, build_model
 from .nets import compile_nets, set_autocast
@@ -300,7 +300,7 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
         check_run_dir(run_dir, resume, force)
         if env.is_main:
             check_writable(run_dir)
-        data = load_mnist(cfg.data_dir, cfg.split_seed, cfg.val_fraction, cfg.dataset)
+        data = load_data(cfg)
         _check_batch_size(cfg.batch_size, len(data.images["train"]), env.world)
         ckpt, rows = _resume_point(run_dir, cfg) if resume else (None, [])
         init = initial_weights(cfg.init_from, cfg) if cfg.init_from and ckpt is None else None

@@ -19,8 +19,7 @@ def _codec_input(paths: list[str]):
     import numpy as np
 
     from ..codec import idx_bytes
-    from ..data import DataError, parse_idx
-    from ..ood import read_png_digits
+    from ..data import DataError, check_images, parse_idx, read_png_digits
 
     first = Path(paths[0])
     if len(paths) == 1 and first.is_file() and first.suffix.lower() != ".png":
@@ -30,10 +29,7 @@ def _codec_input(paths: list[str]):
                 raw = gzip.decompress(raw)
             except (OSError, EOFError, zlib.error) as e:
                 raise DataError(f"{first}: not a valid gzip file ({e})") from e
-        images = parse_idx(raw, str(first))
-        if images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise DataError(f"{first}: expected N x 28 x 28 images, header says {'x'.join(map(str, images.shape))}")
-        return images, raw, "idx"
+        return check_images(parse_idx(raw, str(first)), first), raw, "idx"
     images = read_png_digits(paths)[:, 0].numpy()
     return images, idx_bytes(np.ascontiguousarray(images)), "png"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -33,12 +32,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 # --- score --------------------------------------------------------------------------------------------
 
 
-def _rounded(v) -> float | None:
-    """A score for CSV/JSON: 6 decimals, None (empty in CSV, null in JSON) when not finite."""
-    v = float(v)
-    return round(v, 6) if math.isfinite(v) else None
-
-
 def _score_format(a: argparse.Namespace) -> str:
     """The output format, "csv" or "json": --out's extension when given, else --json's choice."""
     if a.out is None:
@@ -54,8 +47,7 @@ def _score_format(a: argparse.Namespace) -> str:
 
 def _score_input(a: argparse.Namespace, cfg: Config):
     """(uint8 images, labels, source description) for `score`: a data directory's split, or PNGs."""
-    from ..data import load_mnist
-    from ..ood import png_files, read_png_digits
+    from ..data import load_data, png_files, read_png_digits
 
     if a.png:
         if a.split:
@@ -63,7 +55,7 @@ def _score_input(a: argparse.Namespace, cfg: Config):
         files = png_files(a.png)[: a.max_images]
         return read_png_digits(files), [str(f) for f in files], {"png": [str(p) for p in a.png]}
     split = a.split or "val"
-    data = load_mnist(data_dir(a.data_dir), cfg.split_seed, cfg.val_fraction)
+    data = load_data(cfg, data_dir(a.data_dir))
     images, labels = data.split(split)
     return images[: a.max_images], labels[: a.max_images].tolist(), {"data_dir": str(data.root), "split": split}
 
@@ -81,7 +73,7 @@ def _csv_text(rows: list[dict]) -> str:
 
 def cmd_score(a: argparse.Namespace) -> int:
     from ..config import atomic_write_bytes
-    from ..ood import score_images
+    from ..ood import rounded, score_images
     from ..runs import load_model
 
     fmt = _score_format(a)
@@ -90,7 +82,7 @@ def cmd_score(a: argparse.Namespace) -> int:
     images, labels, source = _score_input(a, cfg)
     s = score_images(model, images, a.importance_samples)
     rows = [
-        {"index": i, "label": label, **{key: _rounded(s[key][i]) for key in ("bpd", "complexity_bpd", "corrected")}}
+        {"index": i, "label": label, **{key: rounded(s[key][i]) for key in ("bpd", "complexity_bpd", "corrected")}}
         for i, label in enumerate(labels)
     ]
     if fmt == "json":
@@ -142,14 +134,13 @@ def _ood_table(r: dict) -> str:
 def _ood_sets(a: argparse.Namespace, cfg: Config) -> dict:
     """{"in" | "ood": (data directory, split, uint8 images)}, both read before any scoring starts. The
     in-distribution set defaults to the run's own data."""
-    from ..data import load_mnist
+    from ..data import load_data
 
     own = figure_data(a) if not a.in_data else None  # a shipped model's own: the images shipped with it
     own = own.get(cfg.dataset) if isinstance(own, dict) else own
     sets = {}
     for key, arg, split in (("in", a.in_data, a.split), ("ood", a.ood_data, a.ood_split or a.split)):
-        root = data_dir(arg) if arg else own or cfg.data_dir
-        data = load_mnist(root, cfg.split_seed, cfg.val_fraction, cfg.dataset if key == "in" else "mnist")
+        data = load_data(cfg, data_dir(arg) if arg else own)
         sets[key] = (str(data.root), split, data.split(split)[0][: a.max_images])
     return sets
 
