@@ -46,7 +46,7 @@ import sys
 from flowmnist.runtime import tune_allocator
 tune_allocator()
 from flowmnist.bench import peak_memory_child
-peak_memory_child(sys.argv[1], "fast", 128)
+peak_memory_child(sys.argv[1], "default", 128)
 """
 
 

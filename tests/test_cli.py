@@ -59,8 +59,9 @@ def test_the_output_folder_is_made(tmp_path):
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    """Each command's parser by its name (aliases left out)."""
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    return dict(sub.choices)
+    return {a.dest: sub.choices[a.dest] for a in sub._choices_actions}
 
 
 def test_the_package_docstring_lists_every_command_once():
@@ -90,7 +91,7 @@ SHIPPED = PRETRAINED_ROOT / "simple"
 # (command, its runs or None, options by parser dest): every kind of command line the report writes
 WRITTEN = [
     ("curves", [Path("runs/a"), SHIPPED], {"out": Path("out")}),
-    ("samples", [SHIPPED], {"out": Path("out"), "n": 4, "seed": 3, "temperature": 0.7}),
+    ("compare-samples", [SHIPPED], {"out": Path("out"), "n": 4, "seed": 3, "temperature": 0.7}),
     ("interpolate", [Path("a")], {"out": "o", "pairs": 1, "steps": 3, "seed": 2, "spherical": True, "data_dir": "d"}),
     ("dequant", [Path("a"), Path("b")], {"out": "o", "images": 4, "seed": 1, "data_dir": "d"}),
     ("concepts", None, {"out": "o", "probs": [0.5, 0.25, 0.25], "seed": 5}),

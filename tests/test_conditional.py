@@ -14,7 +14,7 @@ from helpers import PARAMS, assert_png, png_size
 
 from flowmnist.cli import main
 from flowmnist.config import Config, FlowmnistError
-from flowmnist.data import FILES, DataError, load_mnist, write_idx
+from flowmnist.data import FILES, DataError, load_idx_dir, write_idx
 from flowmnist.evaluate import (
     class_scores,
     classification_table,
@@ -303,7 +303,7 @@ def test_bad_labels_are_one_line_errors_naming_the_file(tmp_path, capsys):
     labels[17] = 12
     write_idx(root / (FILES["train-labels"][0] + ".gz"), labels)
     with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.gz: label 12 at index 17 is outside 0-9"):
-        load_mnist(root)
+        load_idx_dir(root)
     args = ["train", "--model", "simple", "--conditional", "--data-dir", str(root), "--out", str(tmp_path / "r")]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
@@ -355,7 +355,7 @@ def test_conditional_checkpoint_holds_the_prior_and_p_y(cond_run, cond_data):
     ckpt = load_checkpoint(cond_run / "last.pt")
     assert ckpt["model"]["prior.mean"].shape == (10, 784)
     assert float(ckpt["model"]["prior.mean"].abs().max()) > 0  # the prior trained
-    train_labels = load_mnist(cond_data).labels["train"]
+    train_labels = load_idx_dir(cond_data).labels["train"]
     freq = torch.bincount(train_labels, minlength=10).double() / len(train_labels)
     torch.testing.assert_close(ckpt["model"]["prior.log_py"].double().exp(), freq)
     model, loaded = load_model(cond_run)
@@ -437,7 +437,7 @@ def test_unconditional_run_refuses_digit_and_hybrid_weight(cond_data, tmp_path, 
 
 def test_interpolation_between_digits_of_different_classes_is_exact_at_the_ends(cond_run, cond_data):
     model, cfg = load_model(cond_run)
-    images, labels = load_mnist(cond_data, cfg.split_seed, cfg.val_fraction).split("val")
+    images, labels = load_idx_dir(cond_data, cfg.split_seed, cfg.val_fraction).split("val")
     i = 0
     j = next(j for j in range(1, len(labels)) if labels[j] != labels[i])
     row = interpolate(model, images[i], images[j], steps=5)

@@ -18,7 +18,7 @@ from flowmnist.data import (
     DataError,
     check_images,
     load_data,
-    load_mnist,
+    load_idx_dir,
     parse_idx,
     read_idx,
     read_png_digits,
@@ -71,13 +71,13 @@ def test_bad_gzip_names_the_file(tmp_path):
 
 def test_splits_take_counts_from_header(tmp_path):
     root = write_mnist_dir(tmp_path, 120, gz=False)
-    data = load_mnist(root)
+    data = load_idx_dir(root)
     assert data.splits == ["train", "val"]
     assert len(data.images["train"]) == 100 and len(data.images["val"]) == 20  # 5/6 : 1/6
     assert data.images["train"].dtype.is_floating_point is False
     assert tuple(data.images["train"].shape[1:]) == (1, 28, 28)
     # The split is seeded: same images each time; and train and val are disjoint and complete.
-    again = load_mnist(root)
+    again = load_idx_dir(root)
     assert (again.images["val"] == data.images["val"]).all()
     all_imgs = read_idx(root / "train-images-idx3-ubyte")
     seen = {bytes(x.numpy().tobytes()) for x in [*data.images["train"], *data.images["val"]]}
@@ -93,42 +93,42 @@ def test_full_mnist_split_is_50k_10k(monkeypatch, tmp_path):
             (np.zeros((60000, 28, 28), np.uint8), np.zeros(60000, np.uint8)) if kind == "train" else None
         ),
     )
-    data = load_mnist(tmp_path)
+    data = load_idx_dir(tmp_path)
     assert len(data.images["train"]) == 50000 and len(data.images["val"]) == 10000
 
 
 def test_test_split_from_t10k_files(tiny_data):
-    data = load_mnist(tiny_data)
+    data = load_idx_dir(tiny_data)
     assert data.splits == ["train", "val", "test"]
     images, labels = data.split("test")
     assert images.shape == (8, 1, 28, 28) and labels.shape == (8,)
 
 
 def test_missing_test_split_fails_clearly(tmp_path):
-    data = load_mnist(write_mnist_dir(tmp_path, 60))
+    data = load_idx_dir(write_mnist_dir(tmp_path, 60))
     with pytest.raises(DataError, match="test split needs t10k-images-idx3-ubyte"):
         data.split("test")
 
 
 def test_directory_problems(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        load_mnist(tmp_path / "nope")
+        load_idx_dir(tmp_path / "nope")
     with pytest.raises(DataError, match="no training data"):
-        load_mnist(tmp_path)
+        load_idx_dir(tmp_path)
     root = write_mnist_dir(tmp_path / "d", 30)
     write_idx(root / "train-labels-idx1-ubyte.gz", np.zeros(29, np.uint8))
     with pytest.raises(DataError, match="30 images but train-labels-idx1-ubyte.gz has 29 labels"):
-        load_mnist(root)
+        load_idx_dir(root)
     write_idx(root / "train-labels-idx1-ubyte.gz", np.zeros((30, 2), np.uint8))
     with pytest.raises(DataError, match="expected a 1-D label file"):
-        load_mnist(root)
+        load_idx_dir(root)
     (root / "train-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataError, match="train-labels-idx1-ubyte\\[.gz\\] is missing"):
-        load_mnist(root)
+        load_idx_dir(root)
 
 
 def test_real_subset_header_count(real_subset):
-    data = load_mnist(real_subset)
+    data = load_idx_dir(real_subset)
     assert len(data.images["train"]) + len(data.images["val"]) == 1200
     assert data.images["train"].float().mean() > 20  # real digits: mostly black, some ink
 
@@ -180,7 +180,7 @@ def test_offline_message_names_files_and_place(tmp_path, monkeypatch):
 
     monkeypatch.setattr(D.urllib.request, "urlopen", offline)
     with pytest.raises(DataError) as e:
-        load_mnist(None)
+        load_idx_dir(None)
     msg = str(e.value)
     assert "train-images-idx3-ubyte" in msg and str(tmp_path / "cache" / "mnist") in msg and "--data-dir" in msg
 
@@ -191,9 +191,9 @@ def test_load_data_reads_the_runs_own_data_unless_given_another(tmp_path):
     data = load_data(cfg)
     assert data.root == own and len(data.images["val"]) == 3 and data.held_out == "test"
     assert load_data(cfg, other).root == other and load_data(cfg, other).held_out == "val"
-    same = load_mnist(own, 1, 0.25)
+    same = load_idx_dir(own, 1, 0.25)
     assert torch.equal(data.images["val"], same.images["val"])  # the run's split rule, not the defaults'
-    assert not torch.equal(data.images["val"], load_mnist(own, 2, 0.25).images["val"])
+    assert not torch.equal(data.images["val"], load_idx_dir(own, 2, 0.25).images["val"])
 
 
 def test_load_data_keeps_the_runs_dataset(tmp_path):

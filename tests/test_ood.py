@@ -22,7 +22,7 @@ import flowmnist.data as D
 from flowmnist import ood
 from flowmnist.cli import build_parser, main
 from flowmnist.config import Config, FlowmnistError
-from flowmnist.data import FILES, DataError, load_mnist, write_idx
+from flowmnist.data import FILES, DataError, load_idx_dir, write_idx
 from flowmnist.evaluate import dataset_bpd, load_model
 
 # ----------------------------------------------------------------------------------------------
@@ -146,8 +146,8 @@ def test_typicality_scores_use_the_held_out_half_only():
     # batches of 4: one batch from the 6 scored images (2 dropped), one from the 5 OOD images
     np.testing.assert_allclose(ins["typicality-4"], [abs(bpd[scored[:4]].mean() - h)])
     np.testing.assert_allclose(outs["typicality-4"], [abs(21.5 - h)])
-    assert list(ins) == ["bpd", "complexity", "typicality-1", "typicality-4"]
-    np.testing.assert_array_equal(ins["complexity"], bpd - 1)
+    assert list(ins) == ["bpd", "corrected", "typicality-1", "typicality-4"]
+    np.testing.assert_array_equal(ins["corrected"], bpd - 1)
     with pytest.raises(FlowmnistError, match="batch size 7 needs at least 7"):
         ood.ood_scores(inside, outside, batch_sizes=(7,))
 
@@ -178,11 +178,11 @@ def ood_run(ood_data) -> Path:
 
 def test_tiny_model_separates_noise_and_inverted_digits(ood_run, ood_data):
     model, cfg = load_model(ood_run)
-    digits = load_mnist(ood_data, cfg.split_seed, cfg.val_fraction).split("val")[0]  # held out from training
+    digits = load_idx_dir(ood_data, cfg.split_seed, cfg.val_fraction).split("val")[0]  # held out from training
     noise = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (40, 1, 28, 28), dtype=np.uint8))
     inside, outside = ood.score_images(model, digits, k=2), ood.score_images(model, noise, k=2)
     ins, outs, _ = ood.ood_scores(inside, outside, batch_sizes=(1, 5))
-    for name in ("bpd", "complexity", "typicality-1", "typicality-5"):
+    for name in ("bpd", "corrected", "typicality-1", "typicality-5"):
         assert ood.auroc(ins[name], outs[name]) > 0.95, name
     assert ood.fpr_at_tpr(ins["bpd"], outs["bpd"]) < 0.1
     inverted = ood.score_images(model, 255 - digits, k=2)
@@ -216,7 +216,7 @@ def test_score_a_data_directory_to_csv(ood_run, tiny_data, tmp_path, capsys):
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0]) == ["index", "label", "bpd", "complexity_bpd", "corrected"]
     model, cfg = load_model(ood_run)
-    images, labels = load_mnist(tiny_data, cfg.split_seed, cfg.val_fraction).split("val")
+    images, labels = load_idx_dir(tiny_data, cfg.split_seed, cfg.val_fraction).split("val")
     assert [int(r["index"]) for r in rows] == list(range(len(images))) == list(range(8))
     assert [int(r["label"]) for r in rows] == labels.tolist()
     bpd = np.array([float(r["bpd"]) for r in rows])
@@ -307,7 +307,7 @@ def test_ood_test_split_json_and_figure(ood_run, tmp_path, capsys):
     argv += ["--importance-samples", "2", "--batch-sizes", "1", "3", "--out", str(tmp_path / "ood.png")]
     assert main([*argv, "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert list(r["scores"]) == ["bpd", "complexity", "typicality-1", "typicality-3"]
+    assert list(r["scores"]) == ["bpd", "corrected", "typicality-1", "typicality-3"]
     assert r["in"]["images"] == 12 and r["ood"]["images"] == 10 and r["split"] == "test"
     assert r["in"]["split"] == r["ood"]["split"] == "test"
     assert r["in"]["data_dir"] == str(inside.resolve()) and r["ood"]["data_dir"] == str(noise.resolve())
@@ -372,7 +372,7 @@ def test_ood_test_split_needs_t10k_in_both(ood_run, tmp_path, capsys):
 
 
 def test_fashion_mnist_debian_files():
-    data = load_mnist(fashion_data_or_skip())
+    data = load_idx_dir(fashion_data_or_skip())
     assert [len(data.images[s]) for s in ("train", "val", "test")] == [50000, 10000, 10000]
     train_labels = torch.cat([data.labels["train"], data.labels["val"]])
     assert torch.bincount(train_labels).tolist() == [6000] * 10
@@ -405,7 +405,7 @@ def test_fashion_download_checks_md5_into_its_own_cache(tmp_path, monkeypatch):
     good = _gz_idx_dir(tmp_path / "good", seed=1)
     _gz_idx_dir(tmp_path / "bad", seed=2)  # same names, other bytes: every MD5 mismatches
     cache = _fake_fashion(monkeypatch, tmp_path, [tmp_path / "bad", tmp_path / "good"], good)
-    data = load_mnist(None, dataset="fashion-mnist")
+    data = load_idx_dir(None, dataset="fashion-mnist")
     assert data.root == cache / "fashion-mnist" and not (cache / "mnist").exists()
     assert sorted(p.name for p in data.root.iterdir()) == sorted(FILES[k][0] + ".gz" for k in good)
     assert all((data.root / (FILES[k][0] + ".gz")).read_bytes() == v for k, v in good.items())
@@ -419,7 +419,7 @@ def test_fashion_download_refuses_md5_mismatch(tmp_path, monkeypatch):
     _gz_idx_dir(tmp_path / "bad", seed=2)
     cache = _fake_fashion(monkeypatch, tmp_path, [tmp_path / "bad"], good)
     with pytest.raises(DataError) as e:
-        load_mnist(None, dataset="fashion-mnist")
+        load_idx_dir(None, dataset="fashion-mnist")
     msg = str(e.value)
     assert "MD5" in msg and "discarded" in msg and "Fashion-MNIST IDX files" in msg and "\n" not in msg
     assert list((cache / "fashion-mnist").iterdir()) == []  # nothing kept, no temporary file left
@@ -437,7 +437,7 @@ def test_dataset_names_and_cache_paths(tmp_path, monkeypatch):
 
     monkeypatch.setattr(D.urllib.request, "urlopen", no_network)
     with pytest.raises(DataError, match=r"^unknown dataset 'cifar'; choose from mnist, fashion-mnist$"):
-        load_mnist(None, dataset="cifar")
+        load_idx_dir(None, dataset="cifar")
     assert Config().dataset == "mnist"
     old = {k: v for k, v in Config().to_dict().items() if k != "dataset"}
     assert Config.from_dict(old).dataset == "mnist"

@@ -349,10 +349,10 @@ def test_one_nan_image_fails_its_training_step_and_the_validation(tiny_data, tmp
     """In training, one NaN image among finite ones makes its step's loss (the batch mean) NaN, so that
     step is skipped, logged and counted; and makes the validation average NaN (sums over the split,
     never a nansum). The model's log-likelihood is NaN for one training and one validation image."""
-    from flowmnist.data import load_mnist
+    from flowmnist.data import load_idx_dir
     from flowmnist.train import train
 
-    data = load_mnist(tiny_data)
+    data = load_idx_dir(tiny_data)
     poisoned = torch.stack([data.images["train"][0], data.images["val"][0]]).flatten(1)
     real = FlowModel.log_prob_single
 
@@ -439,7 +439,7 @@ def test_unwritable_out_fails_before_work(tiny_data, tmp_path, capsys, monkeypat
     def no_data(*args, **kw):
         raise AssertionError("data was loaded before the output was checked")
 
-    monkeypatch.setattr(T, "load_mnist", no_data)
+    monkeypatch.setattr(T, "load_data", no_data)
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access

@@ -18,7 +18,7 @@ from helpers import PARAMS
 from flowmnist import runs
 from flowmnist.cli import main
 from flowmnist.config import Config, FlowmnistError
-from flowmnist.data import load_mnist
+from flowmnist.data import load_idx_dir
 from flowmnist.evaluate import dataset_bpd, evaluate_run
 from flowmnist.models import build_model, count_params
 
@@ -173,7 +173,7 @@ def test_evaluate_pretrained_on_a_test_split_leaves_the_package_unchanged(shippe
     assert main([*args, "--importance-samples", "2", "--timing-reps", "1", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert list(r["bpd"]) == ["test"] and r["images"] == {"test": 12}
-    images = load_mnist(str(data)).split("test")[0]
+    images = load_idx_dir(str(data)).split("test")[0]
     assert r["bpd"]["test"] == pytest.approx(dataset_bpd(runs.load_pretrained("simple"), images, 2)[0], abs=1e-5)
     assert runs.sha256(shipped / "simple" / "results.json") == before
     runs.verify_pretrained("simple")
@@ -267,9 +267,9 @@ def test_each_shipped_model_loads_and_fits_real_digits(name):
     assert count_params(model) == count_params(build_model(cfg.model, conditional=cfg.conditional))
     assert count_params(model) == PARAMS[cfg.model] + prior
     if cfg.dataset == "fashion-mnist":  # its test images: never trained on
-        images, low, high = load_mnist(fashion_data_or_skip()).images["test"][:256], 2.5, 3.5
+        images, low, high = load_idx_dir(fashion_data_or_skip()).images["test"][:256], 2.5, 3.5
     else:  # MNIST, marginal bpd for a conditional model
-        images, low, high = load_mnist(str(real_data_or_skip())).images["val"][:256], 0.9, 1.3
+        images, low, high = load_idx_dir(str(real_data_or_skip())).images["val"][:256], 0.9, 1.3
     bpd, single = dataset_bpd(model, images, k=1)
     # Trained to ~1.05–1.15 on MNIST (~2.9 on Fashion-MNIST); untrained ~5, a broken Jacobian anything.
     assert low < bpd < high, bpd

@@ -142,10 +142,10 @@ def test_fast_is_default_for_training_config():
 def test_bench_runs_and_tables():
     b = run_bench(["simple"], steps=1, batch_size=2, memory=False, reps=1, eval_batch=4)
     r = b["results"]["simple"]
-    for path in ("plain", "eager", "compiled", "fast"):
+    for path in ("plain", "eager", "compiled", "default"):
         assert r[path]["train_img_per_s"] > 0 and r[path]["eval_ms_per_64"] > 0 and r[path]["sample_ms_per_64"] > 0
-    assert set(r["speedup"]) == {"eager", "compiled", "fast"}
-    assert set(r["speedup"]["fast"]) == {"train", "eval", "sample"}
+    assert set(r["speedup"]) == {"eager", "compiled", "default"}
+    assert set(r["speedup"]["default"]) == {"train", "eval", "sample"}
     assert r["compiled"]["train_precision"] == "float32"
     table = bench_table(b)
     assert "| simple | plain |" in table and "| simple | compiled |" in table and "1 (baseline)" in table
@@ -156,7 +156,7 @@ def test_peak_memory_is_per_subprocess():
     # The parent holds 1.2 GB more; a child's figure must not inherit it (Linux carries ru_maxrss across
     # fork+exec). A child (torch + a tiny training step) needs a few hundred MB.
     hog = torch.ones(300_000_000)
-    mb = peak_memory("simple", "fast", batch_size=2)
+    mb = peak_memory("simple", "default", batch_size=2)
     assert 50 < mb < 900
     del hog
 

@@ -5,12 +5,14 @@ Paths (one model each, sharing one set of weights):
 * ``plain``: the plain implementation (``fast=False``: eager, float32, NCHW, written as the formulas read);
 * ``eager``: the fast modules run eagerly (channels-last nets, fused layer norm, lean ConcatELU/gate);
 * ``compiled``: those nets under torch.compile (nets.compile_nets), float32 throughout;
-* ``fast``: what ``flowmnist train`` does by default here: compiled, training steps at the default
+* ``default``: what ``flowmnist train`` does by default here: compiled, training steps at the default
   ``precision`` ("auto": bfloat16 nets where the device has native bf16) and a fused Adam step.
-  Evaluation and sampling are float32 in every path (as ``flowmnist evaluate``), so ``fast`` and
+  Evaluation and sampling are float32 in every path (as ``flowmnist evaluate``), so ``default`` and
   ``compiled`` differ in training only.
 
-For each model it measures, in one process and interleaved (plain, eager, compiled, fast,
+"fast" keeps one meaning, ``Config.fast``: the fast modules of every path but ``plain``.
+
+For each model it measures, in one process and interleaved (plain, eager, compiled, default,
 plain, ...) so that a busy machine slows all alike and the ratios stay meaningful:
 
 * training images/s: forward + backward + Adam step at ``batch_size`` (128 as in training),
@@ -44,17 +46,17 @@ from .nets import compile_nets, set_autocast
 from .runtime import native_bf16
 from .train import make_optimizer
 
-PATHS = ("plain", "eager", "compiled", "fast")
+PATHS = ("plain", "eager", "compiled", "default")
 
 
 def _train_dtype(path: str) -> torch.dtype | None:
-    """The nets' dtype in training steps: bfloat16 for ``fast`` where native (precision "auto")."""
-    return torch.bfloat16 if path == "fast" and native_bf16("cpu") else None
+    """The nets' dtype in training steps: bfloat16 for ``default`` where native (precision "auto")."""
+    return torch.bfloat16 if path == "default" and native_bf16("cpu") else None
 
 
 def _build(name: str, path: str) -> FlowModel:
     model = build_model(name, fast=path != "plain")
-    if path in ("compiled", "fast"):
+    if path in ("compiled", "default"):
         compile_nets(model)
     return model
 
@@ -107,7 +109,7 @@ def time_model(
     """Training images/s (median over ``steps`` interleaved steps), eval and sampling ms per 64 (median of
     ``reps``, timed on batches of ``eval_batch`` and scaled to 64), for each path of model ``name``."""
     models = _models(name)
-    opts = {k: make_optimizer(m, 1e-4, fused=k == "fast") for k, m in models.items()}
+    opts = {k: make_optimizer(m, 1e-4, fused=k == "default") for k, m in models.items()}
     x = _images(batch_size).float()
     for k, m in models.items():
         m.train()
@@ -159,7 +161,7 @@ def peak_memory_child(name: str, path: str, batch_size: int, steps: int = 2) -> 
     torch.manual_seed(0)
     model = _build(name, path)
     set_autocast(model, _train_dtype(path))
-    opt = make_optimizer(model, 1e-4, fused=path == "fast")
+    opt = make_optimizer(model, 1e-4, fused=path == "default")
     x = _images(batch_size).float()
     for _ in range(steps):
         _train_step(model, opt, x)
@@ -232,7 +234,7 @@ def bench_table(bench: dict[str, Any]) -> str:
             mem = f.get("peak_train_rss_mb")
             s = r["speedup"].get(path)
             ratios = "1 (baseline)" if s is None else " / ".join(f"{s[k]:.2f}x" for k in ("train", "eval", "sample"))
-            if path == "fast":
+            if path == "default":
                 ratios = f"**{ratios}**"
             label = path if f["train_precision"] == "float32" else f"{path} (train {f['train_precision']})"
             lines.append(

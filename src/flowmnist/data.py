@@ -69,7 +69,7 @@ class Dataset(NamedTuple):
     mirrors: tuple[str, ...]
 
 
-# The datasets `load_mnist` can download by name (a data directory is read whatever it holds).
+# The datasets `load_idx_dir` can download by name (a data directory is read whatever it holds).
 DATASETS = {
     "mnist": Dataset("MNIST", FILES, MIRRORS),
     "fashion-mnist": Dataset("Fashion-MNIST", FASHION_FILES, FASHION_MIRRORS),
@@ -173,9 +173,9 @@ def download(root: Path, keys=None, mirrors=None, timeout: float = 30, dataset: 
 
 
 @dataclass
-class MNIST:
-    """Images (uint8, N x 1 x 28 x 28) and labels per split. ``test`` is present only when the
-    directory holds the t10k pair."""
+class ImageSplits:
+    """An IDX directory's images (uint8, N x 1 x 28 x 28) and labels per split, MNIST's or
+    Fashion-MNIST's. ``test`` is present only when the directory holds the t10k pair."""
 
     root: Path
     images: dict[str, Tensor] = field(default_factory=dict)
@@ -230,15 +230,15 @@ def _load_pair(root: Path, kind: str) -> tuple[np.ndarray, np.ndarray] | None:
     return images, labels
 
 
-def load_mnist(
+def load_idx_dir(
     data_dir: str | Path | None = None,
     split_seed: int = 42,
     val_fraction: float = 1 / 6,
     dataset: str = "mnist",
-) -> MNIST:
-    """Load MNIST from ``data_dir`` (no download: the user named the directory), or from the cache of
-    ``dataset`` (a DATASETS name), downloading what is missing. train/val are a seeded split of the
-    training file; test is t10k."""
+) -> ImageSplits:
+    """The IDX files of ``data_dir``, whichever data set they hold (no download: the user named the
+    directory), or of the cache of ``dataset`` (a DATASETS name), downloading what is missing.
+    train/val are a seeded split of the training file; test is t10k."""
     get_dataset(dataset)  # a bad name is an error even when a directory makes it moot
     if data_dir is None:
         root = default_cache_dir(dataset)
@@ -260,7 +260,7 @@ def load_mnist(
     if n - n_val < 1 or n_val < 1:
         raise DataError(f"{root}: {n} training images are too few to split into train and val")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(split_seed))
-    data = MNIST(root)
+    data = ImageSplits(root)
     data.images["train"], data.labels["train"] = images[perm[n_val:]], labels[perm[n_val:]]
     data.images["val"], data.labels["val"] = images[perm[:n_val]], labels[perm[:n_val]]
     test = _load_pair(root, "test")
@@ -270,11 +270,11 @@ def load_mnist(
     return data
 
 
-def load_data(cfg: Config, data_dir: str | Path | None = None) -> MNIST:
+def load_data(cfg: Config, data_dir: str | Path | None = None) -> ImageSplits:
     """A run's data: ``data_dir`` if given, else the run's own (``cfg.data_dir``, else the download
     cache of ``cfg.dataset``), split by the run's seed and fraction."""
     root = data_dir if data_dir is not None else cfg.data_dir
-    return load_mnist(root, cfg.split_seed, cfg.val_fraction, cfg.dataset)
+    return load_idx_dir(root, cfg.split_seed, cfg.val_fraction, cfg.dataset)
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:

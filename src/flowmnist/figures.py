@@ -60,7 +60,7 @@ DataDirs = str | dict[str, str] | None  # one directory for every run, or one pe
 
 
 def eval_images(cfg: Config, data_dir: DataDirs = None) -> tuple[Tensor, Tensor, str]:
-    """Real digits for a run: (images, labels, split), its held-out split (``MNIST.held_out``; never
+    """Real digits for a run: (images, labels, split), its held-out split (``ImageSplits.held_out``; never
     train: the figures should show what the model does on digits it did not fit).
     ``data_dir``: a directory, {dataset: directory} (the run's dataset's), or None (the run's own)."""
     from .data import load_data

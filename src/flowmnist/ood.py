@@ -4,11 +4,12 @@ Convention throughout: a higher score means "more out-of-distribution", and OOD 
 
 Scores (per image unless said otherwise):
   bpd          the model's importance-weighted bits per dimension, -log2 p(x) / D
-  complexity   the complexity-corrected bpd of Serrà et al. (2020), S(x) = bpd(x) - L(x), L = PNG bits / D
+  corrected    the complexity-corrected bpd of Serrà et al. (2020), S(x) = bpd(x) - L(x), where the
+               complexity L(x) = PNG bits / D (``complexity_bpd``)
   typicality-M the typicality statistic of Nalisnick et al. (2019) for batches of M images
 Metrics: AUROC, AUPR (average precision) and the FPR at 95% TPR, each exact with tied scores.
 
-The metrics and scores take arrays; only the PNG section at the end reads files.
+The metrics and scores take arrays; reading image files is data.py's.
 """
 
 from __future__ import annotations
@@ -226,11 +227,11 @@ def ood_scores(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, float | int]]:
     """Every OOD score of an in-distribution and an OOD set scored by ``score_images``:
     ({name: in-distribution values}, {name: OOD values}, typicality info). Names: "bpd",
-    "complexity" (the corrected score S) and "typicality-M" for each M in ``batch_sizes``. For
+    "corrected" (the complexity-corrected score S) and "typicality-M" for each M in ``batch_sizes``. For
     typicality the in-distribution set is split by ``typicality_split(n, seed)``: one half
     estimates Ĥ, the other half is scored; the OOD set is scored whole."""
-    ins = {"bpd": inside["bpd"], "complexity": inside["corrected"]}
-    outs = {"bpd": outside["bpd"], "complexity": outside["corrected"]}
+    ins = {"bpd": inside["bpd"], "corrected": inside["corrected"]}
+    outs = {"bpd": outside["bpd"], "corrected": outside["corrected"]}
     ref, scored = typicality_split(len(inside["bpd"]), seed)
     entropy = typicality_entropy(inside["bpd"][ref])
     for m in batch_sizes:

@@ -169,7 +169,8 @@ def samples_section(spec: ReportSpec) -> Section:
     parts, commands = [], []
     for t in spec.temperatures:
         (fig,) = plot_samples(spec.run_dirs, spec.out_dir, spec.samples, spec.seed, t, spec.device)
-        commands.append(spec.runs_argv("samples", n=spec.samples, seed=spec.seed, temperature=None if t == 1 else t))
+        opts = {"n": spec.samples, "seed": spec.seed, "temperature": None if t == 1 else t}
+        commands.append(spec.runs_argv("compare-samples", **opts))
         what = "the model's own distribution" if t == 1 else "the prior's spread scaled down: cleaner, less varied"
         parts.append(_figure(fig, spec.out_dir, f"{spec.samples} samples per run at T = {t:g} ({what})."))
     return Section("<h2>Samples</h2>\n" + "".join(parts), commands)

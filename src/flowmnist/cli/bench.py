@@ -1,4 +1,4 @@
-"""`flowmnist bench`: the plain and fast code paths timed side by side."""
+"""`flowmnist bench`: the plain code path, the fast ones and `train`'s default, timed side by side."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def add_bench_command(sub) -> None:
-    bn = sub.add_parser("bench", help="plain vs fast code paths: train img/s, eval and sampling ms, peak memory")
+    bn = sub.add_parser(
+        "bench", help="the plain code path vs the fast ones: train img/s, eval and sampling ms, peak memory"
+    )
     bn.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (default all)")
     bn.add_argument("--steps", type=positive_int, default=5, help="timed training steps per path (default 5)")
     bn.add_argument("--batch-size", type=positive_int, default=128, help="training batch size (default 128)")

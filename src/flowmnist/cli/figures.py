@@ -1,4 +1,4 @@
-"""`flowmnist curves | samples | interpolate | dequant | concepts | report`: figures of one or more runs
+"""`flowmnist curves | compare-samples | interpolate | dequant | concepts | report`: figures of one or more runs
 into an output folder, and the report that holds them all."""
 
 from __future__ import annotations
@@ -51,7 +51,11 @@ def cmd_samples(a: argparse.Namespace) -> int:
 
 
 def add_samples_command(sub) -> None:
-    s = sub.add_parser("samples", help="several runs' sample grids side by side in one figure (samples.png)")
+    s = sub.add_parser(
+        "compare-samples",
+        aliases=["samples"],
+        help="several runs' sample grids side by side in one figure (samples.png; alias: samples)",
+    )
     _runs_and_out(s)
     s.add_argument("--n", type=positive_int, default=36, help="samples per run (default 36)")
     s.add_argument("--seed", type=nonneg_int, default=0)
