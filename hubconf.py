@@ -29,31 +29,31 @@ def _entry(name: str, pretrained: bool, device: str, model: str | None = None, c
 
 
 def simple(pretrained: bool = True, device: str = "cpu"):
-    """Uniform dequantization, 8 checkerboard couplings (556,312 parameters)."""
+    """Uniform dequantization, 8 checkerboard couplings."""
     return _entry("simple", pretrained, device)
 
 
 def vardeq(pretrained: bool = True, device: str = "cpu"):
-    """Variational dequantization (Flow++), 8 checkerboard couplings (628,388 parameters)."""
+    """Variational dequantization (Flow++), 8 checkerboard couplings."""
     return _entry("vardeq", pretrained, device)
 
 
 def multi_simple(pretrained: bool = True, device: str = "cpu"):
-    """Uniform dequantization, multi-scale flow with squeeze and split (1,639,742 parameters)."""
+    """Uniform dequantization, multi-scale flow with squeeze and split."""
     return _entry("multi-simple", pretrained, device)
 
 
 def multi_vardeq(pretrained: bool = True, device: str = "cpu"):
-    """Variational dequantization, multi-scale flow with squeeze and split (1,711,818 parameters)."""
+    """Variational dequantization, multi-scale flow with squeeze and split."""
     return _entry("multi-vardeq", pretrained, device)
 
 
 def multi_vardeq_cond(pretrained: bool = True, device: str = "cpu"):
-    """Class-conditional multi_vardeq: a Gaussian prior per digit (1,727,498 parameters).
+    """Class-conditional multi_vardeq: a Gaussian prior per digit.
     ``model.sample(n, y=7)`` draws sevens."""
     return _entry("multi-vardeq-cond", pretrained, device, "multi-vardeq", conditional=True)
 
 
 def fashion_multi_vardeq(pretrained: bool = True, device: str = "cpu"):
-    """multi_vardeq trained on Fashion-MNIST (1,711,818 parameters)."""
+    """multi_vardeq trained on Fashion-MNIST."""
     return _entry("fashion-multi-vardeq", pretrained, device, "multi-vardeq")

@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from flowmnist.runtime import cpu_kind
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results" / "cpu_minutes"
@@ -114,21 +115,6 @@ def read_curve(name: str) -> tuple[list[float], list[float], int]:
     return [float(r["seconds"]) * cores / 60 for r in vals], [float(r["bpd"]) for r in vals], int(rows[-1]["step"])
 
 
-def cpu_kind() -> str:
-    """The CPU's model name and whether it has AVX512-BF16 / AMX (what decides the bfloat16 speed)."""
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    has = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model or 'unknown CPU'} ({', '.join(has) or 'no AVX2'})"
-
-
 def summarise(names: list[str], machine: str) -> dict:
     out = {"machine": machine, "candidates": {}}
     for name in names:
@@ -185,7 +171,7 @@ def main() -> None:
     if unknown:
         sys.exit(f"--only: unknown candidate {unknown[0]!r}; choose from {', '.join(CANDIDATES)}")
     summary_path = RESULTS.parent / "cpu_minutes.json"
-    machine = cpu_kind()
+    machine = str(cpu_kind())
     if a.figure_only and summary_path.exists():  # the curves were measured on the machine recorded with them
         machine = json.loads(summary_path.read_text())["machine"]
     elif not a.figure_only:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import gzip
 import hashlib
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_digits, write_mnist_dir
+from conftest import fashion_data_or_skip, synthetic_digits, write_mnist_dir
 from helpers import write_png
 
 from flowmnist import data as D
 from flowmnist.config import Config
 from flowmnist.data import (
+    FILES,
     DataError,
     check_images,
     load_data,
@@ -224,3 +226,80 @@ def test_png_reading_gray_rgb_and_alpha(tmp_path):
         read_png_digits([write_png(tmp_path / "see.png", see_through)])
     with pytest.raises(DataError, match="no PNG files given"):
         read_png_digits([])
+
+
+# ----------------------------------------------------------------------------------------------
+# Fashion-MNIST: the registry and the download
+# ----------------------------------------------------------------------------------------------
+
+
+def test_fashion_mnist_debian_files():
+    data = load_idx_dir(fashion_data_or_skip())
+    assert [len(data.images[s]) for s in ("train", "val", "test")] == [50000, 10000, 10000]
+    train_labels = torch.cat([data.labels["train"], data.labels["val"]])
+    assert torch.bincount(train_labels).tolist() == [6000] * 10
+    assert torch.bincount(data.labels["test"]).tolist() == [1000] * 10
+    # Fashion, not MNIST: its published mean pixel (0.2860; MNIST's is 0.1307)
+    mean = torch.cat([data.images["train"], data.images["val"]]).double().mean().item() / 255
+    assert mean == pytest.approx(0.2860, abs=5e-4)
+
+
+def _gz_idx_dir(root: Path, seed: int) -> dict[str, bytes]:
+    """Small synthetic .gz IDX files under the official names; returns their bytes by key."""
+    root.mkdir(parents=True)
+    imgs, labels = synthetic_digits(12, seed)
+    arrays = {"train-images": imgs, "train-labels": labels, "test-images": imgs[:4], "test-labels": labels[:4]}
+    for key, arr in arrays.items():
+        write_idx(root / (FILES[key][0] + ".gz"), arr)
+    return {key: (root / (FILES[key][0] + ".gz")).read_bytes() for key in arrays}
+
+
+def _fake_fashion(monkeypatch, tmp_path, mirrors: list[Path], good: dict[str, bytes]) -> Path:
+    files = {key: (FILES[key][0], hashlib.md5(data).hexdigest()) for key, data in good.items()}
+    urls = tuple(m.as_uri() + "/" for m in mirrors)
+    monkeypatch.setitem(D.DATASETS, "fashion-mnist", D.Dataset("Fashion-MNIST", files, urls))
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FLOWMNIST_CACHE", str(cache))
+    return cache
+
+
+def test_fashion_download_checks_md5_into_its_own_cache(tmp_path, monkeypatch):
+    good = _gz_idx_dir(tmp_path / "good", seed=1)
+    _gz_idx_dir(tmp_path / "bad", seed=2)  # same names, other bytes: every MD5 mismatches
+    cache = _fake_fashion(monkeypatch, tmp_path, [tmp_path / "bad", tmp_path / "good"], good)
+    data = load_idx_dir(None, dataset="fashion-mnist")
+    assert data.root == cache / "fashion-mnist" and not (cache / "mnist").exists()
+    assert sorted(p.name for p in data.root.iterdir()) == sorted(FILES[k][0] + ".gz" for k in good)
+    assert all((data.root / (FILES[k][0] + ".gz")).read_bytes() == v for k, v in good.items())
+    expect = synthetic_digits(12, 1)[0]
+    got = torch.cat([data.images["train"], data.images["val"]])[:, 0].numpy()
+    assert sorted(map(bytes, got)) == sorted(map(bytes, expect))
+
+
+def test_fashion_download_refuses_md5_mismatch(tmp_path, monkeypatch):
+    good = _gz_idx_dir(tmp_path / "good", seed=1)
+    _gz_idx_dir(tmp_path / "bad", seed=2)
+    cache = _fake_fashion(monkeypatch, tmp_path, [tmp_path / "bad"], good)
+    with pytest.raises(DataError) as e:
+        load_idx_dir(None, dataset="fashion-mnist")
+    msg = str(e.value)
+    assert "MD5" in msg and "discarded" in msg and "Fashion-MNIST IDX files" in msg and "\n" not in msg
+    assert list((cache / "fashion-mnist").iterdir()) == []  # nothing kept, no temporary file left
+
+
+def test_dataset_names_and_cache_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWMNIST_CACHE", str(tmp_path))
+    assert D.default_cache_dir() == tmp_path / "mnist"  # unchanged for MNIST
+    assert D.default_cache_dir("fashion-mnist") == tmp_path / "fashion-mnist"
+    assert D.DATASETS["mnist"].files is FILES and D.DATASETS["mnist"].mirrors == D.MIRRORS
+    assert D.DATASETS["fashion-mnist"].files["train-images"][1] == "8d4fb7e6c68d591d4c3dfef9ec88bf0d"
+
+    def no_network(url, timeout):
+        raise AssertionError(f"no download expected, got {url}")
+
+    monkeypatch.setattr(D.urllib.request, "urlopen", no_network)
+    with pytest.raises(DataError, match=r"^unknown dataset 'cifar'; choose from mnist, fashion-mnist$"):
+        load_idx_dir(None, dataset="cifar")
+    assert Config().dataset == "mnist"
+    old = {k: v for k, v in Config().to_dict().items() if k != "dataset"}
+    assert Config.from_dict(old).dataset == "mnist"

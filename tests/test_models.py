@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -339,3 +341,17 @@ def test_importance_weighted_bpd_is_the_model_bound():
     assert mean_iw == pytest.approx(iw.mean().item(), rel=1e-15) and mean_single == pytest.approx(single.mean().item())
     assert dataset_bpd(model, x, k, seed=seed) == (mean_iw, mean_single)  # seeded: reproducible
     assert dataset_bpd(model, x, k, seed=seed + 1) != (mean_iw, mean_single)
+
+
+def test_the_readme_states_the_pinned_parameter_counts():
+    """Counts written in the README (architecture and results tables) are PARAMS', not copies that drift."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    seen = set()
+    for line in readme.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] in PARAMS:
+            counts = [int(c.replace(",", "")) for c in cells[1:] if re.fullmatch(r"\d{1,3}(,\d{3}){1,2}", c)]
+            assert all(n == PARAMS[cells[0]] for n in counts if n >= 100_000), line
+            if counts:
+                seen.add(cells[0])
+    assert {"simple", "vardeq", "multi-simple", "multi-vardeq"} <= seen

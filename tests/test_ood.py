@@ -1,9 +1,8 @@
-"""OOD scores and metrics (flowmnist.ood), the `score` and `ood` commands, and Fashion-MNIST."""
+"""OOD scores and metrics (flowmnist.ood), and the `score` and `ood` commands."""
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import struct
@@ -14,15 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fashion_data_or_skip, synthetic_digits, write_mnist_dir
+from conftest import synthetic_digits, write_mnist_dir
 from helpers import assert_png, write_png
 from PIL import Image
 
-import flowmnist.data as D
 from flowmnist import ood
-from flowmnist.cli import build_parser, main
+from flowmnist.cli import main
 from flowmnist.config import Config, FlowmnistError
-from flowmnist.data import FILES, DataError, load_idx_dir, write_idx
+from flowmnist.data import FILES, load_idx_dir, write_idx
 from flowmnist.evaluate import dataset_bpd, load_model
 
 # ----------------------------------------------------------------------------------------------
@@ -364,108 +362,3 @@ def test_ood_test_split_needs_t10k_in_both(ood_run, tmp_path, capsys):
     _one_line_error(capsys, main(argv), str(noise.resolve()), "t10k-images-idx3-ubyte")
     too_big = ["ood", str(ood_run), "--in-data", str(inside), "--ood-data", str(inside), "--batch-sizes", "50"]
     _one_line_error(capsys, main(too_big), "typicality batch size 50")
-
-
-# ----------------------------------------------------------------------------------------------
-# Fashion-MNIST: the registry, the download, `train --dataset`
-# ----------------------------------------------------------------------------------------------
-
-
-def test_fashion_mnist_debian_files():
-    data = load_idx_dir(fashion_data_or_skip())
-    assert [len(data.images[s]) for s in ("train", "val", "test")] == [50000, 10000, 10000]
-    train_labels = torch.cat([data.labels["train"], data.labels["val"]])
-    assert torch.bincount(train_labels).tolist() == [6000] * 10
-    assert torch.bincount(data.labels["test"]).tolist() == [1000] * 10
-    # Fashion, not MNIST: its published mean pixel (0.2860; MNIST's is 0.1307)
-    mean = torch.cat([data.images["train"], data.images["val"]]).double().mean().item() / 255
-    assert mean == pytest.approx(0.2860, abs=5e-4)
-
-
-def _gz_idx_dir(root: Path, seed: int) -> dict[str, bytes]:
-    """Small synthetic .gz IDX files under the official names; returns their bytes by key."""
-    root.mkdir(parents=True)
-    imgs, labels = synthetic_digits(12, seed)
-    arrays = {"train-images": imgs, "train-labels": labels, "test-images": imgs[:4], "test-labels": labels[:4]}
-    for key, arr in arrays.items():
-        write_idx(root / (FILES[key][0] + ".gz"), arr)
-    return {key: (root / (FILES[key][0] + ".gz")).read_bytes() for key in arrays}
-
-
-def _fake_fashion(monkeypatch, tmp_path, mirrors: list[Path], good: dict[str, bytes]) -> Path:
-    files = {key: (FILES[key][0], hashlib.md5(data).hexdigest()) for key, data in good.items()}
-    urls = tuple(m.as_uri() + "/" for m in mirrors)
-    monkeypatch.setitem(D.DATASETS, "fashion-mnist", D.Dataset("Fashion-MNIST", files, urls))
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("FLOWMNIST_CACHE", str(cache))
-    return cache
-
-
-def test_fashion_download_checks_md5_into_its_own_cache(tmp_path, monkeypatch):
-    good = _gz_idx_dir(tmp_path / "good", seed=1)
-    _gz_idx_dir(tmp_path / "bad", seed=2)  # same names, other bytes: every MD5 mismatches
-    cache = _fake_fashion(monkeypatch, tmp_path, [tmp_path / "bad", tmp_path / "good"], good)
-    data = load_idx_dir(None, dataset="fashion-mnist")
-    assert data.root == cache / "fashion-mnist" and not (cache / "mnist").exists()
-    assert sorted(p.name for p in data.root.iterdir()) == sorted(FILES[k][0] + ".gz" for k in good)
-    assert all((data.root / (FILES[k][0] + ".gz")).read_bytes() == v for k, v in good.items())
-    expect = synthetic_digits(12, 1)[0]
-    got = torch.cat([data.images["train"], data.images["val"]])[:, 0].numpy()
-    assert sorted(map(bytes, got)) == sorted(map(bytes, expect))
-
-
-def test_fashion_download_refuses_md5_mismatch(tmp_path, monkeypatch):
-    good = _gz_idx_dir(tmp_path / "good", seed=1)
-    _gz_idx_dir(tmp_path / "bad", seed=2)
-    cache = _fake_fashion(monkeypatch, tmp_path, [tmp_path / "bad"], good)
-    with pytest.raises(DataError) as e:
-        load_idx_dir(None, dataset="fashion-mnist")
-    msg = str(e.value)
-    assert "MD5" in msg and "discarded" in msg and "Fashion-MNIST IDX files" in msg and "\n" not in msg
-    assert list((cache / "fashion-mnist").iterdir()) == []  # nothing kept, no temporary file left
-
-
-def test_dataset_names_and_cache_paths(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLOWMNIST_CACHE", str(tmp_path))
-    assert D.default_cache_dir() == tmp_path / "mnist"  # unchanged for MNIST
-    assert D.default_cache_dir("fashion-mnist") == tmp_path / "fashion-mnist"
-    assert D.DATASETS["mnist"].files is FILES and D.DATASETS["mnist"].mirrors == D.MIRRORS
-    assert D.DATASETS["fashion-mnist"].files["train-images"][1] == "8d4fb7e6c68d591d4c3dfef9ec88bf0d"
-
-    def no_network(url, timeout):
-        raise AssertionError(f"no download expected, got {url}")
-
-    monkeypatch.setattr(D.urllib.request, "urlopen", no_network)
-    with pytest.raises(DataError, match=r"^unknown dataset 'cifar'; choose from mnist, fashion-mnist$"):
-        load_idx_dir(None, dataset="cifar")
-    assert Config().dataset == "mnist"
-    old = {k: v for k, v in Config().to_dict().items() if k != "dataset"}
-    assert Config.from_dict(old).dataset == "mnist"
-
-
-def test_train_dataset_option(tmp_path, monkeypatch, capsys, tiny_data):
-    monkeypatch.delenv("FLOWMNIST_DATA", raising=False)
-    monkeypatch.setenv("FLOWMNIST_CACHE", str(tmp_path / "cache"))
-    write_mnist_dir(tmp_path / "cache" / "fashion-mnist", 48, n_test=8)  # all four files cached: no download
-    monkeypatch.setattr(D.urllib.request, "urlopen", lambda url, timeout: pytest.fail(f"download of {url}"))
-    run = tmp_path / "run"
-    argv = ["train", "--dataset", "fashion-mnist", "--model", "simple", "--epochs", "1", "--no-compile"]
-    assert main([*argv, "--out", str(run), "--log-every", "1"]) == 0
-    assert json.loads(capsys.readouterr().out)["step"] == 2  # 40 training images: 2 full batches of 16
-    cfg = json.loads((run / "config.json").read_text())
-    assert cfg["dataset"] == "fashion-mnist" and cfg["data_dir"] is None
-    # with a data directory, --dataset names what it holds: read, not downloaded
-    run2 = tmp_path / "r2"
-    argv = [*argv, "--data-dir", str(tiny_data), "--out", str(run2), "--log-every", "1"]
-    assert main(argv) == 0
-    capsys.readouterr()
-    cfg = json.loads((run2 / "config.json").read_text())
-    assert cfg["dataset"] == "fashion-mnist" and cfg["data_dir"] == str(tiny_data.resolve())
-    # tables and figures name the dataset
-    assert main(["evaluate", str(run2), "--split", "val", "--max-images", "4", "--importance-samples", "1"]) == 0
-    capsys.readouterr()
-    assert main(["table", str(run2)]) == 0
-    assert "| simple (Fashion-MNIST) |" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as e:
-        build_parser().parse_args(["train", "--dataset", "cifar"])
-    assert e.value.code == 2

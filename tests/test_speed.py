@@ -7,13 +7,12 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import PARAMS, perturb
 
 from flowmnist.bench import bench_table, peak_memory, run_bench
 from flowmnist.cli import main
 from flowmnist.models import MODELS, build_model, count_params
-from flowmnist.nets import ConcatELU, FastConcatELU, FastLayerNormChannels, LayerNormChannels
+from flowmnist.runtime import cpu_kind
 
 
 def _pair(name: str, seed: int = 0):
@@ -106,39 +105,6 @@ def test_fast_encode_decode_match_reference(name):
         assert (d_ref - d_fast).abs().max() <= 1  # at most one grey level where a value sits on a bin edge
 
 
-def test_concat_elu_gradcheck_both_layouts():
-    x = torch.randn(2, 3, 4, 5, dtype=torch.double)
-    for layout in (torch.contiguous_format, torch.channels_last):
-        xi = x.contiguous(memory_format=layout).requires_grad_()
-        torch.testing.assert_close(FastConcatELU()(xi), ConcatELU()(xi))
-        assert torch.autograd.gradcheck(FastConcatELU(), (xi,))
-
-
-def test_fast_layer_norm_matches_reference():
-    ref = LayerNormChannels(6)
-    with torch.no_grad():
-        ref.gamma.normal_()
-        ref.beta.normal_()
-    fast = FastLayerNormChannels(6)
-    fast.load_state_dict(ref.state_dict())
-    x = (3 + 2 * torch.randn(2, 6, 5, 5, dtype=torch.double)).requires_grad_()
-    ref.double(), fast.double()
-    for xi in (x, x.contiguous(memory_format=torch.channels_last)):
-        torch.testing.assert_close(fast(xi), ref(xi))
-        g = torch.randn(2, 6, 5, 5, dtype=torch.double)
-        gr = torch.autograd.grad(ref(xi), [xi, ref.gamma, ref.beta], g)
-        gf = torch.autograd.grad(fast(xi), [xi, fast.gamma, fast.beta], g)
-        for a, b in zip(gf, gr, strict=True):
-            torch.testing.assert_close(a, b)
-
-
-def test_fast_is_default_for_training_config():
-    from flowmnist.config import Config
-
-    assert Config().fast is True
-    assert Config.from_dict({k: v for k, v in Config().to_dict().items() if k != "fast"}).fast  # old configs
-
-
 def test_bench_runs_and_tables():
     b = run_bench(["simple"], steps=1, batch_size=2, memory=False, reps=1, eval_batch=4)
     r = b["results"]["simple"]
@@ -149,6 +115,7 @@ def test_bench_runs_and_tables():
     assert r["compiled"]["train_precision"] == "float32"
     table = bench_table(b)
     assert "| simple | plain |" in table and "| simple | compiled |" in table and "1 (baseline)" in table
+    assert f"CPU: {cpu_kind()}" in table and b["conditions"]["cpu_bf16"] is cpu_kind().bf16
     json.dumps(b)  # --json must be serialisable
 
 
@@ -166,42 +133,58 @@ def test_cli_bench_rejects_unknown_model(capsys):
     assert "nope" in capsys.readouterr().err
 
 
-def test_elu_helper_matches_formula():
-    # The backward of FastConcatELU reads ELU'(u) from ELU(u): 1 for u > 0, ELU(u) + 1 otherwise.
-    u = torch.linspace(-3, 3, 13, dtype=torch.double)
-    y = F.elu(u)
-    d = torch.ops.aten.elu_backward(torch.ones_like(u), 1.0, 1, 1.0, True, y)
-    torch.testing.assert_close(d, torch.where(u > 0, torch.ones_like(u), y + 1))
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_follows_native_bf16_and_a_choice_stays(native, monkeypatch):
+    import flowmnist.train as T
+
+    monkeypatch.setattr(T, "native_bf16", lambda device: native)
+    cpu = torch.device("cpu")
+    assert T.resolve_precision("auto", cpu) == ("bfloat16", "float32")[not native]
+    assert T.resolve_precision("float32", cpu) == "float32" and T.resolve_precision("bfloat16", cpu) == "bfloat16"
 
 
-def test_gated_conv_fast_matches_reference_and_gradchecks():
-    from flowmnist.nets import GatedConv, _GateFn
+def test_native_bf16_agrees_with_the_cpu_flags():
+    """AVX512-BF16 or AMX means native bf16 kernels; a CPU without AVX-512 has none."""
+    from flowmnist.runtime import cpu_kind, native_bf16
 
-    torch.manual_seed(0)
-    ref = GatedConv(4, 4).double()
-    fast = GatedConv(4, 4, fast=True).double()
-    fast.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 4, 3, 3, dtype=torch.double, requires_grad=True)
-    g = torch.randn(2, 4, 3, 3, dtype=torch.double)
-    torch.testing.assert_close(fast(x), ref(x))
-    for a, b in zip(
-        torch.autograd.grad(fast(x), [x, *fast.parameters()], g),
-        torch.autograd.grad(ref(x), [x, *ref.parameters()], g),
-        strict=True,
-    ):
-        torch.testing.assert_close(a, b)
-    h = torch.randn(2, 8, 3, 3, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(_GateFn.apply, (x, h))
+    kind = cpu_kind()
+    if kind.bf16:
+        assert native_bf16("cpu") is True
+    if kind.features and "avx512f" not in kind.features:
+        assert native_bf16("cpu") is False
+    assert native_bf16("meta") is False
 
 
-def test_one_exp_concat_elu_is_concat_elu():
-    from flowmnist.nets import concat_elu_one_exp
+EPYC = "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512bw\n"
+AVX2 = "processor\t: 0\nmodel name\t: Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz\nflags\t\t: fpu sse2 avx avx2 fma\n"
 
-    x = torch.randn(2, 3, 4, 5, dtype=torch.double, requires_grad=True)
-    torch.testing.assert_close(concat_elu_one_exp(x), ConcatELU()(x))
-    assert torch.autograd.gradcheck(concat_elu_one_exp, (x,))
-    x0 = torch.zeros(1, 2, 1, 1, dtype=torch.double)  # ELU(0) = 0 from either branch
-    assert torch.equal(concat_elu_one_exp(x0), torch.zeros(1, 4, 1, 1, dtype=torch.double))
+
+def test_cpu_kind_reads_model_and_features():
+    from flowmnist.runtime import cpu_kind
+
+    epyc, avx2 = cpu_kind(EPYC), cpu_kind(AVX2)
+    assert (epyc.model, epyc.features, epyc.bf16) == ("AMD EPYC 9R14", ("avx2", "avx512f", "avx512_bf16"), True)
+    assert (avx2.model, avx2.features, avx2.bf16) == ("Intel(R) Core(TM) i7-8700 CPU @ 3.20GHz", ("avx2",), False)
+    assert str(epyc) == "AMD EPYC 9R14 (avx2, avx512f, avx512_bf16; with AVX512-BF16/AMX)"
+    assert str(avx2).endswith("(avx2; without AVX512-BF16/AMX)")
+    assert cpu_kind("").features == ()
+
+
+def test_allocator_tuned_for_inference_commands_not_train(monkeypatch, tmp_path):
+    import platform
+
+    import flowmnist.runtime as runtime
+
+    monkeypatch.setenv("FLOWMNIST_MALLOC", "system")
+    assert runtime.tune_allocator() is False
+    monkeypatch.delenv("FLOWMNIST_MALLOC")
+    assert runtime.tune_allocator() is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+    calls = []
+    monkeypatch.setattr(runtime, "tune_allocator", lambda: calls.append(1) or True)
+    assert main(["bench", "--models", "nope"]) == 2  # tuned, then refused
+    assert calls == [1]
+    assert main(["train", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "run")]) != 0
+    assert calls == [1]  # train keeps glibc's own policy
 
 
 def test_compiled_nets_compute_the_reference_function():
@@ -225,58 +208,3 @@ def test_compiled_nets_compute_the_reference_function():
     assert g_ref.norm() > 0 and (g_fast - g_ref).norm() / g_ref.norm() < 1e-3
     with torch.inference_mode():
         torch.testing.assert_close(fast.log_prob_single(x, u), lp_ref.detach(), rtol=1e-4, atol=0)
-
-
-def test_native_bf16_is_a_bool_and_auto_resolves():
-    from flowmnist.runtime import native_bf16
-    from flowmnist.train import resolve_precision
-
-    cpu = torch.device("cpu")
-    assert isinstance(native_bf16(cpu), bool)
-    assert resolve_precision("auto", cpu) == ("bfloat16" if native_bf16(cpu) else "float32")
-    assert resolve_precision("float32", cpu) == "float32"
-    assert native_bf16("meta") is False
-
-
-def test_conv_by_taps_is_the_convolution():
-    """The GEMM-and-shifted-sum form of the output convolution computes F.conv2d (padding 1), borders
-    included; OutConv takes it only without gradients and where it pays (9 c_out <= c_in)."""
-    from flowmnist.nets import OutConv, conv3x3_by_taps
-
-    g = torch.Generator().manual_seed(0)
-    for n, c, h, w, o in ((2, 6, 5, 7, 2), (1, 3, 1, 4, 1), (3, 16, 4, 4, 8)):
-        x = torch.randn(n, c, h, w, generator=g, dtype=torch.double)
-        wt = torch.randn(o, c, 3, 3, generator=g, dtype=torch.double)
-        b = torch.randn(o, generator=g, dtype=torch.double)
-        torch.testing.assert_close(conv3x3_by_taps(x, wt, b), F.conv2d(x, wt, b, padding=1))
-    calls = []
-    conv = OutConv(18, 2, kernel_size=3, padding=1)
-    conv.by_taps = lambda *a: calls.append(1) or conv3x3_by_taps(*a)
-    x = torch.randn(2, 18, 5, 5)
-    y = conv(x)  # with gradients: the convolution
-    assert calls == [] and y.requires_grad
-    with torch.no_grad():
-        torch.testing.assert_close(conv(x), y.detach(), rtol=1e-5, atol=1e-5)
-    assert calls == [1]
-    wide = OutConv(16, 2, kernel_size=3, padding=1)  # 9 * 2 > 16: the convolution even without gradients
-    wide.by_taps = conv.by_taps
-    with torch.no_grad():
-        wide(torch.randn(1, 16, 3, 3))
-    assert calls == [1]
-
-
-def test_allocator_tuned_for_inference_commands_not_train(monkeypatch, tmp_path):
-    import platform
-
-    import flowmnist.runtime as runtime
-
-    monkeypatch.setenv("FLOWMNIST_MALLOC", "system")
-    assert runtime.tune_allocator() is False
-    monkeypatch.delenv("FLOWMNIST_MALLOC")
-    assert runtime.tune_allocator() is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
-    calls = []
-    monkeypatch.setattr(runtime, "tune_allocator", lambda: calls.append(1) or True)
-    assert main(["bench", "--models", "nope"]) == 2  # tuned, then refused
-    assert calls == [1]
-    assert main(["train", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "run")]) != 0
-    assert calls == [1]  # train keeps glibc's own policy

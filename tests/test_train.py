@@ -10,10 +10,12 @@ import signal
 import numpy as np
 import pytest
 import torch
+from conftest import write_mnist_dir
 from helpers import png_size
 from PIL import Image
 
-from flowmnist.cli import main
+import flowmnist.data as D
+from flowmnist.cli import build_parser, main
 from flowmnist.config import Config, FlowmnistError
 from flowmnist.data import load_idx_dir
 from flowmnist.evaluate import roundtrip_fraction
@@ -376,12 +378,14 @@ def test_bf16_training_validates_in_float32(tiny_data, tmp_path):
     assert sharded_bpd(model, val, val_noise(val, 0), Dist()) == pytest.approx(s["val_bpd"], rel=1e-7)
 
 
-def test_auto_precision_is_saved_resolved(tiny_data, tmp_path):
-    from flowmnist.runtime import native_bf16
+@pytest.mark.parametrize("native, saved", [(False, "float32"), (True, "bfloat16")])
+def test_auto_precision_is_saved_resolved(native, saved, tiny_data, tmp_path, monkeypatch):
+    """Saved as what the run did, by the device's bfloat16 support; "auto" never."""
+    import flowmnist.train as T
 
+    monkeypatch.setattr(T, "native_bf16", lambda device: native)
     train(_cfg(tiny_data, precision="auto"), tmp_path / "run")
-    saved = json.loads((tmp_path / "run" / "config.json").read_text())["precision"]
-    assert saved == ("bfloat16" if native_bf16("cpu") else "float32")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == saved
 
 
 @pytest.mark.parametrize(
@@ -450,3 +454,31 @@ def test_init_from_refuses_another_architecture(real_subset, tmp_path):
         train(_cfg(real_subset, model="simple", init_from="multi-vardeq"), tmp_path / "run")
     with pytest.raises(FlowmnistError, match="neither a shipped model"):
         train(_cfg(real_subset, init_from=str(tmp_path / "nowhere")), tmp_path / "run2")
+
+
+def test_train_dataset_option(tmp_path, monkeypatch, capsys, tiny_data):
+    monkeypatch.delenv("FLOWMNIST_DATA", raising=False)
+    monkeypatch.setenv("FLOWMNIST_CACHE", str(tmp_path / "cache"))
+    write_mnist_dir(tmp_path / "cache" / "fashion-mnist", 48, n_test=8)  # all four files cached: no download
+    monkeypatch.setattr(D.urllib.request, "urlopen", lambda url, timeout: pytest.fail(f"download of {url}"))
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "fashion-mnist", "--model", "simple", "--epochs", "1", "--no-compile"]
+    assert main([*argv, "--out", str(run), "--log-every", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2  # 40 training images: 2 full batches of 16
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["dataset"] == "fashion-mnist" and cfg["data_dir"] is None
+    # with a data directory, --dataset names what it holds: read, not downloaded
+    run2 = tmp_path / "r2"
+    argv = [*argv, "--data-dir", str(tiny_data), "--out", str(run2), "--log-every", "1"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    cfg = json.loads((run2 / "config.json").read_text())
+    assert cfg["dataset"] == "fashion-mnist" and cfg["data_dir"] == str(tiny_data.resolve())
+    # tables and figures name the dataset
+    assert main(["evaluate", str(run2), "--split", "val", "--max-images", "4", "--importance-samples", "1"]) == 0
+    capsys.readouterr()
+    assert main(["table", str(run2)]) == 0
+    assert "| simple (Fashion-MNIST) |" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["train", "--dataset", "cifar"])
+    assert e.value.code == 2

@@ -43,7 +43,7 @@ import torch
 from .data import IMAGE_SHAPE
 from .models import MODELS, FlowModel, build_model
 from .nets import compile_nets, set_autocast
-from .runtime import native_bf16
+from .runtime import cpu_kind, native_bf16
 from .train import make_optimizer
 
 PATHS = ("plain", "eager", "compiled", "default")
@@ -207,9 +207,12 @@ def run_bench(
             for path in PATHS[1:]
         }
         results[name] = r
+    cpu = cpu_kind()
     return {
         "results": results,
         "conditions": {
+            "cpu": str(cpu),  # model name and features
+            "cpu_bf16": cpu.bf16,  # AVX512-BF16 or AMX: the default path's bfloat16 steps run natively
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "cpus": os.cpu_count(),
@@ -243,6 +246,8 @@ def bench_table(bench: dict[str, Any]) -> str:
                 f"{f['first_train_step_s']:.1f} |"
             )
     c = bench["conditions"]
+    lines.append("")
+    lines.append(f"CPU: {c['cpu']}")
     lines.append("")
     lines.append(
         f"torch {c['torch']}, {c['threads']} threads on {c['cpus']} CPUs, train batch {c['batch_size']} "

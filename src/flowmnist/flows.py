@@ -57,7 +57,8 @@ class Flow(nn.Module):
 class Logit(Flow):
     """(0,1) -> R:  z = logit(alpha/2 + (1 - alpha) v).
 
-    The squeeze by alpha keeps the logit finite at v = 0 (RealNVP, Dinh et al. 2017, sec. 4.1).
+    The squeeze by alpha keeps the logit finite at v = 0 (RealNVP, Dinh et al. 2017, sec. 4.1,
+    https://arxiv.org/abs/1605.08803).
     ldj = D log(1 - alpha) + sum(-log s - log(1 - s)),  s = alpha/2 + (1 - alpha) v,
     written as softplus(z) + softplus(-z) = -log s - log(1 - s) for stability.
     """
@@ -77,7 +78,9 @@ class Logit(Flow):
 
 
 class Sigmoid(Flow):
-    """R -> (0,1):  z = sigmoid(x),  ldj = sum(log s(x) + log s(-x)) = -sum(softplus(-x) + softplus(x))."""
+    """R -> (0,1):  z = sigmoid(x),  ldj = sum(log s(x) + log s(-x)) = -sum(softplus(-x) + softplus(x)).
+
+    Logit's inverse (RealNVP, https://arxiv.org/abs/1605.08803), where a layer needs (0, 1) values."""
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return torch.sigmoid(x), -_sum(F.softplus(x) + F.softplus(-x))
@@ -100,7 +103,8 @@ def channel_mask(c: int, invert: bool = False) -> Tensor:
 
 
 class AffineCoupling(Flow):
-    """Masked affine coupling (RealNVP): the masked part passes through and conditions the rest.
+    """Masked affine coupling (RealNVP, Dinh et al. 2017, https://arxiv.org/abs/1605.08803): the masked
+    part passes through and conditions the rest.
 
         s, t = net(x * m [, cond]);   s <- tanh(s / e^c) e^c   (scale bounded by a learnable e^c)
         z = x * m + (1 - m) * (x + t) * exp(s),     ldj = sum((1 - m) s)
@@ -137,7 +141,8 @@ class AffineCoupling(Flow):
 
 
 class Squeeze(Flow):
-    """2x2 space-to-depth: (C, H, W) -> (4C, H/2, W/2); a permutation, so ldj = 0.
+    """2x2 space-to-depth: (C, H, W) -> (4C, H/2, W/2); a permutation, so ldj = 0 (RealNVP,
+    https://arxiv.org/abs/1605.08803).
 
     Channel c*4 + 2*di + dj of the output holds input channel c at offset (di, dj) of each 2x2 block.
     """
@@ -158,7 +163,8 @@ class Squeeze(Flow):
 
 
 class Split(Flow):
-    """Factor out the second half of the channels to the N(0, I) prior (RealNVP multi-scale).
+    """Factor out the second half of the channels to the N(0, I) prior (RealNVP's multi-scale
+    architecture, https://arxiv.org/abs/1605.08803).
 
     forward(x) -> (x_kept, log N(x_out)): the factored-out part's prior log-density takes the place
     of an ldj, so the model's log-likelihood stays one loop. ``split`` also returns x_out, for
@@ -188,7 +194,8 @@ class Split(Flow):
 class Dequantization(Flow):
     """Discrete pixels {0..255} -> continuous logit space, uniform or variational.
 
-    Uniform (Theis et al. 2016; RealNVP): u ~ U[0,1)^D.  Variational (Flow++, Ho et al. 2019):
+    Uniform (Theis et al. 2016, https://arxiv.org/abs/1511.01844): u ~ U[0,1)^D.  Variational (Flow++,
+    Ho et al. 2019, https://arxiv.org/abs/1902.00275):
     u = sigmoid(g(logit(u0); x)), u0 ~ U[0,1)^D, with g a stack of checkerboard couplings conditioned
     on the image, so q(u|x) = 1 / |det du/du0|.  Then v = (x + u) / 256 and z = logit(v).
 

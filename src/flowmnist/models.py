@@ -2,13 +2,15 @@
 
 Architectures follow the RealNVP-style MNIST reference (Lippe, UvA DL tutorial 11):
 
-| name           | dequantization              | flow                                                   | params    |
-|----------------|-----------------------------|--------------------------------------------------------|-----------|
-| `simple`       | uniform                     | 8 checkerboard couplings (32 hidden)                   |   556,312 |
-| `vardeq`       | variational (4 couplings,16)| 8 checkerboard couplings (32 hidden)                   |   628,388 |
-| `multi-simple` | uniform                     | 2 checker (32) | squeeze | 2 channel (48) | split |      | 1,639,742 |
-|                |                             | squeeze | 4 channel (64)                               |           |
-| `multi-vardeq` | variational                 | as multi-simple                                        | 1,711,818 |
+| name           | dequantization              | flow                                                   |
+|----------------|-----------------------------|--------------------------------------------------------|
+| `simple`       | uniform                     | 8 checkerboard couplings (32 hidden)                   |
+| `vardeq`       | variational (4 couplings,16)| 8 checkerboard couplings (32 hidden)                   |
+| `multi-simple` | uniform                     | 2 checker (32) | squeeze | 2 channel (48) | split |      |
+|                |                             | squeeze | 4 channel (64)                               |
+| `multi-vardeq` | variational                 | as multi-simple                                        |
+
+Their parameter counts are pinned in one place, tests/helpers.py (``PARAMS``).
 
 Each has a class-conditional variant (``build_model(name, conditional=True)``, `train --conditional`):
 the same flows under a per-class Gaussian prior (``ClassPrior``), + 2 x 10 x 784 = 15,680 parameters.

@@ -1,4 +1,5 @@
-"""Coupling networks: the gated convolutional net of PixelCNN++ / Flow++.
+"""Coupling networks: the gated convolutional net of PixelCNN++ (Salimans et al. 2017,
+https://arxiv.org/abs/1701.05517) and Flow++ (Ho et al. 2019, https://arxiv.org/abs/1902.00275).
 
 The architecture (and so the parameter counts) follows the RealNVP-style MNIST reference of the
 UvA deep-learning tutorials (Lippe, "Normalizing Flows for image modeling"):
@@ -12,10 +13,11 @@ GatedConv (Salimans et al. 2017, PixelCNN++; Ho et al. 2019, Flow++):
 
 Two implementations compute the same function with the same parameter names (so checkpoints load in
 either): the plain path (``fast=False``, NCHW, written as the formulas read) and the fast path
-(``fast=True``), which on a CPU runs the net in channels-last memory format (oneDNN's convolutions are
-~1.6x faster there, and the channel layer norm becomes a contiguous ``F.layer_norm`` over the last axis,
-~10x faster than ``var`` over the strided channel axis of NCHW) and saves fewer activations for backward
+(``fast=True``), which on a CPU runs the net in channels-last memory format (oneDNN's faster layout for
+convolutions, where the channel layer norm becomes a contiguous ``F.layer_norm`` over the last axis
+instead of ``var`` over the strided channel axis of NCHW) and saves fewer activations for backward
 (``ConcatELU`` as one autograd function keeping only its output, which the next conv keeps anyway).
+docs/speed.md has the measurements.
 
 On top of the fast path, ``compile_nets`` compiles the nets' blocks with torch.compile; under
 compilation the fast modules switch to plain ops (``concat_elu_one_exp``, the gate as written) that
@@ -30,7 +32,8 @@ from torch import Tensor, nn
 
 
 class ConcatELU(nn.Module):
-    """[ELU(x), ELU(-x)] along channels: keeps both signs' information, doubles the channels."""
+    """[ELU(x), ELU(-x)] along channels: keeps both signs' information, doubles the channels
+    (PixelCNN++, Salimans et al. 2017, https://arxiv.org/abs/1701.05517)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([F.elu(x), F.elu(-x)], dim=1)
@@ -91,7 +94,8 @@ class FastConcatELU(ConcatELU):
 
 
 class LayerNormChannels(nn.Module):
-    """Layer norm over the channel axis only, per pixel (NCHW), with learnable gain and bias."""
+    """Layer norm (Ba et al. 2016, https://arxiv.org/abs/1607.06450) over the channel axis only, per pixel
+    (NCHW), with learnable gain and bias."""
 
     def __init__(self, channels: int, eps: float = 1e-5):
         super().__init__()
@@ -149,7 +153,8 @@ class _GateFn(torch.autograd.Function):
 
 
 class GatedConv(nn.Module):
-    """Gated residual block: x + a * sigmoid(b)."""
+    """Gated residual block: x + a * sigmoid(b) (PixelCNN++, https://arxiv.org/abs/1701.05517; Flow++,
+    https://arxiv.org/abs/1902.00275)."""
 
     def __init__(self, channels: int, hidden: int, fast: bool = False):
         super().__init__()
@@ -237,7 +242,8 @@ class GatedAttention(nn.Module):
 
 
 class GatedConvNet(nn.Module):
-    """The coupling network: maps (masked input [+ condition]) to c_out channels (scale and shift).
+    """The coupling network of Flow++ (Ho et al. 2019, https://arxiv.org/abs/1902.00275): maps (masked
+    input [+ condition]) to c_out channels (scale and shift).
 
     ``autocast_dtype`` (set by ``set_autocast``: bfloat16 in training steps with `--precision bfloat16`)
     runs the network's convolutions in that dtype and returns float32: only the nets, the bulk of the compute, go low

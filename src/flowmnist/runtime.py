@@ -6,9 +6,47 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # the flags that decide the nets' CPU speed
+BF16_FEATURES = ("avx512_bf16", "amx_bf16")  # either gives oneDNN native bfloat16 convolutions
+
+
+@dataclass(frozen=True)
+class CpuKind:
+    """A CPU's model name and which of ``CPU_FEATURES`` it has."""
+
+    model: str
+    features: tuple[str, ...]
+
+    @property
+    def bf16(self) -> bool:
+        """AVX512-BF16 or AMX: bfloat16 training steps run natively (else emulated, slower)."""
+        return any(f in self.features for f in BF16_FEATURES)
+
+    def __str__(self) -> str:
+        bf16 = "with AVX512-BF16/AMX" if self.bf16 else "without AVX512-BF16/AMX"
+        return f"{self.model} ({', '.join(self.features) or 'no AVX2'}; {bf16})"
+
+
+def cpu_kind(cpuinfo: str | None = None) -> CpuKind:
+    """This machine's CPU kind, from ``cpuinfo`` (the text of /proc/cpuinfo; read when None). Off
+    Linux the model is ``platform.processor()`` and the features unknown (none listed)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)  # the last CPU's lines
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    model = fields.get("model name") or platform.processor() or "unknown CPU"
+    return CpuKind(model, tuple(f for f in CPU_FEATURES if f in flags))
 
 
 def native_bf16(device: torch.device | str) -> bool:
@@ -53,8 +91,8 @@ def tune_allocator() -> bool:
 
     Called by every ``flowmnist`` command except ``train`` (so ``bench`` times all paths tuned): in
     training, glibc's own threshold rises within the first steps, and the tuned heap's fragmentation
-    raised the peak memory of a training step (by about a third, for multi-vardeq at batch 128, in
-    the same benchmark). A no-op off glibc, or with FLOWMNIST_MALLOC=system in the environment.
+    raises the peak memory of a training step (docs/speed.md has the figures). A no-op off glibc, or with
+    FLOWMNIST_MALLOC=system in the environment.
     """
     if os.environ.get("FLOWMNIST_MALLOC") == "system" or not sys.platform.startswith("linux"):
         return False

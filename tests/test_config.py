@@ -1,0 +1,54 @@
+"""The run config (flowmnist.config.Config): defaults, checks, and configs saved before a field existed."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from flowmnist.config import BEFORE_FIELD, Config, FlowmnistError
+
+
+def test_fast_is_default_for_training_config():
+    assert Config().fast is True
+    assert Config.from_dict({k: v for k, v in Config().to_dict().items() if k != "fast"}).fast  # old configs
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"schedule": "linear"}, "schedule must be one of"),
+        ({"precision": "float16"}, "precision must be one of"),
+        ({"ema": 1.0}, "ema must be in [0, 1)"),
+        ({"lr_min": 1.5}, "lr_min must be in [0, 1]"),
+        ({"checkpoint_minutes": 0}, "checkpoint_minutes must be > 0"),
+        ({"val_minutes": -1}, "val_minutes must be >= 0"),
+        ({"val_images": -1}, "val_images must be >= 0"),
+        ({"warmup_steps": -1}, "warmup_steps must be >= 0"),
+        ({"hybrid_weight": float("inf"), "conditional": True}, "hybrid_weight must be a finite number"),
+        ({"hybrid_weight": 0.5}, "hybrid_weight needs a conditional model"),
+    ],
+)
+def test_check_refuses_what_no_run_can_use(kw, message):
+    with pytest.raises(FlowmnistError, match=re.escape(message)):
+        Config(**kw).check()
+
+
+def test_defaults_pass_the_check_and_round_trip():
+    Config().check()
+    Config(conditional=True, hybrid_weight=0.5).check()
+    assert Config.from_dict(Config(lr=0.1, model="vardeq").to_dict()) == Config(lr=0.1, model="vardeq")
+
+
+def test_a_config_saved_before_a_field_existed_gets_what_that_run_did():
+    """A resumed old run must keep its recipe, not switch to today's defaults."""
+    old = {k: v for k, v in Config().to_dict().items() if k not in BEFORE_FIELD}
+    cfg = Config.from_dict(old)
+    for name, value in BEFORE_FIELD.items():
+        assert getattr(cfg, name) == value, name
+    assert (cfg.schedule, cfg.precision) != (Config().schedule, Config().precision)  # they do differ
+
+
+def test_unknown_fields_are_refused_by_name():
+    with pytest.raises(FlowmnistError, match=r"unknown fields \['speed'\]"):
+        Config.from_dict({**Config().to_dict(), "speed": 2})
