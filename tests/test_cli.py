@@ -120,3 +120,16 @@ def test_written_command_lines_parse_to_their_options(command, run_dirs, options
 def test_argv_leaves_out_what_is_unset():
     words = argv("x", "a", b=None, c=False, d=[], e=True, f=0.5, g=[1, 2.0])
     assert words == ["flowmnist", "x", "a", "--e", "--f", "0.5", "--g", "1", "2"]
+
+
+def test_figure_digits_come_from_each_runs_own_dataset(tmp_path, monkeypatch):
+    """$FLOWMNIST_DATA holds MNIST: shipped runs keep their shipped digits, other runs use it for MNIST only."""
+    from flowmnist.cli.common import figure_data
+
+    monkeypatch.setenv("FLOWMNIST_DATA", str(tmp_path))
+    parse = build_parser().parse_args
+    shipped = figure_data(parse(["interpolate", "--pretrained", "simple", "fashion-multi-vardeq", "--out", "o"]))
+    assert isinstance(shipped, dict) and set(shipped) == {"mnist", "fashion-mnist"}
+    assert figure_data(parse(["interpolate", "runs/a", "--out", "o"])) == {"mnist": str(tmp_path.resolve())}
+    given = parse(["interpolate", "--pretrained", "simple", "--out", "o", "--data-dir", "d"])
+    assert figure_data(given) == str(Path("d").resolve())

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import assert_png
+from helpers import assert_png, png_size
 
 from flowmnist.cli import main
 from flowmnist.config import Config, FlowmnistError
@@ -21,6 +21,7 @@ from flowmnist.figures import (
     interpolate,
     interpolate_latents,
     pick_pairs,
+    plot_curves,
     run_labels,
     value_density,
 )
@@ -40,9 +41,9 @@ def test_run_labels_disambiguate_only_when_needed():
     assert run_labels(["simple", "simple"], ["a/run", "b/run"]) == ["simple (a/run)", "simple (b/run)"]
 
 
-def _fake_run(path, model: str, rows: list[tuple[int, str, float]]):
+def _fake_run(path, model: str, rows: list[tuple[int, str, float]], dataset: str = "mnist"):
     path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps(Config(model=model).to_dict()))
+    (path / "config.json").write_text(json.dumps(Config(model=model, dataset=dataset).to_dict()))
     lines = ["step,epoch,split,bpd,lr,seconds"] + [f"{s},0,{sp},{b},0.001,1.0" for s, sp, b in rows]
     (path / "metrics.csv").write_text("\n".join(lines) + "\n")
     return path
@@ -55,6 +56,17 @@ def test_curve_series_splits_rows_and_drops_nonfinite(tmp_path):
     assert c.label == "vardeq"
     assert c.train == ([1, 2], [8.0, 5.0])
     assert c.val == ([2], [4.5])
+
+
+def test_curves_put_each_dataset_on_its_own_panel(tmp_path):
+    """Fashion-MNIST's ~3 bpd on the MNIST runs' axes would squash the curves being compared."""
+    rows = [(i, "train", 8 / i) for i in range(1, 5)] + [(4, "val", 1.5)]
+    a, b = _fake_run(tmp_path / "a", "simple", rows), _fake_run(tmp_path / "b", "vardeq", rows)
+    f = _fake_run(tmp_path / "f", "simple", rows, dataset="fashion-mnist")
+    assert [c.dataset for c in curve_series([a, f])] == ["mnist", "fashion-mnist"]
+    (one, _), (two, _) = (plot_curves(runs, tmp_path / str(len(runs))) for runs in ([a, b], [a, b, f]))
+    assert png_size(two)[0] > 1.8 * png_size(one)[0]  # two panels side by side
+    assert png_size(plot_curves([f, f], tmp_path / "ff")[0])[0] < 1.3 * png_size(one)[0]  # one dataset: one panel
 
 
 def test_curve_series_refuses_a_non_run(tmp_path):

@@ -110,3 +110,22 @@ def test_every_command_in_the_report_parses(report):
     for line in lines:
         words = shlex.split(line)
         assert build_parser().parse_args(words[1:]).command == words[1], line
+
+
+def test_runs_are_named_as_a_user_names_them(tiny_run, tmp_path):
+    """A shipped run by --pretrained NAME (its install path means nothing to a reader), a run by its path."""
+    from flowmnist.report import ReportSpec, page
+    from flowmnist.runs import PRETRAINED_ROOT
+
+    spec = ReportSpec([PRETRAINED_ROOT / "simple", tiny_run], tmp_path, labels=["simple", "mine"])
+    runs = next(line for line in page(spec, []).splitlines() if line.startswith("<p>Runs:"))
+    assert "simple (<code>--pretrained simple</code>)" in runs and f"mine (<code>{tiny_run}</code>)" in runs
+    assert str(PRETRAINED_ROOT) not in runs
+
+
+def test_captions_name_the_split_the_digits_come_from(tmp_path):
+    from flowmnist.report import ReportSpec
+
+    assert ReportSpec([], tmp_path, splits=["val", "val"]).split_words() == "validation split"
+    assert ReportSpec([], tmp_path, splits=["test"]).split_words() == "test split"
+    assert "row labels" in ReportSpec([], tmp_path, splits=["val", "test"]).split_words()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from .runs import PRETRAINED_ROOT
+from .runs import shipped_name
 
 Value = str | int | float | bool | Path | list | tuple | None
 
@@ -39,9 +39,8 @@ def _word(v: Value) -> str:
 def run_options(run_dirs: list[Path]) -> tuple[list[str], dict[str, list[str]]]:
     """(positionals, options) naming ``run_dirs``: their paths, then ``--pretrained NAME ...`` for the
     shipped runs (a path inside the installed package means nothing on another machine)."""
-    root = PRETRAINED_ROOT.resolve()
-    paths = [str(r) for r in run_dirs if r.resolve().parent != root]
-    shipped = [r.name for r in run_dirs if r.resolve().parent == root]
+    paths = [str(r) for r in run_dirs if shipped_name(r) is None]
+    shipped = [name for name in map(shipped_name, run_dirs) if name is not None]
     return paths, ({"pretrained": shipped} if shipped else {})
 
 

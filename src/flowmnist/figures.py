@@ -72,6 +72,13 @@ def eval_images(cfg: Config, data_dir: DataDirs = None) -> tuple[Tensor, Tensor,
     return images, labels, data.held_out
 
 
+def eval_split(cfg: Config, data_dir: DataDirs = None) -> str:
+    """The split ``eval_images`` takes a run's digits from ("test" or "val")."""
+    from .data import load_data
+
+    return load_data(cfg, data_dir.get(cfg.dataset) if isinstance(data_dir, dict) else data_dir).held_out
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. Training curves
 # ----------------------------------------------------------------------------------------------
@@ -82,6 +89,7 @@ class Curves:
     """One run's logged bpd: (step, bpd) pairs per split, non-finite rows dropped."""
 
     label: str
+    dataset: str = "mnist"
     train: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))
     val: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))
 
@@ -95,8 +103,8 @@ def curve_series(run_dirs: list[str | Path]) -> list[Curves]:
         cfgs.append(run_config(run))
         rows_per_run.append(read_metrics(run))
     out = []
-    for label, rows in zip(config_labels(cfgs, run_dirs), rows_per_run, strict=True):
-        c = Curves(label)
+    for label, cfg, rows in zip(config_labels(cfgs, run_dirs), cfgs, rows_per_run, strict=True):
+        c = Curves(label, cfg.dataset)
         for r in rows:
             # 'nonfinite' rows record skipped steps; NaN/inf would break the axis limits.
             if r["split"] in ("train", "val") and math.isfinite(r["bpd"]):
@@ -107,30 +115,41 @@ def curve_series(run_dirs: list[str | Path]) -> list[Curves]:
     return out
 
 
+def _curves_panel(ax, series: list[tuple[int, Curves]], split: str, title: str) -> None:
+    """One dataset's runs on one axes (each run's colour by its index among all runs)."""
+    values = []
+    for i, c in series:
+        steps, bpd = getattr(c, split)
+        values += bpd
+        label = c.label if bpd else f"{c.label} (no {split} rows)"
+        # A single point (e.g. one validation) is invisible as a line: give it a marker.
+        ax.plot(steps, bpd, color=f"C{i % 10}", label=label, marker="o" if len(bpd) < 20 else None, ms=3)
+    # bpd falls from ~8 at initialisation to ~1: a log axis keeps both ends readable.
+    if values and min(values) > 0 and max(values) / min(values) > 3:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))  # 2, 5, 10 rather than 2x10^0
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{split} bits per dimension")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
 def plot_curves(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
-    """train_log.png and val_log.png: bpd vs step, one colour per run (the same in both files)."""
-    series = curve_series(run_dirs)
+    """train_log.png and val_log.png: bpd vs step, one colour per run (the same in both files) and one
+    panel per dataset, since their bpd differ by far more than the runs of one dataset do."""
+    from .data import get_dataset
+
+    series = list(enumerate(curve_series(run_dirs)))
+    datasets = list(dict.fromkeys(c.dataset for _, c in series))
     paths = []
     for split in ("train", "val"):
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        values = []
-        for i, c in enumerate(series):
-            steps, bpd = getattr(c, split)
-            values += bpd
-            label = c.label if bpd else f"{c.label} (no {split} rows)"
-            # A single point (e.g. one validation) is invisible as a line: give it a marker.
-            ax.plot(steps, bpd, color=f"C{i % 10}", label=label, marker="o" if len(bpd) < 20 else None, ms=3)
-        # bpd falls from ~8 at initialisation to ~1: a log axis keeps both ends readable.
-        if values and min(values) > 0 and max(values) / min(values) > 3:
-            ax.set_yscale("log")
-            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))  # 2, 5, 10 rather than 2x10^0
-            ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"{split} bits per dimension")
-        ax.set_title(f"{split} bpd")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        fig, axes = plt.subplots(1, len(datasets), figsize=(6.4 * len(datasets), 4), squeeze=False)
+        for ax, dataset in zip(axes[0], datasets, strict=True):
+            title = f"{split} bpd" + (f", {get_dataset(dataset).title}" if len(datasets) > 1 else "")
+            _curves_panel(ax, [(i, c) for i, c in series if c.dataset == dataset], split, title)
         paths.append(save_figure(fig, Path(out_dir) / f"{split}_log.png"))
     return paths
 

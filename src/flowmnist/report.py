@@ -22,6 +22,7 @@ from .figures import (
     DataDirs,
     config_labels,
     eval_images,
+    eval_split,
     file_slug,
     plot_confusion,
     plot_curves,
@@ -31,7 +32,7 @@ from .figures import (
     plot_samples,
     save_digit_grid,
 )
-from .runs import load_model, run_config, run_title
+from .runs import load_model, run_config, run_title, shipped_name
 from .toy import DEFAULT_PROBS, fit_toy_noting, plot_concepts
 
 CSS = """
@@ -117,6 +118,13 @@ class ReportSpec:
     ood: tuple[str, int] | None = None  # (OOD IDX directory, images of each set) for the OOD section
     labels: list[str] = field(default_factory=list)
     results: dict[Path, dict] = field(default_factory=dict)  # each run's results.json, where it has one
+    splits: list[str] = field(default_factory=list)  # each run's held-out split, which the figures show
+
+    def split_words(self) -> str:
+        """The runs' held-out split(s) in words, for a caption."""
+        names = {"test": "test", "val": "validation"}
+        kinds = sorted({names[s] for s in self.splits})
+        return f"{kinds[0]} split" if len(kinds) == 1 else "held-out split (the row labels name it)"
 
     @property
     def data_opt(self) -> str | None:
@@ -220,7 +228,12 @@ def interpolation_section(spec: ReportSpec) -> Section:
         commands.append(spec.runs_argv("interpolate", **opts, data_dir=spec.data_opt))
     return Section(
         "<h2>Interpolation</h2>\n"
-        + _figure(figs[0], spec.out_dir, "Linear walks between the latents of two real digits; ends are the inputs.")
+        + _figure(
+            figs[0],
+            spec.out_dir,
+            f"Linear walks between the latents of two real digits of each run's {spec.split_words()}, through "
+            "that run's model, on its own dataset; ends are the inputs.",
+        )
         + _figure(figs[1], spec.out_dir, "The same walks, spherical (slerp)."),
         commands,
     )
@@ -232,8 +245,8 @@ def dequant_section(spec: ReportSpec) -> Section:
     return Section(
         "<h2>Dequantization</h2>\n"
         + "".join(
-            _figure(f, spec.out_dir, f"{label}: distribution of v = x + u over real digits.")
-            for f, label in zip(figs, spec.labels, strict=True)
+            _figure(f, spec.out_dir, f"{label}: distribution of v = x + u over real digits of its {split} split.")
+            for f, label, split in zip(figs, spec.labels, spec.splits, strict=True)
         ),
         [command],
     )
@@ -298,7 +311,7 @@ def configs_section(spec: ReportSpec) -> Section:
     return Section(
         "<h2>Run configs</h2>\n"
         + "".join(
-            f"<h3>{html.escape(label)} <code>{html.escape(str(r))}</code></h3>\n<pre>"
+            f"<h3>{html.escape(label)} <code>{_run_name(r)}</code></h3>\n<pre>"
             f"{html.escape(json.dumps(run_config(r).to_dict(), indent=2))}</pre>\n"
             for label, r in zip(spec.labels, spec.run_dirs, strict=True)
         )
@@ -331,10 +344,15 @@ def commands_section(spec: ReportSpec, commands: list[list[str]]) -> Section:
     )
 
 
+def _run_name(run: Path) -> str:
+    """A run as a user names it: ``--pretrained NAME`` for a shipped one, else its directory."""
+    name = shipped_name(run)
+    return html.escape(f"--pretrained {name}" if name else str(run))
+
+
 def page(spec: ReportSpec, sections: list[str]) -> str:
     runs = ", ".join(
-        f"{html.escape(lb)} (<code>{html.escape(str(r))}</code>)"
-        for lb, r in zip(spec.labels, spec.run_dirs, strict=True)
+        f"{html.escape(lb)} (<code>{_run_name(r)}</code>)" for lb, r in zip(spec.labels, spec.run_dirs, strict=True)
     )
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -364,7 +382,8 @@ def build_report(
     file (same runs, options and seed), so any figure can be re-made or varied on its own.
     """
     run_dirs = [Path(r) for r in run_dirs]
-    labels = config_labels([run_config(r) for r in run_dirs], run_dirs)
+    cfgs = [run_config(r) for r in run_dirs]
+    labels = config_labels(cfgs, run_dirs)
     spec = ReportSpec(
         run_dirs,
         Path(out_dir),
@@ -379,6 +398,7 @@ def build_report(
         ood=ood,
         labels=labels,
         results=read_results(run_dirs),
+        splits=[eval_split(cfg, data_dir) for cfg in cfgs],
     )
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     sections = [

@@ -37,6 +37,13 @@ PRETRAINED_FILES = ("config.json", "metrics.csv", "results.json", WEIGHTS)
 DIGITS = "digits"  # real validation images shipped for the figures: IDX files, in the manifest too
 
 
+def shipped_name(run: str | Path) -> str | None:
+    """A shipped run's name (the folder under ``PRETRAINED_ROOT``), else None: how to name it to a user,
+    to whom the install path means nothing."""
+    run = Path(run).resolve()
+    return run.name if run.parent == PRETRAINED_ROOT.resolve() else None
+
+
 def digits_folder(dataset: str = "mnist") -> str:
     """The shipped images' folder of a dataset: ``digits`` for MNIST, ``digits-NAME`` for another."""
     return DIGITS if dataset == "mnist" else f"{DIGITS}-{dataset}"
@@ -327,8 +334,9 @@ def initial_weights(source: str, cfg: Config) -> dict[str, Tensor]:
     ``cfg``'s (model name and conditioning)."""
     run = verify_pretrained(source) if source in pretrained_names() else Path(source)
     if not run.exists():
-        raise FlowmnistError(f"--init-from {source}: neither a shipped model ({', '.join(pretrained_names())}) "
-                             "nor a run directory")
+        raise FlowmnistError(
+            f"--init-from {source}: neither a shipped model ({', '.join(pretrained_names())}) nor a run directory"
+        )
     model, old = load_model(run)
     if (old.model, old.conditional) != (cfg.model, cfg.conditional):
         raise FlowmnistError(

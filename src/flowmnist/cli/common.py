@@ -123,8 +123,8 @@ def add_figure_data(p: argparse.ArgumentParser) -> None:
     """--data-dir of the commands that draw real digits (resolved by ``figure_data``)."""
     p.add_argument(
         "--data-dir",
-        help="real digits from this directory (default: $FLOWMNIST_DATA, else each run's own data; for "
-        "shipped models, the validation digits shipped with them)",
+        help="real digits for every run from this directory (default: each run's own data, $FLOWMNIST_DATA for "
+        "the MNIST runs; for shipped models, the validation digits shipped with them)",
     )
 
 
@@ -166,16 +166,18 @@ def runs(a: argparse.Namespace) -> list[Path]:
 
 
 def figure_data(a: argparse.Namespace) -> str | dict[str, str] | None:
-    """Real digits for figures: --data-dir or $FLOWMNIST_DATA; else, when every run is a shipped one,
-    the validation images shipped with them, {dataset: directory} (no download); else None (each
-    run's own data)."""
+    """Real digits for figures, each run's from its own dataset: --data-dir for every run (the user
+    named it); else, when every run is a shipped one, the validation images shipped with them,
+    {dataset: directory} (no download); else $FLOWMNIST_DATA for the MNIST runs, {"mnist": directory};
+    else None (each run's own data)."""
     from ..runs import shipped_digits_by_dataset
 
-    if getattr(a, "data_dir", None) or os.environ.get("FLOWMNIST_DATA"):
-        return data_dir(getattr(a, "data_dir", None))
+    if getattr(a, "data_dir", None):
+        return data_dir(a.data_dir)
     if a.pretrained and not getattr(a, "run_dirs", None):
         return shipped_digits_by_dataset()
-    return None
+    env = data_dir(None)
+    return {"mnist": env} if env else None
 
 
 def print_paths(paths) -> int:
