@@ -61,14 +61,14 @@ case ${1:-} in
   figures)  # the analysis of the unconditional MNIST models, then the conditional and Fashion-MNIST ones
     out=docs/images names=()
     for m in simple vardeq multi-simple multi-vardeq; do if [ -d "src/flowmnist/pretrained/$m" ]; then names+=("$m"); fi; done
-    "$BIN/flowmnist" samples --pretrained "${names[@]}" --out "$out" --n 36
-    "$BIN/flowmnist" samples --pretrained "${names[@]}" --out "$out" --n 36 --temperature 0.7
+    "$BIN/flowmnist" compare-samples --pretrained "${names[@]}" --out "$out" --n 36
+    "$BIN/flowmnist" compare-samples --pretrained "${names[@]}" --out "$out" --n 36 --temperature 0.7
     "$BIN/flowmnist" interpolate --pretrained "${names[@]}" --out "$out" --pairs 2 --steps 10
     "$BIN/flowmnist" dequant --pretrained "${names[@]}" --out "$out" --images 64
     "$BIN/flowmnist" curves --pretrained "${names[@]}" --out "$out"
     "$BIN/flowmnist" concepts --out "$out"
     "$BIN/flowmnist" sample --pretrained multi-vardeq-cond --digit all --n 10 --out "$out/digits_multi-vardeq-cond.png"
-    "$BIN/flowmnist" samples --pretrained fashion-multi-vardeq --out "$out/fashion" --n 36 --temperature 0.7
+    "$BIN/flowmnist" compare-samples --pretrained fashion-multi-vardeq --out "$out/fashion" --n 36 --temperature 0.7
     ;;
   ood)  # the MNIST model: MNIST val vs Fashion-MNIST test; the Fashion-MNIST model: the other way round
     mnist=$2 fashion=$3 n=${OOD_IMAGES:-2000}
