@@ -362,3 +362,11 @@ def test_ood_test_split_needs_t10k_in_both(ood_run, tmp_path, capsys):
     _one_line_error(capsys, main(argv), str(noise.resolve()), "t10k-images-idx3-ubyte")
     too_big = ["ood", str(ood_run), "--in-data", str(inside), "--ood-data", str(inside), "--batch-sizes", "50"]
     _one_line_error(capsys, main(too_big), "typicality batch size 50")
+
+
+def test_scores_table_formats_or_keeps_the_stored_values():
+    scores = {"bpd": {"auroc": 0.5, "aupr": 0.123456, "fpr95": 1.0}, "corrected": {"auroc": 0.9, "aupr": 1, "fpr95": 0}}
+    four = ood.scores_table(scores).splitlines()
+    assert four[:2] == ["| score | AUROC | AUPR | FPR95 |", "|---|---:|---:|---:|"]
+    assert four[2] == "| bpd | 0.5000 | 0.1235 | 1.0000 |" and four[3].startswith("| corrected | 0.9000 |")
+    assert ood.scores_table(scores, digits=None).splitlines()[2] == "| bpd | 0.5 | 0.123456 | 1.0 |"

@@ -264,6 +264,16 @@ def compare(
     return r, ins, outs
 
 
+def scores_table(scores: dict[str, dict[str, float | None]], digits: int | None = 4) -> str:
+    """``compare``'s metrics as a Markdown table, a row per score; ``digits`` None: the values as stored
+    (6 decimals, ``rounded``)."""
+    lines = ["| score | AUROC | AUPR | FPR95 |", "|---|---:|---:|---:|"]
+    for name, m in scores.items():
+        cells = [m[k] if digits is None else f"{m[k]:.{digits}f}" for k in ("auroc", "aupr", "fpr95")]
+        lines.append(f"| {name} | " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
+
+
 def rounded(v) -> float | None:
     """A score for CSV and JSON: 6 decimals, or None (empty in CSV, null in JSON) when not finite: a NaN
     is shown, never averaged away."""

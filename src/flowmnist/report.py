@@ -271,7 +271,7 @@ def concepts_section(spec: ReportSpec, notice: Callable[[str], None] | None) -> 
 def _ood_run(spec: ReportSpec, run: Path, label: str, read: dict) -> Section:
     """One run's OOD table and histograms; ``read`` caches the OOD directory per train/val split rule."""
     from .data import load_data
-    from .ood import BATCH_SIZES, compare
+    from .ood import BATCH_SIZES, compare, scores_table
 
     ood_dir, n = spec.ood
     model, cfg = load_model(run, spec.device)
@@ -285,13 +285,11 @@ def _ood_run(spec: ReportSpec, run: Path, label: str, read: dict) -> Section:
     path = plot_ood_histograms(ins, outs, spec.out_dir / f"ood_{file_slug(label)}.png")
     opts = {"ood_data": ood_dir, "split": split, "ood_split": ood_split, "max_images": n, "batch_sizes": sizes}
     command = runs_argv("ood", [run], in_data=spec.data_opt, **opts, out=path)
-    rows = ["| score | AUROC | AUPR | FPR95 |", "|---|---:|---:|---:|"]
-    rows += [f"| {name} | {m['auroc']} | {m['aupr']} | {m['fpr95']} |" for name, m in r["scores"].items()]
     caption = (
         f"{label}: {r['in']['images']} of its {split} images (mean bpd {r['in']['mean_bpd']}) against "
         f"{r['ood']['images']} {ood_split} images of {ood_dir} (mean bpd {r['ood']['mean_bpd']}); high = OOD."
     )
-    body = f"<h3>{html.escape(label)}</h3>\n" + markdown_table_html("\n".join(rows))
+    body = f"<h3>{html.escape(label)}</h3>\n" + markdown_table_html(scores_table(r["scores"], digits=None))
     return Section(body + "\n" + _figure(path, spec.out_dir, caption), [command])
 
 

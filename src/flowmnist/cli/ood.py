@@ -115,10 +115,9 @@ def add_score_command(sub) -> None:
 
 def _ood_table(r: dict) -> str:
     """The metrics as a Markdown table, then the two sets and the typicality reference as a list."""
-    lines = ["| score | AUROC | AUPR | FPR95 |", "|---|---:|---:|---:|"]
-    for name, m in r["scores"].items():
-        lines.append(f"| {name} | {m['auroc']:.4f} | {m['aupr']:.4f} | {m['fpr95']:.4f} |")
-    lines.append("")
+    from ..ood import scores_table
+
+    lines = [scores_table(r["scores"]), ""]
     for key, title in (("in", "in-distribution"), ("ood", "OOD")):
         d = r[key]
         mean = "–" if d["mean_bpd"] is None else f"{d['mean_bpd']:.4f}"
