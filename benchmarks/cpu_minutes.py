@@ -40,6 +40,7 @@ CANDIDATES: dict[str, tuple[int, list[str]]] = {
     "multi-vardeq-mixlog": (1, ["--model", "multi-vardeq-mixlog"]),
     "multi-vardeq-glow": (1, ["--model", "multi-vardeq-glow"]),
     "flowpp": (1, ["--model", "flowpp"]),
+    "multi-vardeq-glow-wide": (1, ["--model", "multi-vardeq-glow-wide"]),
     "multi-vardeq on 2 ranks x 1 thread": (2, ["--model", "multi-vardeq"]),
     "multi-vardeq on 1 process x 2 threads": (2, ["--model", "multi-vardeq"]),
 }

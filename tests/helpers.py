@@ -18,6 +18,7 @@ PARAMS = {
     "multi-vardeq-wide": 6_497_730,
     "multi-vardeq-mixlog": 2_251_458,
     "multi-vardeq-glow": 1_712_514,
+    "multi-vardeq-glow-wide": 6_499_122,
     "flowpp": 9_698_826,
 }
 

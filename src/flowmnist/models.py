@@ -366,6 +366,18 @@ ARCHITECTURES: dict[str, Architecture] = {
         _VARDEQ,
         doc="multi-vardeq with ActNorm and invertible 1x1 convolutions before the channel couplings",
     ),
+    "multi-vardeq-glow-wide": Architecture(
+        (
+            Couplings(2, 32),
+            SQUEEZE,
+            Couplings(4, 64, "channel", glow=True),
+            SPLIT,
+            SQUEEZE,
+            Couplings(8, 96, "channel", glow=True),
+        ),
+        _VARDEQ,
+        doc="multi-vardeq-wide with ActNorm and invertible 1x1 convolutions before the channel couplings",
+    ),
     "flowpp": Architecture(
         (
             Couplings(2, 32, kind="mixlog"),
