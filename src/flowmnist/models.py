@@ -327,7 +327,22 @@ class Architecture:
     doc: str = ""
 
 
-_MULTI = (Couplings(2, 32), SQUEEZE, Couplings(2, 48, "channel"), SPLIT, SQUEEZE, Couplings(4, 64, "channel"))
+def _multi(n=(2, 2, 4), hidden=(32, 48, 64), first: dict | None = None, rest: dict | None = None) -> tuple:
+    """Multi-scale stages: n[0] checkerboard couplings at 28x28, squeeze, n[1] channel couplings at 14x14,
+    split, squeeze, n[2] channel couplings at 7x7; ``first`` / ``rest``: options of the 28x28 / later stages."""
+    first, rest = first or {}, rest or {}
+    return (
+        Couplings(n[0], hidden[0], **first),
+        SQUEEZE,
+        Couplings(n[1], hidden[1], "channel", **rest),
+        SPLIT,
+        SQUEEZE,
+        Couplings(n[2], hidden[2], "channel", **rest),
+    )
+
+
+_MULTI = _multi()
+_WIDE = dict(n=(2, 4, 8), hidden=(32, 64, 96))  # capacity where it is cheap: a 7x7 pixel costs 1/16 of a 28x28 one
 _VARDEQ = Couplings(4, 16)
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -336,57 +351,26 @@ ARCHITECTURES: dict[str, Architecture] = {
     "vardeq": Architecture((Couplings(8, 32),), _VARDEQ, doc="variational dequantization, 8 checkerboard couplings"),
     "multi-simple": Architecture(_MULTI, doc="uniform dequantization, multi-scale 28/14/7"),
     "multi-vardeq": Architecture(_MULTI, _VARDEQ, doc="variational dequantization, multi-scale 28/14/7"),
-    # Capacity where it is cheap: a 14x14 pixel costs a quarter, a 7x7 one a sixteenth of a 28x28 one.
     "multi-vardeq-wide": Architecture(
-        (Couplings(2, 32), SQUEEZE, Couplings(4, 64, "channel"), SPLIT, SQUEEZE, Couplings(8, 96, "channel")),
-        _VARDEQ,
-        doc="multi-vardeq with 4 couplings of 64 at 14x14 and 8 of 96 at 7x7",
+        _multi(**_WIDE), _VARDEQ, doc="multi-vardeq with 4 couplings of 64 at 14x14 and 8 of 96 at 7x7"
     ),
     "multi-vardeq-mixlog": Architecture(
-        (
-            Couplings(2, 32, kind="mixlog"),
-            SQUEEZE,
-            Couplings(2, 48, "channel", kind="mixlog"),
-            SPLIT,
-            SQUEEZE,
-            Couplings(4, 64, "channel", kind="mixlog"),
-        ),
+        _multi(first=dict(kind="mixlog"), rest=dict(kind="mixlog")),
         _VARDEQ,
         doc="multi-vardeq with mixture-of-logistics CDF couplings (4 components)",
     ),
     "multi-vardeq-glow": Architecture(
-        (
-            Couplings(2, 32),
-            SQUEEZE,
-            Couplings(2, 48, "channel", glow=True),
-            SPLIT,
-            SQUEEZE,
-            Couplings(4, 64, "channel", glow=True),
-        ),
+        _multi(rest=dict(glow=True)),
         _VARDEQ,
         doc="multi-vardeq with ActNorm and invertible 1x1 convolutions before the channel couplings",
     ),
     "multi-vardeq-glow-wide": Architecture(
-        (
-            Couplings(2, 32),
-            SQUEEZE,
-            Couplings(4, 64, "channel", glow=True),
-            SPLIT,
-            SQUEEZE,
-            Couplings(8, 96, "channel", glow=True),
-        ),
+        _multi(**_WIDE, rest=dict(glow=True)),
         _VARDEQ,
         doc="multi-vardeq-wide with ActNorm and invertible 1x1 convolutions before the channel couplings",
     ),
     "flowpp": Architecture(
-        (
-            Couplings(2, 32, kind="mixlog"),
-            SQUEEZE,
-            Couplings(4, 64, "channel", kind="mixlog", glow=True, attention=True),
-            SPLIT,
-            SQUEEZE,
-            Couplings(8, 96, "channel", kind="mixlog", glow=True, attention=True),
-        ),
+        _multi(**_WIDE, first=dict(kind="mixlog"), rest=dict(kind="mixlog", glow=True, attention=True)),
         _VARDEQ,
         doc="Flow++-style: mixture couplings, Glow steps and self-attention at 14x14 and 7x7, wide",
     ),
