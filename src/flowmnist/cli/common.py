@@ -23,24 +23,23 @@ class Parser(argparse.ArgumentParser):
 # --- option types: each refuses a bad value in one line naming what it wants -----------------------
 
 
-def positive_int(s: str) -> int:
+def _int_at_least(s: str, low: int, what: str) -> int:
+    """argparse type: an integer >= ``low``, else "must be a {what} integer"."""
     try:
         v = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}")
+        raise argparse.ArgumentTypeError(f"must be a {what} integer, got {s!r}") from None
+    if v < low:
+        raise argparse.ArgumentTypeError(f"must be a {what} integer, got {s!r}")
     return v
+
+
+def positive_int(s: str) -> int:
+    return _int_at_least(s, 1, "positive")
 
 
 def nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {s!r}")
-    return v
+    return _int_at_least(s, 0, "non-negative")
 
 
 def positive_float(s: str) -> float:
