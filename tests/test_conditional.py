@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import synthetic_digits, write_mnist_dir
-from helpers import PARAMS, assert_png, png_size
+from helpers import PARAMS, assert_png, png_size, write_png
 
 from flowmnist.cli import main
 from flowmnist.config import Config, FlowmnistError
@@ -50,7 +50,7 @@ def _perturb(model: torch.nn.Module, scale: float = 0.02, seed: int = 0) -> torc
     return model
 
 
-def _tiny_multiscale(num_classes: int = 10) -> FlowModel:
+def _tiny_multiscale(num_classes: int = 10, class_latent: str = "all") -> FlowModel:
     """A 4x4-image model with a coupling, a squeeze, a split and channel couplings, in float64: its
     likelihoods are small enough (D = 16) to exponentiate, class by class."""
     torch.manual_seed(0)
@@ -61,7 +61,8 @@ def _tiny_multiscale(num_classes: int = 10) -> FlowModel:
         Split(),
         AffineCoupling(GatedConvNet(2, 4, num_layers=1), channel_mask(2, invert=True), 2),
     ]
-    return _perturb(FlowModel(Dequantization(), flows, image_shape=(1, 4, 4), num_classes=num_classes).double(), 0.3)
+    model = FlowModel(Dequantization(), flows, (1, 4, 4), num_classes=num_classes, class_latent=class_latent)
+    return _perturb(model.double(), 0.3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,6 +154,56 @@ def test_marginal_is_the_class_by_class_sum_in_float64():
             torch.testing.assert_close(log_pxy, by_hand, rtol=1e-12, atol=1e-10)
     assert float(log_px.min()) > -700  # the test is not vacuous: exp stays far from underflow
     torch.testing.assert_close(total, log_px.exp(), rtol=1e-12, atol=0)
+
+
+def test_top_class_prior_by_hand_and_the_posterior_reads_the_final_latent_only():
+    """class_latent="top": class means and scales on the final latent (the first K dims of the flat latent),
+    N(0, 1) on the splits' halves; log p(x | y) by hand, the marginal as the class sum, and p(y | x) a softmax
+    over the final latent alone (the ldj and the other dimensions cancel in Bayes' rule)."""
+    model = _tiny_multiscale(class_latent="top")
+    k = math.prod(model.latent_shapes[0])
+    assert model.prior.class_dims == k == 8 < model.dims and model.prior.mean.shape == (10, k)
+    with torch.no_grad():
+        model.prior.mean.normal_(0, 0.7)
+        model.prior.log_scale.uniform_(-0.5, 0.5)
+    x = torch.randint(0, 256, (6, 1, 4, 4)).double()
+    u0 = torch.rand(x.shape, dtype=torch.float64)
+    with torch.no_grad():
+        z, ldj = model.latent_and_ldj(x, u0)
+        total = torch.zeros(6, dtype=torch.float64)
+        heads = []
+        for y in range(10):
+            head = torch.distributions.Normal(model.prior.mean[y], model.prior.log_scale[y].exp()).log_prob(z[:, :k])
+            rest = torch.distributions.Normal(0.0, 1.0).log_prob(z[:, k:])
+            by_hand = head.sum(1) + rest.sum(1) + ldj
+            log_pxy = model.log_prob_single(x, u0, y=torch.full((6,), y))
+            torch.testing.assert_close(log_pxy, by_hand, rtol=1e-12, atol=1e-10)
+            total += by_hand.exp() * model.prior.log_py[y].exp()
+            heads.append(head.sum(1))
+        torch.testing.assert_close(model.log_prob_single(x, u0).exp(), total, rtol=1e-12, atol=0)
+        post = class_scores(model.class_log_probs(x, u0)[:, None], model.prior.log_py, torch.zeros(6), 16).log_posterior
+        torch.testing.assert_close(post, torch.log_softmax(torch.stack(heads, 1) + model.prior.log_py, 1))
+    samples = model.prior.sample(500, 1.0, torch.Generator().manual_seed(0), y=3, like=z)
+    assert samples.shape == (500, 16)
+    assert (samples[:, :k].mean(0) - model.prior.mean[3]).abs().max() < 0.25  # the class mean on the head only
+    assert samples[:, k:].mean(0).abs().max() < 0.25 and abs(float(samples[:, k:].detach().std()) - 1) < 0.1
+
+
+def test_class_term_gradient_reaches_the_flows_and_the_means():
+    """The classification part of the hybrid objective, lambda log p(y | x), alone: its gradient reaches
+    the coupling nets (so training moves the latent to separate the digits) and the class means."""
+    model = _tiny_multiscale(class_latent="top")
+    with torch.no_grad():
+        model.prior.mean.normal_(0, 0.5)
+    x, y = torch.randint(0, 256, (8, 1, 4, 4)).double(), torch.arange(8) % 10
+    torch.manual_seed(1)
+    plain = model.hybrid_bpd(x, y, 0.0).sum()
+    torch.manual_seed(1)
+    hybrid = model.hybrid_bpd(x, y, 10.0).sum()
+    (hybrid - plain).backward()  # the same noise: what is left is -10 log p(y | x) / (D log 2)
+    net = model.flows[0].net
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in net.parameters())
+    assert model.prior.mean.grad.abs().max() > 0
 
 
 def test_evaluate_scores_share_noise_and_agree_with_image_bpd():
@@ -286,6 +337,41 @@ def test_tables_mark_conditional_runs_and_list_accuracy():
 # ----------------------------------------------------------------------------------------------
 
 
+def test_classify_idx_and_png_rows_and_unconditional_refused(cond_run, cond_data, tmp_path, capsys):
+    """`classify`: per image the predicted digit, its posterior, all ten posteriors (summing to 1) and the
+    marginal bpd; a split's JSON has the accuracy; PNGs are labelled by file; an unconditional run and a bad
+    --out are refused in one line."""
+    argv = ["classify", str(cond_run), "--data-dir", str(cond_data), "--split", "test", "--importance-samples", "2"]
+    assert main([*argv, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    images, labels = load_idx_dir(cond_data).split("test")
+    assert len(doc["rows"]) == 8 and [r["label"] for r in doc["rows"]] == labels.tolist()
+    for r in doc["rows"]:
+        post = [r[f"p{c}"] for c in range(10)]
+        assert abs(sum(post) - 1) < 1e-4 and r["posterior"] == max(post) and r["predicted"] == post.index(max(post))
+    assert doc["accuracy"] == sum(r["predicted"] == r["label"] for r in doc["rows"]) / 8
+    model, _ = load_model(cond_run)
+    iw = image_bpd(model, images, k=2)[0]
+    assert [r["bpd"] for r in doc["rows"]] == pytest.approx(iw.tolist(), abs=1e-5)
+    out = tmp_path / "c.csv"
+    assert main([*argv, "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert out.read_text().splitlines()[0].startswith("index,label,predicted,posterior,bpd,p0,")
+    pngs = [write_png(tmp_path / f"{i}.png", images[i, 0].numpy()) for i in range(2)]
+    assert main(["classify", str(cond_run), "--png", *map(str, pngs), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["label"] for r in rows] == list(map(str, pngs))
+    assert [r["predicted"] for r in rows] == [r["predicted"] for r in doc["rows"][:2]]
+    plain = tmp_path / "plain"
+    train(_cfg(cond_data, conditional=False), plain)
+    capsys.readouterr()
+    assert main(["classify", str(plain), "--data-dir", str(cond_data)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unconditional" in err and str(plain) in err
+    assert main([*argv, "--out", str(tmp_path / "c.txt")]) == 2
+    assert "must end in .csv or .json" in capsys.readouterr().err
+
+
 def test_config_fields_old_configs_and_checks():
     old = {k: v for k, v in Config().to_dict().items() if k not in ("conditional", "hybrid_weight")}
     cfg = Config.from_dict(old)
@@ -295,6 +381,11 @@ def test_config_fields_old_configs_and_checks():
     with pytest.raises(FlowmnistError, match="hybrid_weight must be"):
         Config(conditional=True, hybrid_weight=-1.0).check()
     Config(conditional=True, hybrid_weight=10.0).check()
+    assert Config.from_dict(old).class_latent == "all"  # older conditional runs: means on the whole latent
+    with pytest.raises(FlowmnistError, match="class_latent needs a conditional model"):
+        Config(class_latent="top").check()
+    with pytest.raises(FlowmnistError, match="class_latent must be one of"):
+        Config(conditional=True, class_latent="middle").check()
 
 
 def test_bad_labels_are_one_line_errors_naming_the_file(tmp_path, capsys):

@@ -158,6 +158,18 @@ def test_minutes_budget_stops_at_a_step_and_validates(tiny_data, tmp_path):
     assert (tmp_path / "run/best.pt").is_file() and (tmp_path / "run/last.pt").is_file()
 
 
+def test_steps_budget_stops_at_that_step_validates_and_ends_the_cosine(tiny_data, tmp_path):
+    """--steps 7 of a 100-epoch run: 7 optimizer steps, a final validation, and the cosine LR over the 7."""
+    s = train(_cfg(tiny_data, epochs=100, steps=7, schedule="cosine", warmup_steps=0), tmp_path / "run")
+    assert s["stopped_by"] == "steps" and s["step"] == 7
+    rows = read_metrics(tmp_path / "run")
+    assert rows[-1]["split"] == "val" and rows[-1]["step"] == 7
+    lrs = [r["lr"] for r in rows if r["split"] == "train"]
+    assert lrs[0] > lrs[-1] and lrs[-1] < 0.1 * lrs[0]  # the schedule ran to its end, not over 100 epochs
+    with pytest.raises(FlowmnistError, match="steps must be >= 0"):
+        train(_cfg(tiny_data, steps=-1), tmp_path / "bad")
+
+
 def test_occupied_run_dir_needs_resume_or_force(tiny_data, tmp_path):
     train(_cfg(tiny_data), tmp_path / "run")
     with pytest.raises(FlowmnistError, match="already holds a run; pass --resume .* or --force"):

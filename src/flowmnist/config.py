@@ -11,6 +11,7 @@ from typing import Any
 
 SCHEDULES = ("cosine", "step")
 PRECISIONS = ("auto", "float32", "bfloat16")
+CLASS_LATENTS = ("all", "top")  # where a conditional model's class means sit (models.ClassPrior)
 
 
 class FlowmnistError(Exception):
@@ -75,6 +76,10 @@ class Config:
     val_images: int = 0  # validate on the first N validation images (0: all): cheaper curves for short runs
     conditional: bool = False  # model p(x | y): a Gaussian prior per digit (models.ClassPrior); labels: the IDX file
     hybrid_weight: float = 0.0  # lambda of -(log p(x|y) + lambda log p(y|x)), Nalisnick et al. 2019; conditional only
+    # Where a conditional model's class means sit: "all" the whole flat latent, "top" the final latent
+    # (the multi-scale flow's deepest features; models.ClassPrior).
+    class_latent: str = "all"
+    steps: int = 0  # optimizer-step budget (0: none): equal budgets that a busy CPU does not shorten
 
     def check(self) -> None:
         """Refuse values no run can use, naming the option (the CLI checks types and signs itself)."""
@@ -98,6 +103,12 @@ class Config:
             raise FlowmnistError(f"hybrid_weight must be a finite number >= 0, got {self.hybrid_weight}")
         if self.hybrid_weight and not self.conditional:
             raise FlowmnistError("hybrid_weight needs a conditional model (--conditional)")
+        if self.class_latent not in CLASS_LATENTS:
+            raise FlowmnistError(f"class_latent must be one of {CLASS_LATENTS}, got {self.class_latent!r}")
+        if self.class_latent != "all" and not self.conditional:
+            raise FlowmnistError("class_latent needs a conditional model (--conditional)")
+        if self.steps < 0:
+            raise FlowmnistError(f"steps must be >= 0 (0: no step budget), got {self.steps}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

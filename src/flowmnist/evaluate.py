@@ -74,6 +74,7 @@ class ClassScores(NamedTuple):
     bpd_single: Tensor  # marginal, one draw (averaged over the k draws)
     bpd_conditional: Tensor  # of the true label, importance-weighted: -log2 p(x | y) / D
     predicted: Tensor  # argmax_y log p(x | y) + log p(y)
+    log_posterior: Tensor  # (N, C) log p(y | x) = log_softmax_y [log p(x | y) + log p(y)]
 
 
 def class_scores(lp: Tensor, log_py: Tensor, labels: Tensor, dims: int) -> ClassScores:
@@ -83,6 +84,7 @@ def class_scores(lp: Tensor, log_py: Tensor, labels: Tensor, dims: int) -> Class
     log p(x)     ~ logsumexp_{j,y} (lp[:, j, y] + log p(y)) - log k   = logsumexp_y [log p(x | y) + log p(y)]
     single       = mean_j logsumexp_y (lp[:, j, y] + log p(y))
     prediction   = argmax_y log p(x | y) + log p(y)                   (Bayes' rule: argmax p(y | x))
+    log p(y | x) = log p(x | y) + log p(y) - log p(x)
     """
     k, scale = lp.shape[1], -1.0 / (dims * math.log(2))
     joint = lp + log_py.double().cpu()
@@ -90,8 +92,9 @@ def class_scores(lp: Tensor, log_py: Tensor, labels: Tensor, dims: int) -> Class
     marginal = torch.logsumexp(joint.flatten(1), dim=1) - math.log(k)
     single = torch.logsumexp(joint, dim=2).mean(dim=1)
     true = cond.gather(1, labels.long().view(-1, 1)).squeeze(1)
-    predicted = (cond + log_py.double().cpu()).argmax(dim=1)
-    return ClassScores(marginal * scale, single * scale, true * scale, predicted)
+    joint_iw = cond + log_py.double().cpu()
+    posterior = torch.log_softmax(joint_iw, dim=1)
+    return ClassScores(marginal * scale, single * scale, true * scale, joint_iw.argmax(dim=1), posterior)
 
 
 def confusion_matrix(labels: Tensor, predicted: Tensor, classes: int = 10) -> Tensor:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .config import CLASS_LATENTS
 from .data import IMAGE_SHAPE  # the layout data.py reads; every model is built for it
 from .flows import (
     LOG_2PI,
@@ -73,26 +74,36 @@ class StandardNormalPrior(nn.Module):
 
 
 class ClassPrior(nn.Module):
-    """p(z | y): a diagonal Gaussian per class on the flat latent (Glow's ``y_condition``, per dimension)
+    """p(z | y): a diagonal Gaussian per class on the first ``class_dims`` dimensions of the flat latent,
+    N(0, I) on the rest (Glow's ``y_condition``):
 
-        log N(z; mu_y, sigma_y) = sum_d [ -(z_d - mu_yd)^2 / (2 sigma_yd^2) - log sigma_yd - log(2 pi) / 2 ],
+        log p(z | y) = sum_{d < K} log N(z_d; mu_yd, sigma_yd) + sum_{d >= K} log N(z_d; 0, 1),
 
-    sigma = exp(log_scale). ``mean`` and ``log_scale`` (C, D) start at 0, the standard normal, so a
-    conditional model starts as its unconditional twin. The flat latent holds the final latent and every
-    split's factored-out half, so every prior term of the model is class-conditional. ``log_py`` (C,), a
-    buffer saved with the weights, is log p(y): the training labels' frequencies (``set_class_frequencies``;
-    uniform until then).
+    sigma = exp(log_scale). The flat latent starts with the final latent, so K = its size puts the class
+    means on the top of the multi-scale flow only ("top"), where a few hundred dimensions carry the digit's
+    identity and the classifier log p(y | x) reads the deepest features; K = D (the default, "all") makes
+    every prior term class-conditional. ``mean`` and ``log_scale`` (C, K) start at 0, the standard normal,
+    so a conditional model starts as its unconditional twin. ``log_py`` (C,), a buffer saved with the
+    weights, is log p(y): the training labels' frequencies (``set_class_frequencies``; uniform until then).
     """
 
-    def __init__(self, num_classes: int, dims: int):
+    def __init__(self, num_classes: int, dims: int, class_dims: int | None = None):
         super().__init__()
-        self.mean = nn.Parameter(torch.zeros(num_classes, dims))
-        self.log_scale = nn.Parameter(torch.zeros(num_classes, dims))
+        self.dims = dims
+        k = dims if class_dims is None else class_dims
+        if not 0 < k <= dims:
+            raise ValueError(f"class_dims must be in 1..{dims}, got {k}")
+        self.mean = nn.Parameter(torch.zeros(num_classes, k))
+        self.log_scale = nn.Parameter(torch.zeros(num_classes, k))
         self.register_buffer("log_py", torch.full((num_classes,), -math.log(num_classes)))
 
     @property
     def num_classes(self) -> int:
         return self.mean.shape[0]
+
+    @property
+    def class_dims(self) -> int:
+        return self.mean.shape[1]
 
     @torch.no_grad()
     def set_class_frequencies(self, labels: Tensor) -> None:
@@ -105,28 +116,35 @@ class ClassPrior(nn.Module):
         e = (z - mean) * torch.exp(-log_scale)
         return (-0.5 * (e * e + LOG_2PI) - log_scale).sum(-1)
 
+    def _rest(self, z: Tensor) -> Tensor:
+        """log N(z_d; 0, 1) summed over the dimensions without class means, (B,)."""
+        return std_normal_log_prob(z[:, self.class_dims :])
+
     def log_prob(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        """log N(z; mu_y, sigma_y) per example: z (B, D), labels y (B,) -> (B,); without labels the
-        marginal log sum_y N(z; mu_y, sigma_y) p(y)."""
+        """log p(z | y) per example: z (B, D), labels y (B,) -> (B,); without labels the marginal
+        log sum_y p(z | y) p(y)."""
         if y is None:
             return torch.logsumexp(self.log_prob_all(z) + self.log_py, dim=1)
-        return self._log_normal(z, self.mean[y.to(z.device)], self.log_scale[y.to(z.device)])
+        y, k = y.to(z.device), self.class_dims
+        return self._log_normal(z[:, :k], self.mean[y], self.log_scale[y]) + self._rest(z)
 
     def log_prob_all(self, z: Tensor) -> Tensor:
-        """log N(z; mu_y, sigma_y) for every class: z (B, D) -> (B, C)."""
-        return self._log_normal(z.unsqueeze(1), self.mean, self.log_scale)
+        """log p(z | y) for every class: z (B, D) -> (B, C)."""
+        head = self._log_normal(z[:, None, : self.class_dims], self.mean, self.log_scale)
+        return head + self._rest(z).unsqueeze(1)
 
     def sample(
         self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, y=None, *, like: Tensor
     ) -> Tensor:
-        """z = mu_y + T sigma_y eps, eps ~ N(0, I): n flat latents (n, D) of digit ``y`` (an int or n
-        labels), or y ~ p(y) when ``y`` is None. (``like``: the shared interface; the means fix the device.)"""
-        m = self.mean
+        """z = mu_y + T sigma_y eps on the class dimensions, T eps on the rest, eps ~ N(0, I): n flat
+        latents (n, D) of digit ``y`` (an int or n labels), or y ~ p(y) when ``y`` is None. (``like``: the
+        shared interface; the means fix the device.)"""
+        m, k = self.mean, self.class_dims
         if y is None:
             y = torch.multinomial(self.log_py.exp(), n, replacement=True, generator=generator)
         y = torch.as_tensor(y, device=m.device).long().expand(n)
-        eps = torch.randn(n, m.shape[1], generator=generator, device=m.device, dtype=m.dtype)
-        return self.mean[y] + (eps * temperature) * torch.exp(self.log_scale[y])
+        eps = torch.randn(n, self.dims, generator=generator, device=m.device, dtype=m.dtype) * temperature
+        return torch.cat([self.mean[y] + eps[:, :k] * torch.exp(self.log_scale[y]), eps[:, k:]], dim=1)
 
 
 class FlowModel(nn.Module):
@@ -144,7 +162,14 @@ class FlowModel(nn.Module):
         log p(y | x) = log p(x | y) + log p(y) - log p(x)          (the flow as a Bayes classifier).
     """
 
-    def __init__(self, dequant: Dequantization, flows: list[Flow], image_shape=IMAGE_SHAPE, num_classes: int = 0):
+    def __init__(
+        self,
+        dequant: Dequantization,
+        flows: list[Flow],
+        image_shape=IMAGE_SHAPE,
+        num_classes: int = 0,
+        class_latent: str = "all",
+    ):
         super().__init__()
         self.dequant = dequant
         self.flows = nn.ModuleList(flows)
@@ -159,7 +184,10 @@ class FlowModel(nn.Module):
         self.latent_shapes = [shape] + pieces[::-1]
         self.dims = math.prod(self.image_shape)
         # Registered last, so an unconditional model's parameters, names and their order are unchanged.
-        self.prior = ClassPrior(num_classes, self.dims) if num_classes else StandardNormalPrior(self.dims)
+        if class_latent not in CLASS_LATENTS:
+            raise ValueError(f"class_latent must be one of {', '.join(CLASS_LATENTS)}, got {class_latent!r}")
+        top = math.prod(self.latent_shapes[0]) if class_latent == "top" else None
+        self.prior = ClassPrior(num_classes, self.dims, top) if num_classes else StandardNormalPrior(self.dims)
 
     @property
     def conditional(self) -> bool:
@@ -409,7 +437,9 @@ def _stage(spec: Couplings, shape: tuple[int, int, int], fast: bool) -> list[Flo
     return flows
 
 
-def build(arch: Architecture, alpha: float = 1e-5, *, fast: bool = False, num_classes: int = 0) -> FlowModel:
+def build(
+    arch: Architecture, alpha: float = 1e-5, *, fast: bool = False, num_classes: int = 0, class_latent: str = "all"
+) -> FlowModel:
     """The FlowModel of ``arch``: stages in order, the shape tracked through squeezes and splits."""
     noise_flows = None
     if arch.dequant is not None:  # q(u|x): couplings on the noise, each net conditioned on the image (+1 channel)
@@ -426,12 +456,15 @@ def build(arch: Architecture, alpha: float = 1e-5, *, fast: bool = False, num_cl
         for f in new:
             shape = f.out_shape(shape)
         flows += new
-    return FlowModel(Dequantization(alpha, noise_flows), flows, num_classes=num_classes)
+    return FlowModel(Dequantization(alpha, noise_flows), flows, num_classes=num_classes, class_latent=class_latent)
 
 
-def build_model(name: str, alpha: float = 1e-5, *, fast: bool = False, conditional: bool = False) -> FlowModel:
+def build_model(
+    name: str, alpha: float = 1e-5, *, fast: bool = False, conditional: bool = False, class_latent: str = "all"
+) -> FlowModel:
     """The named architecture (``ARCHITECTURES``); ``conditional``: its class-conditional variant (the same
-    flows, and a ``ClassPrior`` over the 10 digits in place of N(0, I)).
+    flows, and a ``ClassPrior`` over the 10 digits in place of N(0, I), its class means on ``class_latent``:
+    "all" the flat latent, "top" the final latent).
 
     ``fast=True`` builds the CPU fast path (see ``nets``): the same function, the same parameter
     names and shapes and the same initialisation for a given seed, so a state_dict of either loads
@@ -439,7 +472,8 @@ def build_model(name: str, alpha: float = 1e-5, *, fast: bool = False, condition
     """
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
-    return build(ARCHITECTURES[name], alpha, fast=fast, num_classes=NUM_CLASSES if conditional else 0)
+    n = NUM_CLASSES if conditional else 0
+    return build(ARCHITECTURES[name], alpha, fast=fast, num_classes=n, class_latent=class_latent)
 
 
 def count_params(model: nn.Module) -> int:

@@ -181,7 +181,9 @@ def load_model(run: str | Path, device: str = "cpu") -> tuple[FlowModel, Config]
     ckpt = load_checkpoint(path, map_location=device)
     cfg = Config.from_dict(ckpt["config"])
     try:
-        model = build_model(cfg.model, cfg.alpha, fast=cfg.fast, conditional=cfg.conditional)
+        model = build_model(
+            cfg.model, cfg.alpha, fast=cfg.fast, conditional=cfg.conditional, class_latent=cfg.class_latent
+        )
     except ValueError as e:
         raise FlowmnistError(f"{path}: {e}") from e
     weights = dict(ckpt["model"])
@@ -338,10 +340,14 @@ def initial_weights(source: str, cfg: Config) -> dict[str, Tensor]:
             f"--init-from {source}: neither a shipped model ({', '.join(pretrained_names())}) nor a run directory"
         )
     model, old = load_model(run)
-    if (old.model, old.conditional) != (cfg.model, cfg.conditional):
+
+    def arch(c: Config) -> str:
+        return run_title(c.model, c.conditional) + (f", class means on {c.class_latent}" if c.conditional else "")
+
+    if arch(old) != arch(cfg):
         raise FlowmnistError(
-            f"--init-from {source}: its model is {run_title(old.model, old.conditional)!r}, this run's is "
-            f"{run_title(cfg.model, cfg.conditional)!r}; the architectures must match"
+            f"--init-from {source}: its model is {arch(old)!r}, this run's is {arch(cfg)!r}; "
+            "the architectures must match"
         )
     return model.state_dict()
 

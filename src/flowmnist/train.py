@@ -47,7 +47,7 @@ from .runs import (
 )
 from .runtime import native_bf16, set_tf32
 
-_STOP_MINUTES = 1  # stop code for the budget; below every signal number, so a signal wins the ranks' MAX
+_STOP_MINUTES, _STOP_STEPS = 1, 2  # stop codes for the budgets; below every signal number, so a signal wins the MAX
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -108,7 +108,7 @@ def lr_at(cfg: Config, step: int, epoch: int, progress: float) -> float:
         step:     lr_decay ** epoch                                      (the reference's StepLR)
 
     A function of the run's position rather than a scheduler object: nothing to checkpoint, and a
-    resumed run continues the same curve. (For a budget run the position is the clock, so its LR
+    resumed run continues the same curve. (For a --minutes run the position is the clock, so its LR
     sequence, unlike an epochs run's, depends on the machine's speed.)"""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
     if cfg.schedule == "step":
@@ -284,7 +284,8 @@ class Run:
 
     @property
     def total_steps(self) -> int:
-        return self.cfg.epochs * self.st.batches_per_epoch
+        steps = self.cfg.epochs * self.st.batches_per_epoch
+        return min(steps, self.cfg.steps) if self.cfg.steps else steps
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -306,7 +307,8 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
         init = initial_weights(cfg.init_from, cfg) if cfg.init_from and ckpt is None else None
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.alpha, fast=cfg.fast, conditional=cfg.conditional).to(device)
+    model = build_model(cfg.model, cfg.alpha, fast=cfg.fast, conditional=cfg.conditional, class_latent=cfg.class_latent)
+    model = model.to(device)
     if init is not None:
         model.load_state_dict(init)
     elif ckpt is None:  # ActNorm's data-dependent start: the first training images, the same on every rank
@@ -416,13 +418,14 @@ def validate(run: Run) -> float:
 
 
 def stop_reason(run: Run, stop: _StopFlag) -> str | None:
-    """ "minutes", "SIGINT" or "SIGTERM" when the run must stop before the next step, else None. A stop
-    one rank sees (its signal, its clock) is agreed by all, so none is left waiting in a collective."""
-    code = stop.signum or (_STOP_MINUTES if run.elapsed() >= run.budget else 0)
-    code = run.env.agree_max(code)
+    """ "minutes", "steps", "SIGINT" or "SIGTERM" when the run must stop before the next step, else None. A
+    stop one rank sees (its signal, its clock) is agreed by all, so none is left waiting in a collective."""
+    budget = _STOP_MINUTES if run.elapsed() >= run.budget else 0
+    budget = _STOP_STEPS if run.cfg.steps and run.st.step >= run.cfg.steps else budget
+    code = run.env.agree_max(stop.signum or budget)
     if not code:
         return None
-    return "minutes" if code == _STOP_MINUTES else signal.Signals(code).name
+    return {_STOP_MINUTES: "minutes", _STOP_STEPS: "steps"}.get(code) or signal.Signals(code).name
 
 
 def train_step(run: Run, order: Tensor) -> None:
@@ -505,7 +508,7 @@ def finish(run: Run, stopped_by: str) -> None:
     if not stopped_by.startswith("SIG"):
         log_running(run)
     last = run.rows[-1] if run.rows else None
-    if stopped_by == "minutes" and (last is None or last["split"] != "val" or last["step"] != run.st.step):
+    if stopped_by in ("minutes", "steps") and (last is None or last["split"] != "val" or last["step"] != run.st.step):
         validate(run)
     save_last(run)
 

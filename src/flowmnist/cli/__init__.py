@@ -12,6 +12,7 @@
   report           every figure and the results table in one static index.html    (cli/figures.py)
   score            per-image OOD scores of a data split or PNG files              (cli/ood.py)
   ood              AUROC, AUPR, FPR95 of each OOD score between two data sets     (cli/ood.py)
+  classify         per-image digit, posterior and bpd (a conditional model)       (cli/classify.py)
   bench            the plain code path vs the fast ones: speed and memory         (cli/bench.py)
   compress         lossless compression of digits by bits-back coding             (cli/codec.py)
   decompress       the original IDX bytes of a compressed file, exactly           (cli/codec.py)
@@ -27,6 +28,7 @@ import sys
 
 from ..config import FlowmnistError
 from .bench import add_bench_command
+from .classify import add_classify_command
 from .codec import add_codec_commands
 from .common import Parser, is_main_process
 from .figures import (
@@ -54,6 +56,7 @@ COMMANDS = (
     add_report_command,
     add_score_command,
     add_ood_command,
+    add_classify_command,
     add_bench_command,
     add_codec_commands,
 )

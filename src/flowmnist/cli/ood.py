@@ -32,7 +32,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 # --- score --------------------------------------------------------------------------------------------
 
 
-def _score_format(a: argparse.Namespace) -> str:
+def score_format(a: argparse.Namespace) -> str:
     """The output format, "csv" or "json": --out's extension when given, else --json's choice."""
     if a.out is None:
         return "json" if a.json else "csv"
@@ -45,7 +45,7 @@ def _score_format(a: argparse.Namespace) -> str:
     return suffix[1:]
 
 
-def _score_input(a: argparse.Namespace, cfg: Config):
+def score_input(a: argparse.Namespace, cfg: Config):
     """(uint8 images, labels, source description) for `score`: a data directory's split, or PNGs."""
     from ..data import load_data, png_files, read_png_digits
 
@@ -60,7 +60,7 @@ def _score_input(a: argparse.Namespace, cfg: Config):
     return images[: a.max_images], labels[: a.max_images].tolist(), {"data_dir": str(data.root), "split": split}
 
 
-def _csv_text(rows: list[dict]) -> str:
+def csv_text(rows: list[dict]) -> str:
     import csv
     import io
 
@@ -76,10 +76,10 @@ def cmd_score(a: argparse.Namespace) -> int:
     from ..ood import rounded, score_images
     from ..runs import load_model
 
-    fmt = _score_format(a)
+    fmt = score_format(a)
     (run,) = runs(a)
     model, cfg = load_model(run, a.device)
-    images, labels, source = _score_input(a, cfg)
+    images, labels, source = score_input(a, cfg)
     s = score_images(model, images, a.importance_samples)
     rows = [
         {"index": i, "label": label, **{key: rounded(s[key][i]) for key in ("bpd", "complexity_bpd", "corrected")}}
@@ -89,7 +89,7 @@ def cmd_score(a: argparse.Namespace) -> int:
         doc = {"run": str(run), **source, "importance_samples": a.importance_samples, "rows": rows}
         text = json.dumps(doc, indent=1) + "\n"
     else:
-        text = _csv_text(rows)
+        text = csv_text(rows)
     if a.out:
         atomic_write_bytes(out_file(a.out), text.encode())
         print(a.out)

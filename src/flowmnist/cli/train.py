@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import PRECISIONS, SCHEDULES, Config, prepare_output
+from ..config import CLASS_LATENTS, PRECISIONS, SCHEDULES, Config, prepare_output
 from ..data import DATASETS
 from ..models import ARCHITECTURES
 from .common import (
@@ -95,6 +95,11 @@ def add_train_command(sub) -> None:
         metavar="LAMBDA",
         help="with --conditional: train on log p(x | y) + LAMBDA log p(y | x) (Nalisnick et al. 2019; default 0)",
     )
+    t.add_argument(
+        "--class-latent",
+        choices=CLASS_LATENTS,
+        help="with --conditional: the class means on the whole latent (all, default) or the final latent (top)",
+    )
     t.set_defaults(func=cmd_train)
 
 
@@ -102,6 +107,9 @@ def _add_recipe_options(t: argparse.ArgumentParser) -> None:
     """train's recipe: epochs or a budget, batch, LR and its schedule, logging, EMA."""
     t.add_argument("--epochs", type=positive_int, help=f"epochs (default {DEFAULTS.epochs})")
     t.add_argument("--minutes", type=positive_float, help="wall-clock budget; stops at a step boundary")
+    t.add_argument(
+        "--steps", type=positive_int, help="optimizer-step budget, the cosine over it (equal runs on a busy CPU)"
+    )
     t.add_argument(
         "--batch-size",
         type=positive_int,

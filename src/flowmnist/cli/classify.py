@@ -1,0 +1,68 @@
+"""`flowmnist classify`: a class-conditional model as a Bayes classifier, per image: the predicted digit,
+its posterior p(y | x) = p(x | y) p(y) / p(x), every class's posterior and the marginal bpd."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..config import FlowmnistError
+from .common import add_split, out_file, runs
+from .ood import _common, csv_text, score_format, score_input
+
+
+def cmd_classify(a: argparse.Namespace) -> int:
+    from ..config import atomic_write_bytes
+    from ..evaluate import class_scores, image_class_log_probs
+    from ..ood import rounded
+    from ..runs import load_model
+
+    fmt = score_format(a)
+    (run,) = runs(a)
+    model, cfg = load_model(run, a.device)
+    if not model.conditional:
+        raise FlowmnistError(f"{run}: an unconditional model has no p(y | x); classify needs one trained --conditional")
+    images, labels, source = score_input(a, cfg)
+    lp = image_class_log_probs(model, images, a.importance_samples)
+    truth = [y if isinstance(y, int) else -1 for y in labels]  # PNG files carry no label
+    import torch
+
+    s = class_scores(lp, model.prior.log_py, torch.tensor(truth).clamp(min=0), model.dims)
+    post = s.log_posterior.exp()
+    rows = [
+        {
+            "index": i,
+            "label": label,
+            "predicted": int(s.predicted[i]),
+            "posterior": rounded(post[i, s.predicted[i]]),
+            "bpd": rounded(s.bpd[i]),
+            **{f"p{c}": rounded(post[i, c]) for c in range(post.shape[1])},
+        }
+        for i, label in enumerate(labels)
+    ]
+    if fmt == "json":
+        doc = {"run": str(run), **source, "importance_samples": a.importance_samples}
+        if "split" in source and rows:
+            doc["accuracy"] = round(float((s.predicted == torch.tensor(truth)).double().mean()), 6)
+        text = json.dumps(doc | {"rows": rows}, indent=1) + "\n"
+    else:
+        text = csv_text(rows) if rows else ""
+    if a.out:
+        atomic_write_bytes(out_file(a.out), text.encode())
+        print(a.out)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def add_classify_command(sub) -> None:
+    c = sub.add_parser("classify", help="per-image digit, posterior p(y | x) and bpd from a class-conditional model")
+    _common(c)
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data-dir", metavar="DIR", help="classify a split of this IDX directory")
+    src.add_argument("--png", nargs="+", metavar="FILE_OR_DIR", help="classify 28x28 PNGs (a directory: its *.png)")
+    add_split(c, help="split of --data-dir (default val)")
+    c.add_argument("--out", metavar="FILE", help="write the rows to FILE.csv or FILE.json (default: CSV on stdout)")
+    c.add_argument("--json", action="store_true", help="JSON instead of CSV on stdout (with the accuracy of a split)")
+    c.set_defaults(func=cmd_classify)
