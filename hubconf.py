@@ -57,3 +57,9 @@ def multi_vardeq_cond(pretrained: bool = True, device: str = "cpu"):
 def fashion_multi_vardeq(pretrained: bool = True, device: str = "cpu"):
     """multi_vardeq trained on Fashion-MNIST."""
     return _entry("fashion-multi-vardeq", pretrained, device, "multi-vardeq")
+
+
+def multi_vardeq_glow_wide(pretrained: bool = True, device: str = "cpu"):
+    """multi_vardeq with 4 couplings of 64 channels at 14x14 and 8 of 96 at 7x7, each channel coupling
+    after an actnorm and an invertible 1x1 convolution (Glow steps)."""
+    return _entry("multi-vardeq-glow-wide", pretrained, device)

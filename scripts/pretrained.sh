@@ -2,15 +2,15 @@
 # The shipped models: how each was trained on full MNIST, evaluated and shipped, and how the README's
 # figures of them are made. Every step is a plain flowmnist command; rerun any of them.
 #
-#   scripts/pretrained.sh train    DATA_DIR NAME   # train (or --resume) runs/full/NAME for its epochs
+#   scripts/pretrained.sh train    DATA_DIR NAME   # train (or --resume) runs/full/NAME for its budget
 #   scripts/pretrained.sh evaluate NAME            # K = 8 on its splits (below)
 #   scripts/pretrained.sh ship     NAME            # into src/flowmnist/pretrained/NAME, manifest rewritten
 #   scripts/pretrained.sh test     DATA_DIR NAME   # the shipped NAME on all 10,000 t10k images, K = 8, into its results
 #   scripts/pretrained.sh figures                  # docs/images/ from every shipped model
 #   scripts/pretrained.sh ood MNIST_DIR FASHION_DIR # both OOD directions: docs/images/ood_*.png, docs/results/
 #
-# NAME: a model (simple, vardeq, multi-simple, multi-vardeq), MODEL-cond for its class-conditional
-# variant, or fashion-MODEL for one trained on Fashion-MNIST (DATA_DIR then
+# NAME: a model (simple, vardeq, multi-simple, multi-vardeq, multi-vardeq-glow-wide), MODEL-cond for its
+# class-conditional variant, or fashion-MODEL for one trained on Fashion-MNIST (DATA_DIR then
 # holds Fashion-MNIST).
 # DATA_DIR: the official training files (60,000 images: 50,000 train / 10,000 val). CORE=N pins a
 # training, evaluation or OOD run to CPU core N with one thread, so that two runs share a 2-core machine
@@ -19,11 +19,14 @@ set -euo pipefail
 BIN=${BIN:-.venv/bin}
 RUNS=${RUNS:-runs/full}
 
-epochs() {  # fixed per model from its one-core step rate (3,125 steps an epoch), to fit ~150 core-minutes
+budget() {  # the original four: epochs fixed from their one-core step rate (3,125 steps an epoch), to fit
+  # ~150 core-minutes; multi-vardeq-glow-wide: a wall-clock budget, the cosine over it, validated every
+  # 15 minutes on the first 2,000 val images for its curve
   case $1 in
-    multi-vardeq | multi-vardeq-cond | fashion-multi-vardeq | vardeq) echo 6 ;;  # 3.3 (vardeq 2.3) steps/s
-    multi-simple | simple) echo 7 ;;                                               # 4.5 (simple 2.8) steps/s
-    *) echo "no epoch count fixed for $1" >&2; exit 2 ;;
+    multi-vardeq | multi-vardeq-cond | fashion-multi-vardeq | vardeq) echo --epochs 6 ;;  # 3.3 (vardeq 2.3) steps/s
+    multi-simple | simple) echo --epochs 7 ;;                                               # 4.5 (simple 2.8) steps/s
+    multi-vardeq-glow-wide) echo --minutes 135 --epochs 1000 --val-minutes 15 --val-images 2000 ;;  # 2.8 steps/s
+    *) echo "no budget fixed for $1" >&2; exit 2 ;;
   esac
 }
 
@@ -40,13 +43,15 @@ case ${1:-} in
     if [ -f "$run/last.pt" ]; then
       pin "$BIN/flowmnist" train --out "$run" --resume
     else
-      pin "$BIN/flowmnist" train --model "$model" --data-dir "$data" --epochs "$(epochs "$name")" "${flags[@]}" \
-        --out "$run"
+      b=$(budget "$name")
+      read -ra steps <<< "$b"
+      pin "$BIN/flowmnist" train --model "$model" --data-dir "$data" "${steps[@]}" "${flags[@]}" --out "$run"
     fi ;;
-  evaluate)  # MNIST: the first 10,000 train and all 10,000 val images; the conditional model: all of val;
-    # the Fashion-MNIST one: the first 5,000 val and 5,000 test images (K = 8 costs ~7 core-minutes a 5,000)
+  evaluate)  # MNIST: the first 10,000 train and all 10,000 val images; the conditional model and the wide
+    # one (~15 core-minutes a 10,000 at K = 8): all of val; the Fashion-MNIST one: the first 5,000 val and
+    # 5,000 test images (K = 8 costs ~7 core-minutes a 5,000)
     case $2 in
-      *-cond) splits=(--split val) ;;
+      *-cond | multi-vardeq-glow-wide) splits=(--split val) ;;
       fashion-*) splits=(--split val --split test --max-images 5000) ;;
       *) splits=(--split train --split val --max-images 10000) ;;
     esac

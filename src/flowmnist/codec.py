@@ -22,6 +22,11 @@ between (values, stream) pairs, coded with ``constriction``'s ANS stack (Bamler 
   g_x: y -> z0 per pixel, from a fine noise grid to the main grid. The fine cells whose centres fall in a
   coarse cell m form an interval K(m); the encoder encodes its offset in K(m) uniformly (cost
   log |K(m)| = -log g' + log(delta_z / delta_y)), the decoder decodes it.
+* **Actnorm and the invertible 1x1 convolution** (Glow) are linear: actnorm is the same elementwise step
+  with a per-channel shift and scale; W = P L (U + diag(d)) of the 1x1 convolution is coded by lifting
+  (the integer-to-integer factorisation of IDF++/iFlow): the upper factor channel by channel as
+  z_i = sign(d_i) (x_i + sum_{j>i} U_ij x_j / d_i) |d_i| (one scale step each), the unit lower factor as
+  integer shifts z_i = x_i + round(sum_{j<i} L_ij x_j / delta), the permutation exactly.
 * **Squeeze and Split are free**; each split's half and the final latent are coded under their Gaussian
   on the grid 2^-prior_bits (the finer bits of the main grid uniformly).
 
@@ -52,7 +57,7 @@ from torch import Tensor
 
 from .config import FlowmnistError
 from .data import IMAGE_SHAPE
-from .flows import AffineCoupling, Dequantization, Logit, Sigmoid, Split, Squeeze
+from .flows import ActNorm, AffineCoupling, Dequantization, InvConv1x1, Logit, Sigmoid, Split, Squeeze
 
 MAGIC = b"FMNZ"
 FORMAT_VERSION = 1
@@ -256,7 +261,7 @@ def _plan(model: torch.nn.Module, params: CodecParams) -> _Plan:
         if type(f) is not AffineCoupling:
             raise _refuse(f"layer {type(f).__name__} (dequant.noise_flows[{i}])")
     for i, f in enumerate(model.flows):
-        if type(f) not in (AffineCoupling, Squeeze, Split):
+        if type(f) not in (AffineCoupling, ActNorm, InvConv1x1, Squeeze, Split):
             raise _refuse(f"layer {type(f).__name__} (flows[{i}])")
     if not _standard_prior(getattr(model, "prior", None)):
         raise _refuse(f"prior {type(model.prior).__name__}")
@@ -366,14 +371,28 @@ def _scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return p, q
 
 
-def _coupling_fwd(st: _Stream, plan: _Plan, layer, k: Tensor, delta: float, cond, ideal: np.ndarray) -> Tensor:
-    """Encoder: z = (x + t) e^s on the free half; decode r ~ U{0..P-1}, encode (n mod Q) ~ U{0..Q-1}."""
-    s, t, free = _scale_shift(layer, k, delta, cond, plan.model_dtype)
+def _scale_fwd(st: _Stream, k: np.ndarray, shift: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Encoder: grid values of (x + t) e^s from x's indices ``k`` and t's integer ``shift``, elementwise:
+    decode r ~ U{0..P-1}, encode (n mod Q) ~ U{0..Q-1}; costs -s nats per element."""
     p, q = _scales(s)
-    n = (k[free].numpy() + np.rint(t / delta).astype(np.int64)) * p + st.pop_uniform(p, p.shape, exact=True)
+    n = (k + shift) * p + st.pop_uniform(p, p.shape, exact=True)
     st.push_uniform(n & ((np.int64(1) << q) - 1), np.int64(1) << q)
+    return n >> q
+
+
+def _scale_inv(st: _Stream, m: np.ndarray, shift: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Decoder: the exact inverse of ``_scale_fwd``."""
+    p, q = _scales(s)
+    n = (m << q) + st.pop_uniform(np.int64(1) << q, s.shape)
+    st.push_uniform(n % p, p, exact=True)
+    return n // p - shift
+
+
+def _coupling_fwd(st: _Stream, plan: _Plan, layer, k: Tensor, delta: float, cond, ideal: np.ndarray) -> Tensor:
+    """Encoder: z = (x + t) e^s on the free half (the kept half gives s and t)."""
+    s, t, free = _scale_shift(layer, k, delta, cond, plan.model_dtype)
     out = k.clone()
-    out[free] = torch.from_numpy(n >> q)
+    out[free] = torch.from_numpy(_scale_fwd(st, k[free].numpy(), np.rint(t / delta).astype(np.int64), s))
     ideal -= s.reshape(k.shape[0], -1).sum(1)
     return out
 
@@ -381,12 +400,76 @@ def _coupling_fwd(st: _Stream, plan: _Plan, layer, k: Tensor, delta: float, cond
 def _coupling_inv(st: _Stream, plan: _Plan, layer, m: Tensor, delta: float, cond) -> Tensor:
     """Decoder: the exact inverse of ``_coupling_fwd`` (the kept half is unchanged, so s and t are too)."""
     s, t, free = _scale_shift(layer, m, delta, cond, plan.model_dtype)
-    p, q = _scales(s)
-    n = (m[free].numpy() << q) + st.pop_uniform(np.int64(1) << q, s.shape)
-    st.push_uniform(n % p, p, exact=True)
     out = m.clone()
-    out[free] = torch.from_numpy(n // p - np.rint(t / delta).astype(np.int64))
+    out[free] = torch.from_numpy(_scale_inv(st, m[free].numpy(), np.rint(t / delta).astype(np.int64), s))
     return out
+
+
+def _actnorm_terms(layer: ActNorm, shape: tuple[int, ...], delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """ActNorm's per-element (log-scale, integer shift) broadcast to ``shape``."""
+    s = np.broadcast_to(layer.log_scale.detach().double().numpy(), shape).copy()
+    t = np.broadcast_to(np.rint(layer.bias.detach().double().numpy() / delta).astype(np.int64), shape)
+    return s, t
+
+
+def _actnorm_fwd(layer: ActNorm, st: _Stream, k: np.ndarray, delta: float, ideal: np.ndarray) -> np.ndarray:
+    s, t = _actnorm_terms(layer, k.shape, delta)
+    ideal -= s.reshape(k.shape[0], -1).sum(1)
+    return _scale_fwd(st, k, t, s)
+
+
+def _actnorm_inv(layer: ActNorm, st: _Stream, m: np.ndarray, delta: float) -> np.ndarray:
+    s, t = _actnorm_terms(layer, m.shape, delta)
+    return _scale_inv(st, m, t, s)
+
+
+def _lu(layer: InvConv1x1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """W = P L (U + diag(sign e^log_s)) in float64: (perm index, L strictly lower, U strictly upper, sign,
+    log_s); z = W x puts channel perm[a] of L U' x in channel a."""
+    mask = layer.lower_mask.double().numpy()
+    lower = layer.lower.detach().double().numpy() * mask
+    upper = layer.upper.detach().double().numpy() * mask.T
+    perm = layer.perm.double().numpy().argmax(axis=1)
+    return perm, lower, upper, layer.sign_s.double().numpy(), layer.log_s.detach().double().numpy()
+
+
+def _lin(coef: np.ndarray, k: np.ndarray, channels, delta: float) -> np.ndarray:
+    """sum_j coef_j v_j over ``channels`` of the grid values v = (k + 1/2) delta, in a fixed order."""
+    acc = np.zeros(k.shape[:1] + k.shape[2:])
+    for j in channels:
+        acc = acc + coef[j] * ((k[:, j] + 0.5) * delta)
+    return acc
+
+
+def _invconv_fwd(layer: InvConv1x1, st: _Stream, k: np.ndarray, delta: float, ideal: np.ndarray) -> np.ndarray:
+    """Encoder: z = P L U' x by lifting on the grid (module docstring)."""
+    perm, lower, upper, sign, log_s = _lu(layer)
+    k, c = k.copy(), k.shape[1]
+    for i in range(c):  # U': channels above i still hold x
+        t = np.rint(_lin(upper[i], k, range(i + 1, c), delta) / (sign[i] * np.exp(log_s[i])) / delta)
+        s = np.full(t.shape, log_s[i])
+        k[:, i] = _scale_fwd(st, k[:, i], t.astype(np.int64), s)
+        if sign[i] < 0:
+            k[:, i] = -k[:, i] - 1  # the grid's mirror: -(k + 1/2) = (-k - 1) + 1/2
+    for i in reversed(range(c)):  # L: channels below i still hold U' x
+        k[:, i] += np.rint(_lin(lower[i], k, range(i), delta) / delta).astype(np.int64)
+    ideal -= k[0, 0].size * log_s.sum()
+    return k[:, perm]
+
+
+def _invconv_inv(layer: InvConv1x1, st: _Stream, m: np.ndarray, delta: float) -> np.ndarray:
+    """Decoder: the exact inverse of ``_invconv_fwd``, its steps in reverse."""
+    perm, lower, upper, sign, log_s = _lu(layer)
+    k, c = np.empty_like(m), m.shape[1]
+    k[:, perm] = m
+    for i in range(c):
+        k[:, i] -= np.rint(_lin(lower[i], k, range(i), delta) / delta).astype(np.int64)
+    for i in reversed(range(c)):
+        if sign[i] < 0:
+            k[:, i] = -k[:, i] - 1
+        t = np.rint(_lin(upper[i], k, range(i + 1, c), delta) / (sign[i] * np.exp(log_s[i])) / delta)
+        k[:, i] = _scale_inv(st, k[:, i], t.astype(np.int64), np.full(t.shape, log_s[i]))
+    return k
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,6 +625,10 @@ def _encode_chunk(st: _Stream, plan: _Plan, x: Tensor) -> np.ndarray:
     for layer in plan.flows:
         if isinstance(layer, AffineCoupling):
             k = _coupling_fwd(st, plan, layer, k, plan.dz, None, ideal)
+        elif isinstance(layer, ActNorm):
+            k = torch.from_numpy(_actnorm_fwd(layer, st, k.numpy(), plan.dz, ideal))
+        elif isinstance(layer, InvConv1x1):
+            k = torch.from_numpy(_invconv_fwd(layer, st, k.numpy(), plan.dz, ideal))
         elif isinstance(layer, Squeeze):
             k = layer(k)[0]
         else:
@@ -568,6 +655,10 @@ def _decode_chunk(st: _Stream, plan: _Plan, b: int) -> Tensor:
     for layer in reversed(plan.flows):
         if isinstance(layer, AffineCoupling):
             k = _coupling_inv(st, plan, layer, k, plan.dz, None)
+        elif isinstance(layer, ActNorm):
+            k = torch.from_numpy(_actnorm_inv(layer, st, k.numpy(), plan.dz))
+        elif isinstance(layer, InvConv1x1):
+            k = torch.from_numpy(_invconv_inv(layer, st, k.numpy(), plan.dz))
         elif isinstance(layer, Squeeze):
             k = layer.inverse(k)
         else:
