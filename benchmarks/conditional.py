@@ -28,7 +28,7 @@ RESULTS = ROOT / "docs" / "results" / "conditional.json"
 FIGURE = ROOT / "docs" / "images" / "conditional.png"
 
 # name -> train options (besides --model multi-vardeq); "all"/"top": where the class means sit, lambda:
-# the weight of log p(y | x) in nats per image.
+# the weight of log p(y | x) in nats per image, spread: the initial means' std (else all at 0).
 SETTINGS: dict[str, list[str]] = {
     "unconditional": [],
     "all lambda=0": ["--conditional"],
@@ -37,6 +37,16 @@ SETTINGS: dict[str, list[str]] = {
     "top lambda=10": ["--conditional", "--class-latent", "top", "--hybrid-weight", "10"],
     "top lambda=100": ["--conditional", "--class-latent", "top", "--hybrid-weight", "100"],
     "top lambda=1000": ["--conditional", "--class-latent", "top", "--hybrid-weight", "1000"],
+    "top spread=0.5 lambda=0": ["--conditional", "--class-latent", "top", "--class-spread", "0.5"],
+    "top spread=0.5 lambda=10": [
+        "--conditional",
+        "--class-latent",
+        "top",
+        "--class-spread",
+        "0.5",
+        "--hybrid-weight",
+        "10",
+    ],
 }
 
 
@@ -102,7 +112,8 @@ def figure(summary: dict, path: Path) -> None:
     for name, r in summary["settings"].items():
         if "accuracy" not in r:
             continue
-        ax.plot(r["bpd"], 100 * r["accuracy"], "o", color="C1" if name.startswith("top") else "C0")
+        color = "C3" if "spread" in name else "C1" if name.startswith("top") else "C0"
+        ax.plot(r["bpd"], 100 * r["accuracy"], "o", color=color)
         ax.annotate(name, (r["bpd"], 100 * r["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     if ref is not None:
         ax.axvline(ref, color="gray", ls="--", lw=1, label=f"unconditional ({ref:.3f})")

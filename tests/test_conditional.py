@@ -189,6 +189,20 @@ def test_top_class_prior_by_hand_and_the_posterior_reads_the_final_latent_only()
     assert samples[:, k:].mean(0).abs().max() < 0.25 and abs(float(samples[:, k:].detach().std()) - 1) < 0.1
 
 
+def test_class_spread_draws_the_means_after_the_flows():
+    """class_spread S: means from N(0, S^2), drawn after the flows, so the flows start as the unconditional
+    twin's for the same seed; S = 0 keeps every mean at 0."""
+    torch.manual_seed(5)
+    plain = build_model("multi-vardeq")
+    torch.manual_seed(5)
+    spread = build_model("multi-vardeq", conditional=True, class_latent="top", class_spread=0.5)
+    assert spread.prior.mean.shape == (10, 392) and abs(float(spread.prior.mean.std()) - 0.5) < 0.02
+    flows = {k: v for k, v in spread.state_dict().items() if not k.startswith("prior.")}
+    assert flows.keys() == plain.state_dict().keys()
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in flows.items())
+    assert not build_model("simple", conditional=True).prior.mean.any()
+
+
 def test_class_term_gradient_reaches_the_flows_and_the_means():
     """The classification part of the hybrid objective, lambda log p(y | x), alone: its gradient reaches
     the coupling nets (so training moves the latent to separate the digits) and the class means."""
@@ -382,10 +396,12 @@ def test_config_fields_old_configs_and_checks():
         Config(conditional=True, hybrid_weight=-1.0).check()
     Config(conditional=True, hybrid_weight=10.0).check()
     assert Config.from_dict(old).class_latent == "all"  # older conditional runs: means on the whole latent
-    with pytest.raises(FlowmnistError, match="class_latent needs a conditional model"):
+    with pytest.raises(FlowmnistError, match="class_latent and class_spread need a conditional model"):
         Config(class_latent="top").check()
     with pytest.raises(FlowmnistError, match="class_latent must be one of"):
         Config(conditional=True, class_latent="middle").check()
+    with pytest.raises(FlowmnistError, match="class_spread must be"):
+        Config(conditional=True, class_spread=-1.0).check()
 
 
 def test_bad_labels_are_one_line_errors_naming_the_file(tmp_path, capsys):

@@ -79,6 +79,7 @@ class Config:
     # Where a conditional model's class means sit: "all" the whole flat latent, "top" the final latent
     # (the multi-scale flow's deepest features; models.ClassPrior).
     class_latent: str = "all"
+    class_spread: float = 0.0  # std of the initial class means (0: all at 0, the unconditional twin's start)
     steps: int = 0  # optimizer-step budget (0: none): equal budgets that a busy CPU does not shorten
 
     def check(self) -> None:
@@ -105,8 +106,10 @@ class Config:
             raise FlowmnistError("hybrid_weight needs a conditional model (--conditional)")
         if self.class_latent not in CLASS_LATENTS:
             raise FlowmnistError(f"class_latent must be one of {CLASS_LATENTS}, got {self.class_latent!r}")
-        if self.class_latent != "all" and not self.conditional:
-            raise FlowmnistError("class_latent needs a conditional model (--conditional)")
+        if (self.class_latent != "all" or self.class_spread) and not self.conditional:
+            raise FlowmnistError("class_latent and class_spread need a conditional model (--conditional)")
+        if not 0 <= self.class_spread < float("inf"):
+            raise FlowmnistError(f"class_spread must be a finite number >= 0, got {self.class_spread}")
         if self.steps < 0:
             raise FlowmnistError(f"steps must be >= 0 (0: no step budget), got {self.steps}")
 

@@ -82,18 +82,21 @@ class ClassPrior(nn.Module):
     sigma = exp(log_scale). The flat latent starts with the final latent, so K = its size puts the class
     means on the top of the multi-scale flow only ("top"), where a few hundred dimensions carry the digit's
     identity and the classifier log p(y | x) reads the deepest features; K = D (the default, "all") makes
-    every prior term class-conditional. ``mean`` and ``log_scale`` (C, K) start at 0, the standard normal,
-    so a conditional model starts as its unconditional twin. ``log_py`` (C,), a buffer saved with the
-    weights, is log p(y): the training labels' frequencies (``set_class_frequencies``; uniform until then).
+    every prior term class-conditional. ``log_scale`` (C, K) starts at 0; ``mean`` (C, K) at 0, the
+    standard normal, so that a conditional model starts as its unconditional twin, or with ``spread`` > 0
+    drawn from N(0, spread^2): clusters apart from the start (FlowGMM, Izmailov et al. 2020,
+    https://arxiv.org/abs/1912.13025), so that the flow must map each digit to its own. ``log_py`` (C,),
+    a buffer saved with the weights, is log p(y): the training labels' frequencies
+    (``set_class_frequencies``; uniform until then).
     """
 
-    def __init__(self, num_classes: int, dims: int, class_dims: int | None = None):
+    def __init__(self, num_classes: int, dims: int, class_dims: int | None = None, spread: float = 0.0):
         super().__init__()
         self.dims = dims
         k = dims if class_dims is None else class_dims
         if not 0 < k <= dims:
             raise ValueError(f"class_dims must be in 1..{dims}, got {k}")
-        self.mean = nn.Parameter(torch.zeros(num_classes, k))
+        self.mean = nn.Parameter(torch.randn(num_classes, k) * spread if spread else torch.zeros(num_classes, k))
         self.log_scale = nn.Parameter(torch.zeros(num_classes, k))
         self.register_buffer("log_py", torch.full((num_classes,), -math.log(num_classes)))
 
@@ -169,6 +172,7 @@ class FlowModel(nn.Module):
         image_shape=IMAGE_SHAPE,
         num_classes: int = 0,
         class_latent: str = "all",
+        class_spread: float = 0.0,
     ):
         super().__init__()
         self.dequant = dequant
@@ -187,7 +191,10 @@ class FlowModel(nn.Module):
         if class_latent not in CLASS_LATENTS:
             raise ValueError(f"class_latent must be one of {', '.join(CLASS_LATENTS)}, got {class_latent!r}")
         top = math.prod(self.latent_shapes[0]) if class_latent == "top" else None
-        self.prior = ClassPrior(num_classes, self.dims, top) if num_classes else StandardNormalPrior(self.dims)
+        if num_classes:
+            self.prior = ClassPrior(num_classes, self.dims, top, class_spread)
+        else:
+            self.prior = StandardNormalPrior(self.dims)
 
     @property
     def conditional(self) -> bool:
@@ -438,7 +445,13 @@ def _stage(spec: Couplings, shape: tuple[int, int, int], fast: bool) -> list[Flo
 
 
 def build(
-    arch: Architecture, alpha: float = 1e-5, *, fast: bool = False, num_classes: int = 0, class_latent: str = "all"
+    arch: Architecture,
+    alpha: float = 1e-5,
+    *,
+    fast: bool = False,
+    num_classes: int = 0,
+    class_latent: str = "all",
+    class_spread: float = 0.0,
 ) -> FlowModel:
     """The FlowModel of ``arch``: stages in order, the shape tracked through squeezes and splits."""
     noise_flows = None
@@ -456,15 +469,22 @@ def build(
         for f in new:
             shape = f.out_shape(shape)
         flows += new
-    return FlowModel(Dequantization(alpha, noise_flows), flows, num_classes=num_classes, class_latent=class_latent)
+    dequant = Dequantization(alpha, noise_flows)
+    return FlowModel(dequant, flows, num_classes=num_classes, class_latent=class_latent, class_spread=class_spread)
 
 
 def build_model(
-    name: str, alpha: float = 1e-5, *, fast: bool = False, conditional: bool = False, class_latent: str = "all"
+    name: str,
+    alpha: float = 1e-5,
+    *,
+    fast: bool = False,
+    conditional: bool = False,
+    class_latent: str = "all",
+    class_spread: float = 0.0,
 ) -> FlowModel:
     """The named architecture (``ARCHITECTURES``); ``conditional``: its class-conditional variant (the same
     flows, and a ``ClassPrior`` over the 10 digits in place of N(0, I), its class means on ``class_latent``:
-    "all" the flat latent, "top" the final latent).
+    "all" the flat latent, "top" the final latent, drawn from N(0, class_spread^2), ``ClassPrior``).
 
     ``fast=True`` builds the CPU fast path (see ``nets``): the same function, the same parameter
     names and shapes and the same initialisation for a given seed, so a state_dict of either loads
@@ -473,7 +493,9 @@ def build_model(
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
     n = NUM_CLASSES if conditional else 0
-    return build(ARCHITECTURES[name], alpha, fast=fast, num_classes=n, class_latent=class_latent)
+    return build(
+        ARCHITECTURES[name], alpha, fast=fast, num_classes=n, class_latent=class_latent, class_spread=class_spread
+    )
 
 
 def count_params(model: nn.Module) -> int:

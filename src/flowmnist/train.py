@@ -307,8 +307,14 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
         init = initial_weights(cfg.init_from, cfg) if cfg.init_from and ckpt is None else None
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.alpha, fast=cfg.fast, conditional=cfg.conditional, class_latent=cfg.class_latent)
-    model = model.to(device)
+    model = build_model(
+        cfg.model,
+        cfg.alpha,
+        fast=cfg.fast,
+        conditional=cfg.conditional,
+        class_latent=cfg.class_latent,
+        class_spread=cfg.class_spread,
+    ).to(device)
     if init is not None:
         model.load_state_dict(init)
     elif ckpt is None:  # ActNorm's data-dependent start: the first training images, the same on every rank

@@ -100,6 +100,12 @@ def add_train_command(sub) -> None:
         choices=CLASS_LATENTS,
         help="with --conditional: the class means on the whole latent (all, default) or the final latent (top)",
     )
+    t.add_argument(
+        "--class-spread",
+        type=nonneg_float,
+        metavar="S",
+        help="with --conditional: initial class means drawn from N(0, S^2) (default 0: all at 0)",
+    )
     t.set_defaults(func=cmd_train)
 
 
