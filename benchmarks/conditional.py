@@ -2,7 +2,7 @@
 and weight, every setting trained for the same number of steps on the same data.
 
     python benchmarks/conditional.py --data-dir ../shared/data/mnist --steps 3000 [--out runs/conditional]
-    python benchmarks/conditional.py --figure-only      # redraw from docs/results/conditional.json
+    python benchmarks/conditional.py --figure-only      # redraw and print the table from docs/results/
 
 Each setting is `flowmnist train --model multi-vardeq --steps N` (seed 0, the default recipe) pinned to one
 core with one thread (--core), one after another; a step budget, unlike --minutes, gives every setting the
@@ -28,7 +28,8 @@ RESULTS = ROOT / "docs" / "results" / "conditional.json"
 FIGURE = ROOT / "docs" / "images" / "conditional.png"
 
 # name -> train options (besides --model multi-vardeq); "all"/"top": where the class means sit, lambda:
-# the weight of log p(y | x) in nats per image, spread: the initial means' std (else all at 0).
+# the weight of log p(y | x) in nats per image, spread: the initial means' std (else all at 0), fixed: those
+# means and unit scales kept (FlowGMM).
 SETTINGS: dict[str, list[str]] = {
     "unconditional": [],
     "all lambda=0": ["--conditional"],
@@ -38,6 +39,10 @@ SETTINGS: dict[str, list[str]] = {
     "top lambda=100": ["--conditional", "--class-latent", "top", "--hybrid-weight", "100"],
     "top lambda=1000": ["--conditional", "--class-latent", "top", "--hybrid-weight", "1000"],
     "top spread=0.5 lambda=0": ["--conditional", "--class-latent", "top", "--class-spread", "0.5"],
+    "top fixed spread=0.5": ["--conditional", "--class-latent", "top", "--class-spread", "0.5", "--class-fixed"],
+    "top fixed spread=0.5 lambda=10": [
+        *("--conditional", "--class-latent", "top", "--class-spread", "0.5", "--class-fixed", "--hybrid-weight", "10")
+    ],
     "top spread=0.5 lambda=10": [
         "--conditional",
         "--class-latent",
@@ -112,7 +117,7 @@ def figure(summary: dict, path: Path) -> None:
     for name, r in summary["settings"].items():
         if "accuracy" not in r:
             continue
-        color = "C3" if "spread" in name else "C1" if name.startswith("top") else "C0"
+        color = "C2" if "fixed" in name else "C3" if "spread" in name else "C1" if name.startswith("top") else "C0"
         ax.plot(r["bpd"], 100 * r["accuracy"], "o", color=color)
         ax.annotate(name, (r["bpd"], 100 * r["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     if ref is not None:
@@ -126,6 +131,24 @@ def figure(summary: dict, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+
+
+def table(summary: dict) -> str:
+    """The sweep as a Markdown table: marginal bpd, its excess over the unconditional run, accuracies."""
+    ref = summary["settings"].get("unconditional", {}).get("bpd")
+    lines = [
+        "| setting | marginal val bpd | vs unconditional | val accuracy | accuracy on its own samples |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name in SETTINGS:
+        r = summary["settings"].get(name)
+        if r is None:
+            continue
+        excess = f"{r['bpd'] - ref:+.4f}" if ref is not None and name != "unconditional" else "–"
+        acc = f"{100 * r['accuracy']:.2f} %" if "accuracy" in r else "–"
+        own = f"{100 * r['sample_accuracy']:.1f} %" if "sample_accuracy" in r else "–"
+        lines.append(f"| {name} | {r['bpd']:.4f} | {excess} | {acc} | {own} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -145,17 +168,21 @@ def main() -> None:
         sys.exit(f"--only: unknown setting {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
     if a.figure_only:
         figure(json.loads(RESULTS.read_text()), FIGURE)
+        print(table(json.loads(RESULTS.read_text())))
         return
     if not a.data_dir:
         sys.exit("--data-dir is required to train")
     summary = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"settings": {}}
     summary |= {"machine": str(cpu_kind()), "steps": a.steps, "val_images": a.val_images}
     for name in names:
+        if (Path(a.out) / slug(name) / "done").exists() and name in summary["settings"]:
+            continue  # trained and measured
         summary["settings"][name] = measure(train(name, a), a)
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(summary, indent=1) + "\n")
         print(name, summary["settings"][name], flush=True)
     figure(summary, FIGURE)
+    print(table(summary))
 
 
 if __name__ == "__main__":

@@ -201,6 +201,9 @@ def test_class_spread_draws_the_means_after_the_flows():
     assert flows.keys() == plain.state_dict().keys()
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in flows.items())
     assert not build_model("simple", conditional=True).prior.mean.any()
+    fixed = build_model("multi-vardeq", conditional=True, class_latent="top", class_spread=0.5, class_fixed=True)
+    assert count_params(fixed) == count_params(plain) and "prior.mean" in fixed.state_dict()  # buffers
+    assert not fixed.prior.log_scale.any()
 
 
 def test_class_term_gradient_reaches_the_flows_and_the_means():
@@ -396,7 +399,7 @@ def test_config_fields_old_configs_and_checks():
         Config(conditional=True, hybrid_weight=-1.0).check()
     Config(conditional=True, hybrid_weight=10.0).check()
     assert Config.from_dict(old).class_latent == "all"  # older conditional runs: means on the whole latent
-    with pytest.raises(FlowmnistError, match="class_latent and class_spread need a conditional model"):
+    with pytest.raises(FlowmnistError, match="class_latent, class_spread and class_fixed need a conditional model"):
         Config(class_latent="top").check()
     with pytest.raises(FlowmnistError, match="class_latent must be one of"):
         Config(conditional=True, class_latent="middle").check()

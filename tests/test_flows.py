@@ -247,8 +247,9 @@ def test_actnorm_data_dependent_init():
     z, ldj = layer(x)
     assert bool(layer.initialized)
     torch.testing.assert_close(z.mean(dim=(0, 2, 3)), torch.zeros(3, dtype=torch.float64), rtol=0, atol=1e-9)
-    torch.testing.assert_close(z.std(dim=(0, 2, 3), unbiased=False), torch.ones(3, dtype=torch.float64), rtol=1e-4,
-                               atol=0)
+    torch.testing.assert_close(
+        z.std(dim=(0, 2, 3), unbiased=False), torch.ones(3, dtype=torch.float64), rtol=1e-4, atol=0
+    )
     expected = 25 * -torch.log(x.std(dim=(0, 2, 3), unbiased=False) + 1e-6).sum()
     torch.testing.assert_close(ldj, expected.expand(64))
     before = layer.bias.detach().clone()

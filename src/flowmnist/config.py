@@ -80,6 +80,7 @@ class Config:
     # (the multi-scale flow's deepest features; models.ClassPrior).
     class_latent: str = "all"
     class_spread: float = 0.0  # std of the initial class means (0: all at 0, the unconditional twin's start)
+    class_fixed: bool = False  # keep those means and unit scales fixed (FlowGMM): the flow alone separates the digits
     steps: int = 0  # optimizer-step budget (0: none): equal budgets that a busy CPU does not shorten
 
     def check(self) -> None:
@@ -106,8 +107,10 @@ class Config:
             raise FlowmnistError("hybrid_weight needs a conditional model (--conditional)")
         if self.class_latent not in CLASS_LATENTS:
             raise FlowmnistError(f"class_latent must be one of {CLASS_LATENTS}, got {self.class_latent!r}")
-        if (self.class_latent != "all" or self.class_spread) and not self.conditional:
-            raise FlowmnistError("class_latent and class_spread need a conditional model (--conditional)")
+        if (self.class_latent != "all" or self.class_spread or self.class_fixed) and not self.conditional:
+            raise FlowmnistError("class_latent, class_spread and class_fixed need a conditional model (--conditional)")
+        if self.class_fixed and not self.class_spread:
+            raise FlowmnistError("class_fixed needs class_spread > 0 (else every class is the same Gaussian)")
         if not 0 <= self.class_spread < float("inf"):
             raise FlowmnistError(f"class_spread must be a finite number >= 0, got {self.class_spread}")
         if self.steps < 0:

@@ -84,20 +84,31 @@ class ClassPrior(nn.Module):
     identity and the classifier log p(y | x) reads the deepest features; K = D (the default, "all") makes
     every prior term class-conditional. ``log_scale`` (C, K) starts at 0; ``mean`` (C, K) at 0, the
     standard normal, so that a conditional model starts as its unconditional twin, or with ``spread`` > 0
-    drawn from N(0, spread^2): clusters apart from the start (FlowGMM, Izmailov et al. 2020,
-    https://arxiv.org/abs/1912.13025), so that the flow must map each digit to its own. ``log_py`` (C,),
+    drawn from N(0, spread^2): clusters apart from the start; ``fixed`` keeps those means and unit scales
+    as they are (FlowGMM's Gaussian mixture, Izmailov et al. 2020, https://arxiv.org/abs/1912.13025), so
+    that the flow alone must map each digit to its own cluster, and learned means cannot drift together.
+    ``log_py`` (C,),
     a buffer saved with the weights, is log p(y): the training labels' frequencies
     (``set_class_frequencies``; uniform until then).
     """
 
-    def __init__(self, num_classes: int, dims: int, class_dims: int | None = None, spread: float = 0.0):
+    def __init__(
+        self, num_classes: int, dims: int, class_dims: int | None = None, spread: float = 0.0, fixed: bool = False
+    ):
         super().__init__()
         self.dims = dims
         k = dims if class_dims is None else class_dims
         if not 0 < k <= dims:
             raise ValueError(f"class_dims must be in 1..{dims}, got {k}")
-        self.mean = nn.Parameter(torch.randn(num_classes, k) * spread if spread else torch.zeros(num_classes, k))
-        self.log_scale = nn.Parameter(torch.zeros(num_classes, k))
+        if fixed and not spread:
+            raise ValueError("fixed class means need a spread > 0 (else every class is the same Gaussian)")
+        mean = torch.randn(num_classes, k) * spread if spread else torch.zeros(num_classes, k)
+        if fixed:  # buffers: the same state_dict names, not trained
+            self.register_buffer("mean", mean)
+            self.register_buffer("log_scale", torch.zeros(num_classes, k))
+        else:
+            self.mean = nn.Parameter(mean)
+            self.log_scale = nn.Parameter(torch.zeros(num_classes, k))
         self.register_buffer("log_py", torch.full((num_classes,), -math.log(num_classes)))
 
     @property
@@ -173,6 +184,7 @@ class FlowModel(nn.Module):
         num_classes: int = 0,
         class_latent: str = "all",
         class_spread: float = 0.0,
+        class_fixed: bool = False,
     ):
         super().__init__()
         self.dequant = dequant
@@ -192,7 +204,7 @@ class FlowModel(nn.Module):
             raise ValueError(f"class_latent must be one of {', '.join(CLASS_LATENTS)}, got {class_latent!r}")
         top = math.prod(self.latent_shapes[0]) if class_latent == "top" else None
         if num_classes:
-            self.prior = ClassPrior(num_classes, self.dims, top, class_spread)
+            self.prior = ClassPrior(num_classes, self.dims, top, class_spread, class_fixed)
         else:
             self.prior = StandardNormalPrior(self.dims)
 
@@ -452,6 +464,7 @@ def build(
     num_classes: int = 0,
     class_latent: str = "all",
     class_spread: float = 0.0,
+    class_fixed: bool = False,
 ) -> FlowModel:
     """The FlowModel of ``arch``: stages in order, the shape tracked through squeezes and splits."""
     noise_flows = None
@@ -470,7 +483,8 @@ def build(
             shape = f.out_shape(shape)
         flows += new
     dequant = Dequantization(alpha, noise_flows)
-    return FlowModel(dequant, flows, num_classes=num_classes, class_latent=class_latent, class_spread=class_spread)
+    prior = dict(num_classes=num_classes, class_latent=class_latent, class_spread=class_spread, class_fixed=class_fixed)
+    return FlowModel(dequant, flows, **prior)
 
 
 def build_model(
@@ -481,10 +495,12 @@ def build_model(
     conditional: bool = False,
     class_latent: str = "all",
     class_spread: float = 0.0,
+    class_fixed: bool = False,
 ) -> FlowModel:
     """The named architecture (``ARCHITECTURES``); ``conditional``: its class-conditional variant (the same
     flows, and a ``ClassPrior`` over the 10 digits in place of N(0, I), its class means on ``class_latent``:
-    "all" the flat latent, "top" the final latent, drawn from N(0, class_spread^2), ``ClassPrior``).
+    "all" the flat latent, "top" the final latent, drawn from N(0, class_spread^2), trained or
+    ``class_fixed``; ``ClassPrior``).
 
     ``fast=True`` builds the CPU fast path (see ``nets``): the same function, the same parameter
     names and shapes and the same initialisation for a given seed, so a state_dict of either loads
@@ -493,9 +509,8 @@ def build_model(
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
     n = NUM_CLASSES if conditional else 0
-    return build(
-        ARCHITECTURES[name], alpha, fast=fast, num_classes=n, class_latent=class_latent, class_spread=class_spread
-    )
+    prior = dict(class_latent=class_latent, class_spread=class_spread, class_fixed=class_fixed)
+    return build(ARCHITECTURES[name], alpha, fast=fast, num_classes=n, **prior)
 
 
 def count_params(model: nn.Module) -> int:

@@ -182,7 +182,13 @@ def load_model(run: str | Path, device: str = "cpu") -> tuple[FlowModel, Config]
     cfg = Config.from_dict(ckpt["config"])
     try:
         model = build_model(
-            cfg.model, cfg.alpha, fast=cfg.fast, conditional=cfg.conditional, class_latent=cfg.class_latent
+            cfg.model,
+            cfg.alpha,
+            fast=cfg.fast,
+            conditional=cfg.conditional,
+            class_latent=cfg.class_latent,
+            class_spread=cfg.class_spread,
+            class_fixed=cfg.class_fixed,
         )
     except ValueError as e:
         raise FlowmnistError(f"{path}: {e}") from e

@@ -314,6 +314,7 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
         conditional=cfg.conditional,
         class_latent=cfg.class_latent,
         class_spread=cfg.class_spread,
+        class_fixed=cfg.class_fixed,
     ).to(device)
     if init is not None:
         model.load_state_dict(init)

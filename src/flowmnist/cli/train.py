@@ -106,6 +106,12 @@ def add_train_command(sub) -> None:
         metavar="S",
         help="with --conditional: initial class means drawn from N(0, S^2) (default 0: all at 0)",
     )
+    t.add_argument(
+        "--class-fixed",
+        action="store_true",
+        default=None,
+        help="with --class-spread: keep the class means and unit scales fixed (FlowGMM's Gaussian mixture)",
+    )
     t.set_defaults(func=cmd_train)
 
 
