@@ -47,7 +47,7 @@ from .runs import (
 )
 from .runtime import native_bf16, set_tf32
 
-_STOP_MINUTES, _STOP_STEPS = 1, 2  # stop codes for the budgets; below every signal number, so a signal wins the MAX
+_STOP_BUDGET = 1  # stop code for a budget (minutes or steps); below every handled signal, so a signal wins the MAX
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -427,12 +427,13 @@ def validate(run: Run) -> float:
 def stop_reason(run: Run, stop: _StopFlag) -> str | None:
     """ "minutes", "steps", "SIGINT" or "SIGTERM" when the run must stop before the next step, else None. A
     stop one rank sees (its signal, its clock) is agreed by all, so none is left waiting in a collective."""
-    budget = _STOP_MINUTES if run.elapsed() >= run.budget else 0
-    budget = _STOP_STEPS if run.cfg.steps and run.st.step >= run.cfg.steps else budget
-    code = run.env.agree_max(stop.signum or budget)
+    steps_done = bool(run.cfg.steps) and run.st.step >= run.cfg.steps  # the same on every rank
+    code = run.env.agree_max(stop.signum or (_STOP_BUDGET if steps_done or run.elapsed() >= run.budget else 0))
     if not code:
         return None
-    return {_STOP_MINUTES: "minutes", _STOP_STEPS: "steps"}.get(code) or signal.Signals(code).name
+    if code == _STOP_BUDGET:
+        return "steps" if steps_done else "minutes"
+    return signal.Signals(code).name
 
 
 def train_step(run: Run, order: Tensor) -> None:
