@@ -44,7 +44,7 @@ SETTINGS: dict[str, list[str]] = {
     "top fixed spread=0.5 lambda=10": [
         *("--conditional", "--class-latent", "top", "--class-spread", "0.5", "--class-fixed", "--hybrid-weight", "10")
     ],
-    "top fixed spread=0.5, 9000 steps": [
+    "top fixed spread=0.5 (9000 steps)": [
         *("--conditional", "--class-latent", "top", "--class-spread", "0.5", "--class-fixed", "--steps", "9000")
     ],
     "top spread=0.5 lambda=10": [
