@@ -170,6 +170,15 @@ def test_steps_budget_stops_at_that_step_validates_and_ends_the_cosine(tiny_data
         train(_cfg(tiny_data, steps=-1), tmp_path / "bad")
 
 
+def test_a_budget_ending_on_a_periodic_validation_validates_once(tiny_data, tmp_path):
+    """--steps 6 with --val-every 3 and train rows every 4 steps: step 6's validation is the final one, not
+    repeated after the last train row."""
+    train(_cfg(tiny_data, epochs=100, steps=6, val_every=3, log_every=4), tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows if r["split"] == "val"] == [3, 6]
+    assert rows[-1]["split"] == "train" and rows[-1]["step"] == 6
+
+
 def test_occupied_run_dir_needs_resume_or_force(tiny_data, tmp_path):
     train(_cfg(tiny_data), tmp_path / "run")
     with pytest.raises(FlowmnistError, match="already holds a run; pass --resume .* or --force"):

@@ -515,9 +515,9 @@ def finish(run: Run, stopped_by: str) -> None:
     signal stops at once, carrying its running train average in the checkpoint."""
     if not stopped_by.startswith("SIG"):
         log_running(run)
-    last = run.rows[-1] if run.rows else None
-    if stopped_by in ("minutes", "steps") and (last is None or last["split"] != "val" or last["step"] != run.st.step):
-        validate(run)
+    last_val = next((r for r in reversed(run.rows) if r["split"] == "val"), None)
+    if stopped_by in ("minutes", "steps") and (last_val is None or last_val["step"] != run.st.step):
+        validate(run)  # unless a periodic validation was already at this step
     save_last(run)
 
 
