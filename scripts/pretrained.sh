@@ -73,6 +73,8 @@ case ${1:-} in
     "$BIN/flowmnist" curves --pretrained "${names[@]}" --out "$out"
     "$BIN/flowmnist" concepts --out "$out"
     "$BIN/flowmnist" sample --pretrained multi-vardeq-cond --digit all --n 10 --out "$out/digits_multi-vardeq-cond.png"
+    "$BIN/flowmnist" sample --pretrained multi-vardeq-glow-wide --n 64 --temperature 0.7 \
+      --out "$out/samples_multi-vardeq-glow-wide.png"
     "$BIN/flowmnist" compare-samples --pretrained fashion-multi-vardeq --out "$out/fashion" --n 36 --temperature 0.7
     ;;
   ood)  # the MNIST model: MNIST val vs Fashion-MNIST test; the Fashion-MNIST model: the other way round
