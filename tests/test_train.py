@@ -194,7 +194,7 @@ def _nan_gradients(monkeypatch, bad: set[int]) -> list[list[torch.Tensor]]:
     pass, a copy of the weights it saw (the weights before that step's update)."""
     import flowmnist.train as T
 
-    real, seen = T.build_model, []
+    real, seen = T.model_of, []
 
     def build(*args, **kw):
         model = real(*args, **kw)
@@ -207,7 +207,7 @@ def _nan_gradients(monkeypatch, bad: set[int]) -> list[list[torch.Tensor]]:
         params[0].register_hook(hook)
         return model
 
-    monkeypatch.setattr(T, "build_model", build)
+    monkeypatch.setattr(T, "model_of", build)
     return seen
 
 

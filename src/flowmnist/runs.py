@@ -174,6 +174,12 @@ def checkpoint_path(run: str | Path) -> Path:
     raise FlowmnistError(f"{run}: no checkpoint (best.pt, last.pt or {WEIGHTS}) in this run directory")
 
 
+def model_of(cfg: Config) -> FlowModel:
+    """The untrained model a config describes: its architecture, fast path and class prior."""
+    prior = dict(class_latent=cfg.class_latent, class_spread=cfg.class_spread, class_fixed=cfg.class_fixed)
+    return build_model(cfg.model, cfg.alpha, fast=cfg.fast, conditional=cfg.conditional, **prior)
+
+
 def load_model(run: str | Path, device: str = "cpu") -> tuple[FlowModel, Config]:
     """Rebuild a model from its checkpoint alone (the config travels inside it), in eval mode."""
     verify_if_pretrained(run)
@@ -181,15 +187,7 @@ def load_model(run: str | Path, device: str = "cpu") -> tuple[FlowModel, Config]
     ckpt = load_checkpoint(path, map_location=device)
     cfg = Config.from_dict(ckpt["config"])
     try:
-        model = build_model(
-            cfg.model,
-            cfg.alpha,
-            fast=cfg.fast,
-            conditional=cfg.conditional,
-            class_latent=cfg.class_latent,
-            class_spread=cfg.class_spread,
-            class_fixed=cfg.class_fixed,
-        )
+        model = model_of(cfg)
     except ValueError as e:
         raise FlowmnistError(f"{path}: {e}") from e
     weights = dict(ckpt["model"])

@@ -33,13 +33,14 @@ from tqdm import tqdm
 from .config import Config, FlowmnistError
 from .data import load_data
 from .dist import Dist, process_group
-from .models import FlowModel, build_model
+from .models import FlowModel
 from .nets import compile_nets, set_autocast
 from .runs import (
     check_run_dir,
     check_writable,
     initial_weights,
     load_checkpoint,
+    model_of,
     read_metrics,
     save_checkpoint,
     write_json,
@@ -307,15 +308,7 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
         init = initial_weights(cfg.init_from, cfg) if cfg.init_from and ckpt is None else None
 
     torch.manual_seed(cfg.seed)
-    model = build_model(
-        cfg.model,
-        cfg.alpha,
-        fast=cfg.fast,
-        conditional=cfg.conditional,
-        class_latent=cfg.class_latent,
-        class_spread=cfg.class_spread,
-        class_fixed=cfg.class_fixed,
-    ).to(device)
+    model = model_of(cfg).to(device)
     if init is not None:
         model.load_state_dict(init)
     elif ckpt is None:  # ActNorm's data-dependent start: the first training images, the same on every rank

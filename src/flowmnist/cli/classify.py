@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from ..config import FlowmnistError
-from .common import add_split, out_file, runs
-from .ood import _common, csv_text, score_format, score_input
+from .common import add_split, runs
+from .ood import _common, csv_text, emit, score_format, score_input
 
 
 def cmd_classify(a: argparse.Namespace) -> int:
-    from ..config import atomic_write_bytes
     from ..evaluate import class_scores, image_class_log_probs
     from ..ood import rounded
     from ..runs import load_model
@@ -48,11 +46,7 @@ def cmd_classify(a: argparse.Namespace) -> int:
         text = json.dumps(doc | {"rows": rows}, indent=1) + "\n"
     else:
         text = csv_text(rows) if rows else ""
-    if a.out:
-        atomic_write_bytes(out_file(a.out), text.encode())
-        print(a.out)
-    else:
-        sys.stdout.write(text)
+    emit(a, text)
     return 0
 
 

@@ -72,7 +72,6 @@ def csv_text(rows: list[dict]) -> str:
 
 
 def cmd_score(a: argparse.Namespace) -> int:
-    from ..config import atomic_write_bytes
     from ..ood import rounded, score_images
     from ..runs import load_model
 
@@ -90,12 +89,19 @@ def cmd_score(a: argparse.Namespace) -> int:
         text = json.dumps(doc, indent=1) + "\n"
     else:
         text = csv_text(rows)
+    emit(a, text)
+    return 0
+
+
+def emit(a: argparse.Namespace, text: str) -> None:
+    """The rows to --out (written whole, or not at all), else to stdout."""
+    from ..config import atomic_write_bytes
+
     if a.out:
         atomic_write_bytes(out_file(a.out), text.encode())
         print(a.out)
     else:
         sys.stdout.write(text)
-    return 0
 
 
 def add_score_command(sub) -> None:
