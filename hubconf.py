@@ -18,14 +18,16 @@ _SRC = Path(__file__).resolve().parent / "src"
 if _SRC.is_dir() and str(_SRC) not in sys.path:
     sys.path.insert(0, str(_SRC))
 
-from flowmnist.models import build_model  # noqa: E402
-from flowmnist.runs import load_pretrained  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from flowmnist.runs import PRETRAINED_ROOT, load_pretrained, model_of, run_config  # noqa: E402
 
 
-def _entry(name: str, pretrained: bool, device: str, model: str | None = None, conditional: bool = False):
+def _entry(name: str, pretrained: bool, device: str):
     if pretrained:
         return load_pretrained(name, device)
-    return build_model(model or name, fast=True, conditional=conditional).to(device).eval()
+    # untrained: the architecture and class prior of the shipped model's config
+    return model_of(replace(run_config(PRETRAINED_ROOT / name), fast=True)).to(device).eval()
 
 
 def simple(pretrained: bool = True, device: str = "cpu"):
@@ -49,14 +51,14 @@ def multi_vardeq(pretrained: bool = True, device: str = "cpu"):
 
 
 def multi_vardeq_cond(pretrained: bool = True, device: str = "cpu"):
-    """Class-conditional multi_vardeq: a Gaussian prior per digit.
-    ``model.sample(n, y=7)`` draws sevens."""
-    return _entry("multi-vardeq-cond", pretrained, device, "multi-vardeq", conditional=True)
+    """Class-conditional multi_vardeq: a fixed Gaussian per digit on the final latent (FlowGMM).
+    ``model.sample(n, y=7)`` draws sevens; ``flowmnist classify`` reads digits with it."""
+    return _entry("multi-vardeq-cond", pretrained, device)
 
 
 def fashion_multi_vardeq(pretrained: bool = True, device: str = "cpu"):
     """multi_vardeq trained on Fashion-MNIST."""
-    return _entry("fashion-multi-vardeq", pretrained, device, "multi-vardeq")
+    return _entry("fashion-multi-vardeq", pretrained, device)
 
 
 def multi_vardeq_glow_wide(pretrained: bool = True, device: str = "cpu"):

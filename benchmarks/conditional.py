@@ -44,9 +44,15 @@ SETTINGS: dict[str, list[str]] = {
     "top fixed spread=0.5 lambda=10": [
         *("--conditional", "--class-latent", "top", "--class-spread", "0.5", "--class-fixed", "--hybrid-weight", "10")
     ],
+    "top fixed spread=0.5 lambda=1": [
+        *("--conditional", "--class-latent", "top", "--class-spread", "0.5", "--class-fixed", "--hybrid-weight", "1")
+    ],
     "top fixed spread=0.5 (9000 steps)": [
         *("--conditional", "--class-latent", "top", "--class-spread", "0.5", "--class-fixed", "--steps", "9000")
     ],
+    "top fixed spread=0.25": ["--conditional", "--class-latent", "top", "--class-spread", "0.25", "--class-fixed"],
+    "top fixed spread=1": ["--conditional", "--class-latent", "top", "--class-spread", "1", "--class-fixed"],
+    "unconditional (9000 steps)": ["--steps", "9000"],
     "top spread=0.5 lambda=10": [
         "--conditional",
         "--class-latent",
@@ -116,15 +122,21 @@ def figure(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = plt.subplots(figsize=(10, 4.6))
     ref = summary["settings"].get("unconditional", {}).get("bpd")
-    for i, (name, r) in enumerate(summary["settings"].items()):
+    names = []
+    for name in SETTINGS:  # the table's order
+        r = summary["settings"].get(name, {})
         if "accuracy" not in r:
             continue
+        names.append(name)  # each point numbered; the numbers' key beside the plot
         color = "C2" if "fixed" in name else "C3" if "spread" in name else "C1" if name.startswith("top") else "C0"
         ax.plot(r["bpd"], 100 * r["accuracy"], "o", color=color)
-        offset = (4, 3) if i % 2 else (4, -9)  # neighbours' labels on either side
-        ax.annotate(name, (r["bpd"], 100 * r["accuracy"]), fontsize=7, xytext=offset, textcoords="offset points")
+        ax.annotate(
+            str(len(names)), (r["bpd"], 100 * r["accuracy"]), fontsize=8, xytext=(4, 3), textcoords="offset points"
+        )
+    key = "\n".join(f"{i}  {n}" for i, n in enumerate(names, 1))
+    ax.text(1.03, 1.0, key, transform=ax.transAxes, fontsize=8, va="top", family="monospace")
     if ref is not None:
         ax.axvline(ref, color="gray", ls="--", lw=1, label=f"unconditional ({ref:.3f})")
         ax.axvspan(ref, ref + 0.01, color="gray", alpha=0.12, label="within 0.01 bpd")

@@ -39,7 +39,9 @@ case ${1:-} in
     data=$2 name=$3 run=$RUNS/$3
     model=${name#fashion-} flags=()
     [ "$model" != "$name" ] && flags+=(--dataset fashion-mnist)
-    [ "${model%-cond}" != "$model" ] && model=${model%-cond} && flags+=(--conditional)
+    # MODEL-cond: a fixed Gaussian per digit on the final latent (docs/conditional.md chose it)
+    [ "${model%-cond}" != "$model" ] && model=${model%-cond} &&
+      flags+=(--conditional --class-latent top --class-spread 0.5 --class-fixed)
     if [ -f "$run/last.pt" ]; then
       pin "$BIN/flowmnist" train --out "$run" --resume
     else
@@ -73,6 +75,9 @@ case ${1:-} in
     "$BIN/flowmnist" curves --pretrained "${names[@]}" --out "$out"
     "$BIN/flowmnist" concepts --out "$out"
     "$BIN/flowmnist" sample --pretrained multi-vardeq-cond --digit all --n 10 --out "$out/digits_multi-vardeq-cond.png"
+    "$BIN/python" -c 'import json, sys; from flowmnist.figures import plot_confusion
+plot_confusion(json.load(open(sys.argv[1]))["confusion"]["test"], sys.argv[2], "multi-vardeq-cond, test")' \
+      src/flowmnist/pretrained/multi-vardeq-cond/results.json "$out/confusion_multi-vardeq-cond_test.png"
     "$BIN/flowmnist" sample --pretrained multi-vardeq-glow-wide --n 64 --temperature 0.7 \
       --out "$out/samples_multi-vardeq-glow-wide.png"
     "$BIN/flowmnist" compare-samples --pretrained fashion-multi-vardeq --out "$out/fashion" --n 36 --temperature 0.7

@@ -76,6 +76,16 @@ def real_data_or_skip() -> Path:
     return REAL_DATA
 
 
+# The full official MNIST (60,000 training images and t10k): its val split is held out from the shipped models
+FULL_DATA = Path(os.environ.get("FLOWMNIST_FULL_DATA", Path(__file__).resolve().parents[2] / "shared/data/mnist"))
+
+
+def full_data_or_skip() -> Path:
+    found = (FULL_DATA / (FILES["train-images"][0] + ".gz")).is_file()
+    require_or_skip(found, f"full MNIST not found at {FULL_DATA} (set FLOWMNIST_FULL_DATA)")
+    return FULL_DATA
+
+
 FASHION = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist installs it
 
 

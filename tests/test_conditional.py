@@ -389,6 +389,25 @@ def test_classify_idx_and_png_rows_and_unconditional_refused(cond_run, cond_data
     assert "must end in .csv or .json" in capsys.readouterr().err
 
 
+def test_classify_own_samples_labels_each_with_the_digit_asked_for(cond_run, capsys):
+    """`classify --own-samples N`: N samples of each digit, drawn as `model.sample(y=d)` draws them (seed,
+    temperature), labelled d, and the accuracy of the model on them; --split makes no sense there."""
+    argv = ["classify", str(cond_run), "--own-samples", "3", "--temperature", "0.7", "--seed", "5", "--json"]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in doc["rows"]] == [d for d in range(10) for _ in range(3)]
+    assert doc["accuracy"] == sum(r["predicted"] == r["label"] for r in doc["rows"]) / 30
+    assert (doc["own_samples"], doc["temperature"], doc["seed"]) == (3, 0.7, 5)
+    model, _ = load_model(cond_run)
+    with torch.no_grad():
+        digits = torch.arange(10).repeat_interleave(3)
+        images = model.sample(30, 0.7, torch.Generator().manual_seed(5), y=digits)
+    s = class_scores(image_class_log_probs(model, images), model.prior.log_py, digits, model.dims)
+    assert [r["predicted"] for r in doc["rows"]] == s.predicted.tolist()
+    assert main([*argv, "--split", "val"]) == 2
+    assert "--split applies to --data-dir and --png, not to --own-samples" in capsys.readouterr().err
+
+
 def test_config_fields_old_configs_and_checks():
     old = {k: v for k, v in Config().to_dict().items() if k not in ("conditional", "hybrid_weight")}
     cfg = Config.from_dict(old)

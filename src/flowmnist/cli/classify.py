@@ -7,8 +7,9 @@ import argparse
 import json
 
 from ..config import FlowmnistError
-from .common import add_split, runs
+from .common import add_split, nonneg_int, positive_int, runs
 from .ood import _common, csv_text, emit, score_format, score_input
+from .results import add_temperature
 
 
 def cmd_classify(a: argparse.Namespace) -> int:
@@ -21,7 +22,7 @@ def cmd_classify(a: argparse.Namespace) -> int:
     model, cfg = load_model(run, a.device)
     if not model.conditional:
         raise FlowmnistError(f"{run}: an unconditional model has no p(y | x); classify needs one trained --conditional")
-    images, labels, source = score_input(a, cfg)
+    images, labels, source = own_samples(a, model) if a.own_samples else score_input(a, cfg)
     lp = image_class_log_probs(model, images, a.importance_samples)
     truth = [y if isinstance(y, int) else -1 for y in labels]  # PNG files carry no label
     import torch
@@ -41,7 +42,7 @@ def cmd_classify(a: argparse.Namespace) -> int:
     ]
     if fmt == "json":
         doc = {"run": str(run), **source, "importance_samples": a.importance_samples}
-        if "split" in source and rows:
+        if ("split" in source or "own_samples" in source) and rows:
             doc["accuracy"] = round(float((s.predicted == torch.tensor(truth)).double().mean()), 6)
         text = json.dumps(doc | {"rows": rows}, indent=1) + "\n"
     else:
@@ -50,13 +51,36 @@ def cmd_classify(a: argparse.Namespace) -> int:
     return 0
 
 
+def own_samples(a: argparse.Namespace, model):
+    """The model's own samples, --own-samples N of each digit at --temperature (seed --seed), labelled with
+    the digit asked for: is a sample of digit d classified as d?"""
+    import torch
+
+    for given, option in ((a.split, "--split"), (a.max_images, "--max-images")):
+        if given:
+            raise FlowmnistError(f"{option} applies to --data-dir and --png, not to --own-samples")
+    digits = torch.arange(model.prior.num_classes).repeat_interleave(a.own_samples)
+    g = torch.Generator(device=a.device).manual_seed(a.seed)
+    with torch.no_grad():
+        images = model.sample(len(digits), a.temperature, g, y=digits.to(a.device)).cpu()
+    source = {"own_samples": a.own_samples, "temperature": a.temperature, "seed": a.seed}
+    return images, digits.tolist(), source
+
+
 def add_classify_command(sub) -> None:
     c = sub.add_parser("classify", help="per-image digit, posterior p(y | x) and bpd from a class-conditional model")
     _common(c)
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--data-dir", metavar="DIR", help="classify a split of this IDX directory")
     src.add_argument("--png", nargs="+", metavar="FILE_OR_DIR", help="classify 28x28 PNGs (a directory: its *.png)")
+    src.add_argument(
+        "--own-samples", type=positive_int, metavar="N", help="classify N of the model's samples of each digit"
+    )
     add_split(c, help="split of --data-dir (default val)")
+    add_temperature(c)
+    c.add_argument("--seed", type=nonneg_int, default=0, help="the samples' seed (--own-samples; default 0)")
     c.add_argument("--out", metavar="FILE", help="write the rows to FILE.csv or FILE.json (default: CSV on stdout)")
-    c.add_argument("--json", action="store_true", help="JSON instead of CSV on stdout (with the accuracy of a split)")
+    c.add_argument(
+        "--json", action="store_true", help="JSON instead of CSV on stdout (with the accuracy of a split or samples)"
+    )
     c.set_defaults(func=cmd_classify)
