@@ -151,8 +151,9 @@ def figure(summary: dict, path: Path) -> None:
 
 
 def table(summary: dict) -> str:
-    """The sweep as a Markdown table: marginal bpd, its excess over the unconditional run, accuracies."""
-    ref = summary["settings"].get("unconditional", {}).get("bpd")
+    """The sweep as a Markdown table: marginal bpd, its excess over the unconditional run of as many steps,
+    accuracies."""
+    ref = {r["steps"]: r["bpd"] for n, r in summary["settings"].items() if n.startswith("unconditional")}
     lines = [
         "| setting | steps | marginal val bpd | vs unconditional | val accuracy | accuracy on its own samples |",
         "|---|---:|---:|---:|---:|---:|",
@@ -161,8 +162,8 @@ def table(summary: dict) -> str:
         r = summary["settings"].get(name)
         if r is None:
             continue
-        same_budget = r["steps"] == summary["settings"].get("unconditional", {}).get("steps")
-        excess = f"{r['bpd'] - ref:+.4f}" if ref is not None and name != "unconditional" and same_budget else "–"
+        twin = ref.get(r["steps"])  # the unconditional run of the same steps
+        excess = f"{r['bpd'] - twin:+.4f}" if twin is not None and not name.startswith("unconditional") else "–"
         acc = f"{100 * r['accuracy']:.2f} %" if "accuracy" in r else "–"
         own = f"{100 * r['sample_accuracy']:.1f} %" if "sample_accuracy" in r else "–"
         lines.append(f"| {name} | {r['steps']:,} | {r['bpd']:.4f} | {excess} | {acc} | {own} |")
