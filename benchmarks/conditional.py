@@ -96,7 +96,7 @@ def measure(run: Path, a: argparse.Namespace) -> dict:
 
     from flowmnist.config import Config
     from flowmnist.data import load_data
-    from flowmnist.evaluate import class_scores, image_bpd, image_class_log_probs
+    from flowmnist.evaluate import class_scores, image_bpd, image_class_log_probs, own_samples
     from flowmnist.runs import load_model
 
     torch.set_num_threads(1)
@@ -108,11 +108,8 @@ def measure(run: Path, a: argparse.Namespace) -> dict:
         return out | {"bpd": round(float(image_bpd(model, x)[0].mean()), 5)}
     s = class_scores(image_class_log_probs(model, x), model.prior.log_py, y, model.dims)
     out |= {"bpd": round(float(s.bpd.mean()), 5), "accuracy": round(float((s.predicted == y).double().mean()), 5)}
-    with torch.no_grad():
-        digits = torch.arange(10).repeat_interleave(a.samples)
-        samples = model.sample(len(digits), 1.0, torch.Generator().manual_seed(0), y=digits)
-        lp = image_class_log_probs(model, samples)
-        judged = class_scores(lp, model.prior.log_py, digits, model.dims).predicted
+    samples, digits = own_samples(model, a.samples)  # T = 1, seed 0
+    judged = class_scores(image_class_log_probs(model, samples), model.prior.log_py, digits, model.dims).predicted
     return out | {"sample_accuracy": round(float((judged == digits).double().mean()), 5)}
 
 

@@ -67,6 +67,15 @@ def image_class_log_probs(model: FlowModel, images: Tensor, k: int = 1, batch_si
     return torch.cat(out) if out else torch.zeros(0, k, model.prior.num_classes, dtype=torch.float64)
 
 
+@torch.no_grad()
+def own_samples(model: FlowModel, per_digit: int, temperature: float = 1.0, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A conditional model's samples, ``per_digit`` of each digit in order, and the digits asked for (both on
+    the CPU): is a sample of digit d classified as d?"""
+    digits = torch.arange(model.prior.num_classes).repeat_interleave(per_digit)
+    g = torch.Generator(device=model.device).manual_seed(seed)
+    return model.sample(len(digits), temperature, g, y=digits.to(model.device)).cpu(), digits
+
+
 class ClassScores(NamedTuple):
     """Per image (float64 bpd; ``predicted``: int64 class)."""
 

@@ -54,15 +54,12 @@ def cmd_classify(a: argparse.Namespace) -> int:
 def own_samples(a: argparse.Namespace, model):
     """The model's own samples, --own-samples N of each digit at --temperature (seed --seed), labelled with
     the digit asked for: is a sample of digit d classified as d?"""
-    import torch
+    from ..evaluate import own_samples as draw
 
     for given, option in ((a.split, "--split"), (a.max_images, "--max-images")):
         if given:
             raise FlowmnistError(f"{option} applies to --data-dir and --png, not to --own-samples")
-    digits = torch.arange(model.prior.num_classes).repeat_interleave(a.own_samples)
-    g = torch.Generator(device=a.device).manual_seed(a.seed)
-    with torch.no_grad():
-        images = model.sample(len(digits), a.temperature, g, y=digits.to(a.device)).cpu()
+    images, digits = draw(model, a.own_samples, a.temperature, a.seed)
     source = {"own_samples": a.own_samples, "temperature": a.temperature, "seed": a.seed}
     return images, digits.tolist(), source
 
