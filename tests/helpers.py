@@ -19,6 +19,7 @@ PARAMS = {
     "multi-vardeq-mixlog": 2_251_458,
     "multi-vardeq-glow": 1_712_514,
     "multi-vardeq-glow-wide": 6_499_122,
+    "multi-vardeq-glow-deep": 9_284_466,
     "flowpp": 9_698_826,
 }
 

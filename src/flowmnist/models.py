@@ -416,6 +416,11 @@ ARCHITECTURES: dict[str, Architecture] = {
         _VARDEQ,
         doc="multi-vardeq-wide with ActNorm and invertible 1x1 convolutions before the channel couplings",
     ),
+    "multi-vardeq-glow-deep": Architecture(
+        _multi(n=(2, 4, 12), hidden=(32, 64, 96), rest=dict(glow=True)),
+        Couplings(4, 32),
+        doc="multi-vardeq-glow-wide with 12 Glow steps at 7x7 and a dequantization flow of width 32",
+    ),
     "flowpp": Architecture(
         _multi(**_WIDE, first=dict(kind="mixlog"), rest=dict(kind="mixlog", glow=True, attention=True)),
         _VARDEQ,
