@@ -118,6 +118,58 @@ def test_resume_continues_exactly(tiny_data, tmp_path, schedule, stop):
     assert _strip_time(read_metrics(tmp_path / "straight")) == _strip_time(read_metrics(tmp_path / "split"))
 
 
+class _StepClock:
+    """A training clock that ticks one second per optimizer step (at each step's noise seed), so a
+    --minutes run's schedule is deterministic; ``at`` restarts it elsewhere, as a new process's clock."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.now, self.calls, self.stop_at = 0.0, 0, stop_at
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def tick(self, real):
+        def seed(*args):
+            self.now += 1.0
+            self.calls += 1
+            if self.calls == self.stop_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real(*args)
+
+        return seed
+
+
+def test_a_minutes_budget_resumed_continues_its_schedule(tiny_data, tmp_path, monkeypatch):
+    """A run with a 20-second budget (20 steps at one second a step), stopped at step 7 and resumed in a
+    process whose clock reads something else: the resumed run counts the 7 seconds already trained, so
+    its learning rate at every later step, its stop and its weights are the uninterrupted run's."""
+    import types
+
+    import flowmnist.train as T
+
+    real = T.noise_seed
+    cfg = _cfg(tiny_data, epochs=100, minutes=20 / 60, schedule="cosine", warmup_steps=0, checkpoint_minutes=100)
+
+    def run(name: str, clock: _StepClock, resume: bool = False) -> dict:
+        monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+        monkeypatch.setattr(T, "noise_seed", clock.tick(real))
+        return train(cfg, tmp_path / name, resume=resume)
+
+    straight = run("straight", _StepClock())
+    assert straight["stopped_by"] == "minutes" and straight["step"] == 20
+    assert run("split", _StepClock(stop_at=7))["stopped_by"] == "SIGINT"
+    restarted = _StepClock()
+    restarted.now = 1000.0
+    resumed = run("split", restarted, resume=True)
+    assert resumed["stopped_by"] == "minutes" and resumed["step"] == 20
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "straight") if r["split"] == "train"}
+    again = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "split") if r["split"] == "train"}
+    assert again == lrs and lrs[20] < 0.05 * lrs[1]  # the cosine ran over the 20 steps, once
+    a, b = load_checkpoint(tmp_path / "straight/last.pt"), load_checkpoint(tmp_path / "split/last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_resume_drops_rows_written_after_the_checkpoint(tiny_data, tmp_path):
     """The log is written at every row, the checkpoint at each epoch's end: a crash (here an exception
     during step 8, as a kill -9 would leave it) leaves rows that last.pt does not cover. --resume drops
