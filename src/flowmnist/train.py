@@ -282,6 +282,7 @@ class Run:
     bar: Any = None
     saved_at: float = 0.0  # elapsed() at the last save of last.pt
     validated_at: float = 0.0  # elapsed() at the last validation
+    val_seconds: float = 0.0  # what the next validation is expected to take: a --minutes budget ends with one
 
     @property
     def total_steps(self) -> int:
@@ -392,11 +393,32 @@ def save_last(run: Run) -> None:
     save_checkpoint(run.run_dir / "last.pt", state)
 
 
+@torch.inference_mode()
+def estimate_val_seconds(run: Run, batch_size: int = 256) -> float:
+    """Seconds a validation will take, measured once before a --minutes run's first step, so that the
+    budget's end leaves room for the final validation: the batch shapes validation uses are run once
+    (compiled nets compile for them here, not in the final validation), then one batch is timed and
+    scaled to the split. Every rank makes the same calls (each holds a collective)."""
+    model, x, u, env = run.model, run.val_x, run.val_u, run.env
+    model.eval()
+    set_autocast(model, None)
+    tail = len(x) - len(x) % batch_size
+    sharded_bpd(model, x[tail:], u[tail:], env, batch_size)  # the last, partial batch's shape (maybe none)
+    head = min(batch_size, len(x))
+    sharded_bpd(model, x[:head], u[:head], env, batch_size)
+    t = time.perf_counter()
+    sharded_bpd(model, x[:head], u[:head], env, batch_size)
+    per_image = (time.perf_counter() - t) / max(head, 1)
+    set_autocast(model, run.train_dtype)
+    model.train()
+    return per_image * len(x)
+
+
 def validate(run: Run) -> float:
     """Val bpd (single-sample bound, the run's fixed noise, float32; the EMA weights if kept), logged;
-    best.pt when it is the best so far."""
+    best.pt when it is the best so far. Its duration is the estimate of the next one's."""
     model, st = run.model, run.st
-    run.validated_at = run.elapsed()
+    run.validated_at = started = run.elapsed()
     model.eval()
     set_autocast(model, None)
     if run.ema is not None:
@@ -414,6 +436,7 @@ def validate(run: Run) -> float:
         run.ema.swap()
     set_autocast(model, run.train_dtype)
     model.train()
+    run.val_seconds = run.elapsed() - started
     return val
 
 
@@ -421,7 +444,8 @@ def stop_reason(run: Run, stop: _StopFlag) -> str | None:
     """ "minutes", "steps", "SIGINT" or "SIGTERM" when the run must stop before the next step, else None. A
     stop one rank sees (its signal, its clock) is agreed by all, so none is left waiting in a collective."""
     steps_done = bool(run.cfg.steps) and run.st.step >= run.cfg.steps  # the same on every rank
-    code = run.env.agree_max(stop.signum or (_STOP_BUDGET if steps_done or run.elapsed() >= run.budget else 0))
+    out_of_time = run.elapsed() + run.val_seconds >= run.budget  # the final validation inside the budget
+    code = run.env.agree_max(stop.signum or (_STOP_BUDGET if steps_done or out_of_time else 0))
     if not code:
         return None
     if code == _STOP_BUDGET:
@@ -524,6 +548,8 @@ def _train(
     run.bar = tqdm(total=run.total_steps, initial=st.epoch * nb + st.batch, disable=not show, unit="step")
     run.model.train()
     set_autocast(run.model, run.train_dtype)
+    if run.cfg.minutes is not None:
+        run.val_seconds = estimate_val_seconds(run)
     stopped_by = "epochs"
     with _StopFlag() as stop:
         while st.epoch < run.cfg.epochs:
