@@ -175,13 +175,15 @@ def evaluate_run(
     with unconditional runs, and the results add, per split, "bpd_conditional" (-log2 p(x | y) / D of the
     true labels), "accuracy" (a fraction) and "confusion" (rows: true digit, columns: predicted), all from
     the same k noise draws per image, shared by the ten classes."""
-    from .data import load_data
+    from .data import check_classes, load_data
     from .nets import compile_nets
 
     model, cfg = load_model(run, device)
     if compile:
         compile_nets(model)
     data = load_data(cfg, data_dir)
+    if model.conditional:
+        check_classes(data, model.prior.num_classes)
     splits = splits or data.splits
     bpd, single, counts, exact = {}, {}, {}, {}
     extra: dict[str, dict[str, Any]] = {"bpd_conditional": {}, "accuracy": {}, "confusion": {}}
