@@ -89,7 +89,7 @@ def test_splits_take_counts_from_header(tmp_path):
 
 def test_full_mnist_split_is_50k_10k(monkeypatch, tmp_path):
     """The split sizes for a 60,000-image file, without writing one: patch the reader."""
-    train = D._Set(np.zeros((60000, 28, 28), np.uint8), np.zeros(60000, np.int64), ("0",), tmp_path, tmp_path)
+    train = D.ImageSet(np.zeros((60000, 28, 28), np.uint8), np.zeros(60000, np.int64), ("0",), tmp_path, tmp_path)
     monkeypatch.setattr(D, "read_dir", lambda root: {"train": train})
     data = load_dir(tmp_path)
     assert len(data.images["train"]) == 50000 and len(data.images["val"]) == 10000

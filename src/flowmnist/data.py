@@ -203,7 +203,7 @@ class _Array(NamedTuple):
     name: str  # for messages: the path, with [key] when the .npz holds several arrays
 
 
-class _Set(NamedTuple):
+class ImageSet(NamedTuple):
     """One split of a directory as read: uint8 images (N, H, W), int64 labels or None (unlabelled)."""
 
     images: np.ndarray
@@ -322,7 +322,7 @@ def _check_labels(labels: np.ndarray, path: str, n: int, images: str) -> np.ndar
     return labels.astype(np.int64)
 
 
-def _read_arrays(root: Path, arrays: list[_Array]) -> dict[str, _Set]:
+def _read_arrays(root: Path, arrays: list[_Array]) -> dict[str, ImageSet]:
     """The image/label pairs of each split; labels name their classes by number (0 .. the largest)."""
     sets = {}
     for split in ("train", "test"):
@@ -334,7 +334,7 @@ def _read_arrays(root: Path, arrays: list[_Array]) -> dict[str, _Set]:
             raise DataError(f"{root}: {_partner(have)} is missing (its pair {have} is present)")
         images = check_images(_load_array(img), img.name, size=None)
         labels = _check_labels(_load_array(lab), lab.name, len(images), img.name)
-        sets[split] = _Set(images, labels, (), img.path, lab.path)
+        sets[split] = ImageSet(images, labels, (), img.path, lab.path)
     top = max((int(s.labels.max()) for s in sets.values()), default=-1)
     return {k: s._replace(classes=tuple(map(str, range(top + 1)))) for k, s in sets.items()}
 
@@ -359,7 +359,7 @@ def _png_stack(files: list[Path]) -> np.ndarray:
     return check_images(np.stack(images), files[0], size=None)
 
 
-def _png_folder(folder: Path) -> _Set:
+def _png_folder(folder: Path) -> ImageSet:
     """One split's PNGs: a folder of class folders (labels: the classes' indices in name order, numeric
     when every name is a number) or a flat folder (unlabelled). Every visible file must be a PNG."""
     entries = _visible(folder)
@@ -367,7 +367,7 @@ def _png_folder(folder: Path) -> _Set:
         raise DataError(f"{folder}: empty folder, no PNG images")
     if not any(e.is_dir() for e in entries):
         images = _png_stack(entries)
-        return _Set(images, None, (), folder, None)
+        return ImageSet(images, None, (), folder, None)
     stray = next((e for e in entries if not e.is_dir()), None)
     if stray is not None:
         raise DataError(f"{stray}: a file beside the class folders; every image goes in its class's folder")
@@ -383,10 +383,10 @@ def _png_folder(folder: Path) -> _Set:
             raise DataError(f"{nested}: a folder inside a class folder; a class folder holds PNG files only")
         files += inner
         labels += [i] * len(inner)
-    return _Set(_png_stack(files), np.array(labels, np.int64), classes, folder, folder)
+    return ImageSet(_png_stack(files), np.array(labels, np.int64), classes, folder, folder)
 
 
-def _png_folders(root: Path) -> dict[str, _Set]:
+def _png_folders(root: Path) -> dict[str, ImageSet]:
     """``root`` as one training folder, or its train/ and test/ folders (training/ and testing/ too)."""
     entries = _visible(root)
     splits = [e for e in entries if e.is_dir() and e.name.lower() in SPLIT_FOLDERS]
@@ -404,7 +404,7 @@ def _png_folders(root: Path) -> dict[str, _Set]:
     return {split: _png_folder(folder) for split, folder in by_split.items()}
 
 
-def read_dir(root: Path) -> dict[str, _Set]:
+def read_dir(root: Path) -> dict[str, ImageSet]:
     """A data directory's files, whatever they hold: IDX files or NumPy arrays if there are any, else
     PNGs; the training set and, where present, the test set, checked to agree in size and classes."""
     arrays = _arrays(root)
@@ -464,7 +464,7 @@ class ImageSplits:
         return self.images[name], self.labels[name]
 
 
-def _tensors(s: _Set) -> tuple[Tensor, Tensor]:
+def _tensors(s: ImageSet) -> tuple[Tensor, Tensor]:
     labels = s.labels if s.labels is not None else np.full(len(s.images), NO_LABEL, np.int64)
     return torch.from_numpy(s.images.copy()).unsqueeze(1), torch.from_numpy(labels.copy())
 
