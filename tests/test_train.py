@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import write_mnist_dir
+from conftest import synthetic_digits, write_mnist_dir
 from helpers import png_size
 from PIL import Image
 
@@ -64,6 +64,22 @@ def test_same_seed_same_numbers(tiny_data, tmp_path):
     assert a["val_bpd"] == b["val_bpd"]
     c = train(_cfg(tiny_data, seed=1), tmp_path / "c")
     assert c["val_bpd"] != a["val_bpd"]
+
+
+def test_a_png_folder_trains_as_the_idx_of_the_same_digits(tmp_path):
+    """A folder per class is read class by class: the IDX file of the digits in that order is the same run."""
+    images, labels = synthetic_digits(48, seed=4)
+    order = np.argsort(labels, kind="stable")
+    (tmp_path / "idx").mkdir()
+    D.write_idx(tmp_path / "idx" / "train-images-idx3-ubyte.gz", images[order])
+    D.write_idx(tmp_path / "idx" / "train-labels-idx1-ubyte.gz", labels[order])
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        (tmp_path / "png" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "png" / str(label) / f"{i:03d}.png")
+    a = train(_cfg(tmp_path / "png", conditional=True), tmp_path / "a")
+    b = train(_cfg(tmp_path / "idx", conditional=True), tmp_path / "b")
+    assert _strip_time(read_metrics(tmp_path / "a")) == _strip_time(read_metrics(tmp_path / "b"))
+    assert a["val_bpd"] == b["val_bpd"] and math.isfinite(a["val_bpd"])
 
 
 def _train_until(cfg: Config, run, steps: int) -> dict:
