@@ -10,14 +10,14 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import write_mnist_dir
+from conftest import synthetic_digits, write_mnist_dir
 from helpers import png_size
 from PIL import Image
 
 import flowmnist.data as D
 from flowmnist.cli import build_parser, main
 from flowmnist.config import Config, FlowmnistError
-from flowmnist.data import load_idx_dir
+from flowmnist.data import load_dir
 from flowmnist.evaluate import roundtrip_fraction
 from flowmnist.runs import load_checkpoint, load_model, read_metrics
 from flowmnist.train import train
@@ -53,7 +53,7 @@ def test_short_real_data_run_learns(real_subset, tmp_path):
     assert train_bpd[-1] < train_bpd[0]
     # Encoding then decoding every validation image of the trained model returns it exactly.
     model, cfg = load_model(tmp_path / "run")
-    val = load_idx_dir(real_subset, cfg.split_seed, cfg.val_fraction).images["val"]
+    val = load_dir(real_subset, cfg.split_seed, cfg.val_fraction).images["val"]
     assert roundtrip_fraction(model, val) == 1.0
 
 
@@ -64,6 +64,22 @@ def test_same_seed_same_numbers(tiny_data, tmp_path):
     assert a["val_bpd"] == b["val_bpd"]
     c = train(_cfg(tiny_data, seed=1), tmp_path / "c")
     assert c["val_bpd"] != a["val_bpd"]
+
+
+def test_a_png_folder_trains_as_the_idx_of_the_same_digits(tmp_path):
+    """A folder per class is read class by class: the IDX file of the digits in that order is the same run."""
+    images, labels = synthetic_digits(48, seed=4)
+    order = np.argsort(labels, kind="stable")
+    (tmp_path / "idx").mkdir()
+    D.write_idx(tmp_path / "idx" / "train-images-idx3-ubyte.gz", images[order])
+    D.write_idx(tmp_path / "idx" / "train-labels-idx1-ubyte.gz", labels[order])
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        (tmp_path / "png" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "png" / str(label) / f"{i:03d}.png")
+    a = train(_cfg(tmp_path / "png", conditional=True), tmp_path / "a")
+    b = train(_cfg(tmp_path / "idx", conditional=True), tmp_path / "b")
+    assert _strip_time(read_metrics(tmp_path / "a")) == _strip_time(read_metrics(tmp_path / "b"))
+    assert a["val_bpd"] == b["val_bpd"] and math.isfinite(a["val_bpd"])
 
 
 def _train_until(cfg: Config, run, steps: int) -> dict:
@@ -365,7 +381,7 @@ def test_cli_train_evaluate_table_sample(tiny_data, tmp_path, capsys):
     # Each reported bpd is the model's own K-sample bound, -log (1/K) sum_k p(x, u_k) / (784 ln 2), on the
     # split's first 8 images with evaluate's noise (seed 0), to the 5 decimals reported.
     model, cfg = load_model(run)
-    data = load_idx_dir(str(tiny_data), cfg.split_seed, cfg.val_fraction)
+    data = load_dir(str(tiny_data), cfg.split_seed, cfg.val_fraction)
     for split in ("train", "val", "test"):
         torch.manual_seed(0)
         with torch.no_grad():
@@ -463,7 +479,7 @@ def test_ema_weights_are_validated_saved_and_evaluated(tiny_data, tmp_path):
     from flowmnist.dist import Dist
     from flowmnist.train import sharded_bpd, val_noise
 
-    val = load_idx_dir(str(tiny_data), 42, 1 / 6).images["val"]
+    val = load_dir(str(tiny_data), 42, 1 / 6).images["val"]
     got = sharded_bpd(model, val, val_noise(val, 0), Dist())
     assert got == pytest.approx(read_metrics(run)[-1]["bpd"], rel=1e-6)
 
@@ -479,7 +495,7 @@ def test_bf16_training_validates_in_float32(tiny_data, tmp_path):
     from flowmnist.train import sharded_bpd, val_noise
 
     model, _ = load_model(run / "last.pt")
-    val = load_idx_dir(str(tiny_data), 42, 1 / 6).images["val"]
+    val = load_dir(str(tiny_data), 42, 1 / 6).images["val"]
     assert sharded_bpd(model, val, val_noise(val, 0), Dist()) == pytest.approx(s["val_bpd"], rel=1e-7)
 
 
@@ -545,7 +561,7 @@ def test_init_from_starts_at_the_shipped_weights_with_a_fresh_optimizer(real_sub
     train(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
     assert [r["split"] for r in rows] == ["val"] and rows[0]["step"] == 0
-    val = load_idx_dir(str(real_subset), cfg.split_seed, cfg.val_fraction).images["val"][:64]
+    val = load_dir(str(real_subset), cfg.split_seed, cfg.val_fraction).images["val"][:64]
     want = sharded_bpd(load_pretrained("multi-vardeq"), val, val_noise(val, cfg.seed), Dist())
     assert rows[0]["bpd"] == pytest.approx(want, abs=1e-6)
     assert 1.0 < want < 1.3  # the trained model, not a fresh one (about 2.7 bpd at the start)

@@ -179,13 +179,15 @@ def evaluate_run(
 
     ``every``: every n-th image of each split (a subset spread over the whole split: MNIST's test set is
     ordered, its first half the easier one), then at most ``max_images`` of those."""
-    from .data import load_data
+    from .data import check_classes, load_data
     from .nets import compile_nets
 
     model, cfg = load_model(run, device)
     if compile:
         compile_nets(model)
     data = load_data(cfg, data_dir)
+    if model.conditional:
+        check_classes(data, model.prior.num_classes)
     splits = splits or data.splits
     bpd, single, counts, exact = {}, {}, {}, {}
     extra: dict[str, dict[str, Any]] = {"bpd_conditional": {}, "accuracy": {}, "confusion": {}}

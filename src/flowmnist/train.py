@@ -31,9 +31,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .config import Config, FlowmnistError
-from .data import load_data
+from .data import check_classes, load_data
 from .dist import Dist, process_group
-from .models import FlowModel
+from .models import NUM_CLASSES, FlowModel
 from .nets import compile_nets, set_autocast
 from .runs import (
     check_run_dir,
@@ -301,9 +301,11 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
         # Saved resolved: the run's actual recipe. (A copy: the caller's Config is left as it was.)
         cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
         check_run_dir(run_dir, resume, force)
+        data = load_data(cfg)  # before the run directory is made: bad data leaves nothing behind
+        if cfg.conditional:
+            check_classes(data, NUM_CLASSES)
         if env.is_main:
             check_writable(run_dir)
-        data = load_data(cfg)
         _check_batch_size(cfg.batch_size, len(data.images["train"]), env.world)
         ckpt, rows = _resume_point(run_dir, cfg) if resume else (None, [])
         init = initial_weights(cfg.init_from, cfg) if cfg.init_from and ckpt is None else None

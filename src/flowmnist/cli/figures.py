@@ -179,7 +179,7 @@ def add_report_command(sub) -> None:
     _add_probs_option(r)
     r.add_argument("--seed", type=nonneg_int, default=0)
     r.add_argument(
-        "--ood-data", metavar="DIR", help="add an OOD section: each run's held-out images against this IDX directory's"
+        "--ood-data", metavar="DIR", help="add an OOD section: each run's held-out images against this data directory's"
     )
     r.add_argument(
         "--ood-images", type=positive_int, default=500, metavar="N", help="images of each set in the OOD section"
