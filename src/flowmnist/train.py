@@ -398,16 +398,15 @@ def save_last(run: Run) -> None:
 @torch.inference_mode()
 def estimate_val_seconds(run: Run, batch_size: int = 256) -> float:
     """Seconds a validation will take, measured once before a --minutes run's first step, so that the
-    budget's end leaves room for the final validation: the batch shapes validation uses are run once
-    (compiled nets compile for them here, not in the final validation), then one batch is timed and
-    scaled to the split. Every rank makes the same calls (each holds a collective)."""
+    budget's end leaves room for the final validation: two tiny batches first (compiled nets compile
+    here for any batch size, not in the final validation), then one validation batch is timed and scaled
+    to the split. Every rank makes the same calls (each holds a collective)."""
     model, x, u, env = run.model, run.val_x, run.val_u, run.env
     model.eval()
     set_autocast(model, None)
-    tail = len(x) - len(x) % batch_size
-    sharded_bpd(model, x[tail:], u[tail:], env, batch_size)  # the last, partial batch's shape (maybe none)
+    for n in (1, 2):  # two shapes: torch.compile then makes the batch dimension dynamic
+        sharded_bpd(model, x[:n], u[:n], env, batch_size)
     head = min(batch_size, len(x))
-    sharded_bpd(model, x[:head], u[:head], env, batch_size)
     t = time.perf_counter()
     sharded_bpd(model, x[:head], u[:head], env, batch_size)
     per_image = (time.perf_counter() - t) / max(head, 1)
