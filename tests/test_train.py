@@ -19,7 +19,7 @@ from flowmnist.cli import build_parser, main
 from flowmnist.config import Config, FlowmnistError
 from flowmnist.data import load_dir
 from flowmnist.evaluate import roundtrip_fraction
-from flowmnist.runs import load_checkpoint, load_model, read_metrics
+from flowmnist.runs import load_checkpoint, load_model, read_metrics, training_summary
 from flowmnist.train import train
 
 
@@ -31,7 +31,7 @@ def _cfg(data, **kw) -> Config:
 
 
 def _strip_time(rows):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds")} for r in rows]
 
 
 @pytest.mark.slow
@@ -167,7 +167,8 @@ def test_a_minutes_budget_resumed_continues_its_schedule(tiny_data, tmp_path, mo
     cfg = _cfg(tiny_data, epochs=100, minutes=20 / 60, schedule="cosine", warmup_steps=0, checkpoint_minutes=100)
 
     def run(name: str, clock: _StepClock, resume: bool = False) -> dict:
-        monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+        fake = types.SimpleNamespace(perf_counter=clock.perf_counter, process_time=T.time.process_time)
+        monkeypatch.setattr(T, "time", fake)
         monkeypatch.setattr(T, "noise_seed", clock.tick(real))
         return train(cfg, tmp_path / name, resume=resume)
 
@@ -184,6 +185,12 @@ def test_a_minutes_budget_resumed_continues_its_schedule(tiny_data, tmp_path, mo
     a, b = load_checkpoint(tmp_path / "straight/last.pt"), load_checkpoint(tmp_path / "split/last.pt")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    # The record of the run: where it was resumed, and CPU seconds that keep counting across the restart.
+    assert [r["step"] for r in b["state"]["restarts"]] == [7] and a["state"]["restarts"] == []
+    assert b["state"]["restarts"][0]["seconds"] == 7.0
+    cpu = [r["cpu_seconds"] for r in read_metrics(tmp_path / "split")]
+    assert all(math.isfinite(c) for c in cpu) and cpu == sorted(cpu) and cpu[-1] > 0
+    assert training_summary(tmp_path / "split")["restarts"] == b["state"]["restarts"]
 
 
 def test_resume_drops_rows_written_after_the_checkpoint(tiny_data, tmp_path):

@@ -3,7 +3,7 @@ model from a run, and the SHA-256 manifest that guards the runs inside the packa
 
 A run directory::
 
-    config.json   the Config               metrics.csv  step,epoch,split,bpd,lr,seconds
+    config.json   the Config               metrics.csv  step,epoch,split,bpd,lr,seconds,cpu_seconds
     last.pt       resumable state           best.pt      best model by val bpd
     results.json  what `evaluate` measured
 
@@ -18,6 +18,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from .data import DATASETS
 from .models import MODELS, FlowModel, build_model
 
 FORMAT_VERSION = 1  # bump when the checkpoint layout changes; loading refuses other versions
-METRIC_FIELDS = ("step", "epoch", "split", "bpd", "lr", "seconds")
+METRIC_FIELDS = ("step", "epoch", "split", "bpd", "lr", "seconds", "cpu_seconds")
 RUN_FILES = ("config.json", "last.pt", "best.pt", "metrics.csv")
 WEIGHTS = "model.pt"  # a shipped (weights-only) run's checkpoint
 PRETRAINED_ROOT = Path(__file__).resolve().parent / "pretrained"
@@ -114,6 +115,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
                 "bpd": float(r["bpd"]),
                 "lr": float(r["lr"]),
                 "seconds": float(r["seconds"]),
+                "cpu_seconds": float(r.get("cpu_seconds") or "nan"),  # nan: a log written before it was kept
             }
             for r in csv.DictReader(f)
         ]
@@ -225,10 +227,13 @@ def training_summary(run_dir: str | Path) -> dict[str, Any] | None:
         epochs = st["epoch"] + st.get("batch", 0) / st.get("batches_per_epoch", 1)
     else:
         epochs = None
+    cpu = rows[-1].get("cpu_seconds", math.nan)
     return {
         "steps": st["step"],
         "epochs": None if epochs is None else round(epochs, 3),
         "minutes": round(rows[-1]["seconds"] / 60, 1),
+        **({} if math.isnan(cpu) else {"cpu_minutes": round(cpu / 60, 1)}),
+        **({"restarts": st["restarts"]} if st.get("restarts") else {}),
     }
 
 

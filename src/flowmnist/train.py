@@ -249,6 +249,8 @@ class RunState:
     epoch: int = 0  # epochs completed
     batch: int = 0  # batches of the current epoch consumed (skipped non-finite ones included)
     seconds: float = 0.0  # wall-clock seconds of training so far, over every resume
+    cpu_seconds: float = 0.0  # this process's CPU seconds of training so far, over every resume (rank 0's)
+    restarts: list = dataclasses.field(default_factory=list)  # where each --resume continued: step, seconds, cpu
     best_val: float = math.inf
     nonfinite: int = 0  # skipped steps in all
     batches_per_epoch: int = 0
@@ -256,7 +258,8 @@ class RunState:
     bad_in_a_row: int = 0  # consecutive skipped steps (not saved: a resumed run starts counting afresh)
 
     def saved(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if k != "bad_in_a_row"} | {"running": list(self.running)}
+        kept = {k: v for k, v in vars(self).items() if k != "bad_in_a_row"}
+        return kept | {"running": list(self.running), "restarts": list(self.restarts)}
 
 
 @dataclasses.dataclass
@@ -278,6 +281,7 @@ class Run:
     st: RunState
     rows: list[dict[str, Any]]  # metrics.csv
     t0: float  # perf_counter at the run's (virtual) start: now minus the seconds trained before
+    cpu0: float  # process_time likewise: CPU seconds count the core-minutes a run had on a shared machine
     budget: float  # seconds; inf without --minutes
     bar: Any = None
     saved_at: float = 0.0  # elapsed() at the last save of last.pt
@@ -291,6 +295,9 @@ class Run:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
+
+    def cpu_elapsed(self) -> float:
+        return time.process_time() - self.cpu0
 
 
 def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, tf32: bool) -> Run:
@@ -324,6 +331,7 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         st = RunState(**ckpt["state"])
+        st.restarts.append({"step": st.step, "seconds": round(st.seconds, 1), "cpu_seconds": round(st.cpu_seconds, 1)})
         torch.set_rng_state(ckpt["rng"])  # rank 0's; training noise is reseeded per step (noise_seed)
     if env.is_main:
         write_metrics(run_dir / "metrics.csv", rows)
@@ -355,6 +363,7 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
         st=st,
         rows=rows,
         t0=time.perf_counter() - st.seconds,
+        cpu0=time.process_time() - st.cpu_seconds,
         budget=cfg.minutes * 60 if cfg.minutes is not None else math.inf,
         saved_at=st.seconds,
         validated_at=st.seconds,
@@ -365,7 +374,8 @@ def log(run: Run, split: str, bpd: float) -> None:
     """Append a metrics row; rank 0 rewrites metrics.csv at once (small; resume trims rows the
     checkpoint does not cover)."""
     row = {"step": run.st.step, "epoch": run.st.epoch, "split": split, "bpd": bpd}
-    run.rows.append(row | {"lr": run.opt.param_groups[0]["lr"], "seconds": round(run.elapsed(), 3)})
+    times = {"seconds": round(run.elapsed(), 3), "cpu_seconds": round(run.cpu_elapsed(), 3)}
+    run.rows.append(row | {"lr": run.opt.param_groups[0]["lr"]} | times)
     if run.env.is_main:
         write_metrics(run.run_dir / "metrics.csv", run.rows)
 
@@ -381,6 +391,7 @@ def save_last(run: Run) -> None:
     """last.pt: everything a resume needs. metrics.csv already holds every row; metrics_rows says how
     many of them this state covers."""
     run.st.seconds = run.saved_at = run.elapsed()
+    run.st.cpu_seconds = run.cpu_elapsed()
     if not run.env.is_main:
         return
     state = {
@@ -571,6 +582,7 @@ def _train(
         "val_bpd": vals[-1] if vals else math.nan,
         "best_val_bpd": st.best_val,
         "seconds": round(run.elapsed(), 1),
+        "cpu_seconds": round(run.cpu_elapsed(), 1),
         "nonfinite_steps": st.nonfinite,
         "world_size": env.world,
     }
