@@ -307,7 +307,8 @@ def test_whole_model_change_of_variables(name, fast):
         torch.testing.assert_close(lp[i], expected, rtol=1e-11, atol=1e-9)
     # Not vacuous: every part moves the latent (couplings, the split's half, the learned noise).
     with torch.no_grad():
-        plain = FlowModel(Dequantization(1e-3), [f for f in model.flows if not isinstance(f, AffineCoupling)], SMALL)
+        kept = [f for f in model.flows if not isinstance(f, AffineCoupling)]
+        plain = FlowModel(Dequantization(1e-3), kept, image_shape=SMALL)
         assert (latent - plain.double().encode(x, u0)).abs().max() > 0.1
         if name.endswith("vardeq"):
             u, _ = model.dequant.noise(x.double(), u0)

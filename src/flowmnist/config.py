@@ -11,7 +11,22 @@ from typing import Any
 
 SCHEDULES = ("cosine", "step")
 PRECISIONS = ("auto", "float32", "bfloat16")
-CLASS_LATENTS = ("all", "top")  # where a conditional model's class means sit (models.ClassPrior)
+CLASS_LATENTS = ("all", "top")  # where a conditional model's class means sit (priors.ClassPrior)
+NUM_CLASSES = 10  # the digits 0-9: the labels of a conditional model
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    """The prior on a model's flat latent, as data: ``kind`` names an entry of ``priors.PRIORS``
+    ("normal": N(0, I); "class": a Gaussian per class, ``priors.ClassPrior``), the rest are that kind's
+    options (the class prior's ``num_classes``, where its means sit, their initial spread, fixed or
+    trained). ``priors.build_prior`` turns it into the prior; ``Config.prior_spec`` derives it from a run."""
+
+    kind: str = "normal"
+    num_classes: int = NUM_CLASSES
+    latent: str = "all"
+    spread: float = 0.0
+    fixed: bool = False
 
 
 class FlowmnistError(Exception):
@@ -74,10 +89,10 @@ class Config:
     init_from: str | None = None
     checkpoint_minutes: float = 10.0  # last.pt at least this often, whatever the epoch length: a kill loses less
     val_images: int = 0  # validate on the first N validation images (0: all): cheaper curves for short runs
-    conditional: bool = False  # model p(x | y): a Gaussian prior per digit (models.ClassPrior); labels: the IDX file
+    conditional: bool = False  # model p(x | y): a Gaussian prior per digit (priors.ClassPrior); labels: the IDX file
     hybrid_weight: float = 0.0  # lambda of -(log p(x|y) + lambda log p(y|x)), Nalisnick et al. 2019; conditional only
     # Where a conditional model's class means sit: "all" the whole flat latent, "top" the final latent
-    # (the multi-scale flow's deepest features; models.ClassPrior).
+    # (the multi-scale flow's deepest features; priors.ClassPrior).
     class_latent: str = "all"
     class_spread: float = 0.0  # std of the initial class means (0: all at 0, the unconditional twin's start)
     class_fixed: bool = False  # keep those means and unit scales fixed (FlowGMM): the flow alone separates the digits
@@ -115,6 +130,12 @@ class Config:
             raise FlowmnistError(f"class_spread must be a finite number >= 0, got {self.class_spread}")
         if self.steps < 0:
             raise FlowmnistError(f"steps must be >= 0 (0: no step budget), got {self.steps}")
+
+    def prior_spec(self) -> PriorSpec:
+        """The run's prior: the class prior for a conditional run, else N(0, I)."""
+        if not self.conditional:
+            return PriorSpec()
+        return PriorSpec("class", latent=self.class_latent, spread=self.class_spread, fixed=self.class_fixed)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

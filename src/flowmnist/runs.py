@@ -176,8 +176,7 @@ def checkpoint_path(run: str | Path) -> Path:
 
 def model_of(cfg: Config) -> FlowModel:
     """The untrained model a config describes: its architecture, fast path and class prior."""
-    prior = dict(class_latent=cfg.class_latent, class_spread=cfg.class_spread, class_fixed=cfg.class_fixed)
-    return build_model(cfg.model, cfg.alpha, fast=cfg.fast, conditional=cfg.conditional, **prior)
+    return build_model(cfg.model, cfg.alpha, fast=cfg.fast, prior=cfg.prior_spec())
 
 
 def load_model(run: str | Path, device: str = "cpu") -> tuple[FlowModel, Config]:
