@@ -513,6 +513,57 @@ def test_conditional_run_resumes_exactly_with_the_hybrid_objective(cond_data, tm
         train(_cfg(cond_data, epochs=3, conditional=False), tmp_path / "split", resume=True)
 
 
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+def test_a_conditional_run_resumed_with_another_prior_layout_is_refused_in_one_line(cond_run, capsys):
+    """Class means on the whole latent, resumed with them on the final latent only (a prior of another
+    shape) or fixed (buffers, not trained): one line naming the field; the run is left as it was."""
+    before = (cond_run / "last.pt").read_bytes()
+    args = ["train", "--out", str(cond_run), "--resume", "--no-compile"]
+    assert main([*args, "--class-latent", "top"]) == 2
+    assert "cannot resume with class_latent='top'; the run has 'all'" in _one_line(capsys)
+    assert main([*args, "--class-spread", "1", "--class-fixed"]) == 2
+    assert "cannot resume with class_fixed=True; the run has False" in _one_line(capsys)
+    assert (cond_run / "last.pt").read_bytes() == before
+
+
+def test_init_from_an_unconditional_model_loads_its_flows_and_draws_a_fresh_prior(cond_data, tmp_path):
+    """A conditional run started from the shipped unconditional multi-vardeq: every flow weight is the
+    shipped one, and the prior is the one its config draws (fixed, separated means on the final latent)."""
+    from flowmnist.runs import load_pretrained, model_of
+
+    kw = dict(class_latent="top", class_spread=1.0, class_fixed=True)
+    cfg = _cfg(cond_data, model="multi-vardeq", init_from="multi-vardeq", minutes=1e-9, val_images=8, **kw)
+    train(cfg, tmp_path / "run")
+    got = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    shipped = load_pretrained("multi-vardeq").state_dict()
+    assert set(got) - set(shipped) == {"prior.mean", "prior.log_scale", "prior.log_py"}
+    for k, v in shipped.items():
+        assert torch.equal(got[k], v), k
+    torch.manual_seed(cfg.seed)
+    fresh = model_of(cfg).prior
+    assert got["prior.mean"].shape == (10, 392) and float(got["prior.mean"].std()) > 0.5
+    assert torch.equal(got["prior.mean"], fresh.mean) and torch.equal(got["prior.log_scale"], fresh.log_scale)
+
+
+def test_init_from_refuses_another_prior_layout_in_one_line(cond_data, tmp_path, capsys):
+    """The shipped multi-vardeq-cond (fixed means on the final latent) cannot start a run whose means sit
+    on the whole latent, nor an unconditional run: one line naming the field, no run directory."""
+    args = ["train", "--model", "multi-vardeq", "--init-from", "multi-vardeq-cond", "--data-dir", str(cond_data)]
+    args += ["--out", str(tmp_path / "run"), "--no-compile"]
+    assert main([*args, "--conditional"]) == 2
+    err = _one_line(capsys)
+    assert "--init-from multi-vardeq-cond: its model is 'multi-vardeq (conditional)'" in err
+    assert "class_latent='top', this run's has class_latent='all'; the architectures must match" in err
+    assert main(args) == 2
+    assert "conditional=True, this run's has conditional=False" in _one_line(capsys)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_evaluate_reports_marginal_conditional_bpd_accuracy_and_confusion(cond_run, capsys):
     args = ["evaluate", str(cond_run), "--importance-samples", "2", "--timing-reps", "1", "--json"]
     assert main(args) == 0

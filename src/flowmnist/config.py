@@ -137,6 +137,21 @@ class Config:
             return PriorSpec()
         return PriorSpec("class", latent=self.class_latent, spread=self.class_spread, fixed=self.class_fixed)
 
+    def architecture(self) -> dict[str, Any]:
+        """The fields that fix the weights' shapes and meaning, in the order a mismatch is named: the flows
+        (``model``, ``alpha``: the logit squeeze the flows were trained behind), then the prior (its kind,
+        and a class prior's latent and whether its means are trained). ``--resume``, ``--init-from`` and
+        loading a model compare these; ``class_spread`` only draws the start, so it is not among them."""
+        arch: dict[str, Any] = {"model": self.model, "alpha": self.alpha, "conditional": self.conditional}
+        if self.conditional:
+            arch |= {"class_latent": self.class_latent, "class_fixed": self.class_fixed}
+        return arch
+
+    def resume_identity(self) -> dict[str, Any]:
+        """What a resumed run must keep: its architecture, and the seed, batch and split that fix the
+        order of its batches, its noise and its validation images."""
+        return self.architecture() | {k: getattr(self, k) for k in ("seed", "batch_size", "split_seed", "val_fraction")}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -163,6 +178,14 @@ BEFORE_FIELD: dict[str, Any] = {
     "conditional": False,
     "hybrid_weight": 0.0,
 }
+
+
+FLOW_FIELDS = ("model", "alpha")  # the part of ``Config.architecture`` the flows' weights depend on
+
+
+def first_difference(have: dict[str, Any], want: dict[str, Any]) -> str | None:
+    """The first key of ``want`` whose value ``have`` does not share (None: they agree on every key)."""
+    return next((k for k in want if k not in have or have[k] != want[k]), None)
 
 
 def prepare_output(path: str | Path, option: str, *, is_dir: bool = False, make: bool = True) -> Path:
