@@ -38,7 +38,7 @@ class Config:
     """Everything that defines a run. Saved in config.json and inside every checkpoint, so that
     evaluate / sample / interpolate rebuild the model from the run directory alone."""
 
-    model: str = "multi-vardeq"  # simple | vardeq | multi-simple | multi-vardeq
+    model: str = "multi-vardeq"  # a name in models.ARCHITECTURES
     data_dir: str | None = None  # IDX directory; None = the download cache
     dataset: str = "mnist"  # what data_dir=None downloads (data.DATASETS: mnist | fashion-mnist), cached apart
     seed: int = 0  # model init, batch order and dequantization noise

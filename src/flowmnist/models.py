@@ -1,6 +1,8 @@
-"""The flow model and the four named variants of the original report.
+"""The flow model (``FlowModel``: dequantization, flows, prior) and the named architectures.
 
-Architectures follow the RealNVP-style MNIST reference (Lippe, UvA DL tutorial 11):
+Architectures are data (``ARCHITECTURES``: stages of ``Couplings``, squeezes and splits, and the
+dequantization's noise flow) that ``build`` turns into a model. The original report's four follow the
+RealNVP-style MNIST reference (Lippe, UvA DL tutorial 11):
 
 | name           | dequantization              | flow                                                   |
 |----------------|-----------------------------|--------------------------------------------------------|
@@ -10,7 +12,9 @@ Architectures follow the RealNVP-style MNIST reference (Lippe, UvA DL tutorial 1
 |                |                             | squeeze | 4 channel (64)                               |
 | `multi-vardeq` | variational                 | as multi-simple                                        |
 
-Their parameter counts are pinned in one place, tests/helpers.py (``PARAMS``).
+The others (wider, Glow steps, mixture-of-logistics couplings, Flow++-style) are variations of
+multi-vardeq, each described by its ``Architecture.doc``. Every one's parameter count is pinned in one
+place, tests/helpers.py (``PARAMS``).
 
 Each has a class-conditional variant (``build_model(name, prior=PriorSpec("class"))``, `train --conditional`):
 the same flows under a per-class Gaussian prior (``ClassPrior``), + 2 x 10 x 784 = 15,680 parameters.
@@ -19,7 +23,9 @@ the same flows under a per-class Gaussian prior (``ClassPrior``), + 2 x 10 x 784
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +35,7 @@ from .data import IMAGE_SHAPE  # the layout data.py reads; every model is built 
 from .flows import (
     ActNorm,
     AffineCoupling,
+    Coupling,
     Dequantization,
     Flow,
     InvConv1x1,
@@ -214,7 +221,6 @@ class FlowModel(nn.Module):
 # --- Architectures as data: a list of stages that ``build`` turns into flows ---------------------------
 
 SQUEEZE, SPLIT = "squeeze", "split"
-COUPLING_KINDS = ("affine", "mixlog")
 
 
 @dataclass(frozen=True)
@@ -222,10 +228,11 @@ class Couplings:
     """``n`` couplings at the current resolution, masks alternating (the first one keeps the pixels where
     i + j is odd, or the first half of the channels).
 
-    kind: "affine" (``AffineCoupling``) or "mixlog" (``MixLogCDFCoupling`` with ``components``); hidden:
-    the coupling net's width; mask: "checkerboard" or "channel"; glow: ActNorm and an invertible 1x1
-    convolution before each coupling (Glow's step; the 1x1 convolution needs more than one channel);
-    attention: a self-attention block after each gated block of the nets."""
+    kind: a ``COUPLINGS`` name, "affine" (``AffineCoupling``) or "mixlog" (``MixLogCDFCoupling`` with
+    ``components``); hidden: the coupling net's width; mask: a ``MASKS`` name, "checkerboard" or
+    "channel"; glow: ActNorm and an invertible 1x1 convolution before each coupling (Glow's step; the 1x1
+    convolution needs more than one channel); attention: a self-attention block after each gated block of
+    the nets."""
 
     n: int
     hidden: int
@@ -304,24 +311,33 @@ ARCHITECTURES: dict[str, Architecture] = {
 MODELS = ("simple", "vardeq", "multi-simple", "multi-vardeq")  # the original report's four
 
 
-def _coupling(spec: Couplings, i: int, shape: tuple[int, int, int], cond: int, c_out: int | None, fast: bool) -> Flow:
-    """The i-th coupling of ``spec`` for inputs of ``shape`` (C, H, W), its net seeing ``cond`` extra channels."""
-    c, h, w = shape
-    if spec.mask == "checkerboard":
-        mask = checkerboard_mask(h, w, invert=i % 2 == 1)
-    elif spec.mask == "channel":
-        mask = channel_mask(c, invert=i % 2 == 1)
-    else:
-        raise ValueError(f"unknown mask {spec.mask!r}; choose checkerboard or channel")
+# A mask by name: (C, H, W) of the coupling's input and whether to invert it -> the mask.
+MASKS: dict[str, Callable[[tuple[int, int, int], bool], Tensor]] = {
+    "checkerboard": lambda shape, invert: checkerboard_mask(shape[1], shape[2], invert),
+    "channel": lambda shape, invert: channel_mask(shape[0], invert),
+}
+# A coupling kind by name: its class, and the options its constructor and ``net_channels`` take from a spec.
+COUPLINGS: dict[str, tuple[type[Coupling], Callable[[Couplings], dict[str, Any]]]] = {
+    "affine": (AffineCoupling, lambda spec: {}),
+    "mixlog": (MixLogCDFCoupling, lambda spec: {"components": spec.components}),
+}
+COUPLING_KINDS = tuple(COUPLINGS)
+
+
+def _coupling(spec: Couplings, i: int, shape: tuple[int, int, int], *, fast: bool, cond_channels: int = 0) -> Coupling:
+    """The i-th coupling of ``spec`` for inputs of ``shape`` (C, H, W), its net seeing ``cond_channels``
+    extra channels (the image, for the dequantization's noise flow)."""
+    if spec.mask not in MASKS:
+        raise ValueError(f"unknown mask {spec.mask!r}; choose one of {', '.join(MASKS)}")
+    if spec.kind not in COUPLINGS:
+        raise ValueError(f"unknown coupling kind {spec.kind!r}; choose one of {', '.join(COUPLINGS)}")
+    cls, options = COUPLINGS[spec.kind]
+    opts, (c, h, w) = options(spec), shape
+    mask = MASKS[spec.mask](shape, i % 2 == 1)
     attention = (h, w) if spec.attention else None
-    if spec.kind == "mixlog":
-        out = MixLogCDFCoupling.net_channels(c, spec.components)
-        net = GatedConvNet(c + cond, spec.hidden, out, spec.layers, fast=fast, attention=attention)
-        return MixLogCDFCoupling(net, mask, c, spec.components)
-    if spec.kind != "affine":
-        raise ValueError(f"unknown coupling kind {spec.kind!r}; choose one of {', '.join(COUPLING_KINDS)}")
-    net = GatedConvNet(c + cond, spec.hidden, c_out or 2 * c, spec.layers, fast=fast, attention=attention)
-    return AffineCoupling(net, mask, c)
+    out = cls.net_channels(c, **opts)
+    net = GatedConvNet(c + cond_channels, spec.hidden, out, spec.layers, fast=fast, attention=attention)
+    return cls(net, mask, c, **opts)
 
 
 def _stage(spec: Couplings, shape: tuple[int, int, int], fast: bool) -> list[Flow]:
@@ -331,7 +347,7 @@ def _stage(spec: Couplings, shape: tuple[int, int, int], fast: bool) -> list[Flo
             flows.append(ActNorm(shape[0]))
             if shape[0] > 1:
                 flows.append(InvConv1x1(shape[0]))
-        flows.append(_coupling(spec, i, shape, 0, None, fast))
+        flows.append(_coupling(spec, i, shape, fast=fast))
     return flows
 
 
@@ -340,7 +356,9 @@ def build(arch: Architecture, alpha: float = 1e-5, *, fast: bool = False, prior:
     through squeezes and splits."""
     noise_flows = None
     if arch.dequant is not None:  # q(u|x): couplings on the noise, each net conditioned on the image (+1 channel)
-        noise_flows = [_coupling(arch.dequant, i, IMAGE_SHAPE, 1, 2, fast) for i in range(arch.dequant.n)]
+        noise_flows = [
+            _coupling(arch.dequant, i, IMAGE_SHAPE, fast=fast, cond_channels=1) for i in range(arch.dequant.n)
+        ]
     flows: list[Flow] = []
     shape = IMAGE_SHAPE
     for stage in arch.stages:
