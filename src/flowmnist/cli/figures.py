@@ -4,6 +4,7 @@ into an output folder, and the report that holds them all."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from .common import (
@@ -148,42 +149,44 @@ def add_concepts_command(sub) -> None:
 # --- report -------------------------------------------------------------------------------------------
 
 
+# How each report option's value is read (``report.ReportOptions``: the "check" of its field).
+REPORT_CHECKS = {
+    "positive": dict(type=positive_int),
+    "nonneg": dict(type=nonneg_int),
+    "floats": dict(type=float, nargs="+"),
+    "dir": dict(),
+}
+
+
 def cmd_report(a: argparse.Namespace) -> int:
-    from ..report import build_report
+    from ..report import ReportOptions, build_report
 
     out = out_dir(a.out)
+    options = {f.name: getattr(a, f.metadata["flag"]) for f in dataclasses.fields(ReportOptions)}
+    if options["ood_data"]:
+        options["ood_data"] = data_dir(options["ood_data"])
     index = build_report(
         runs(a),
         out,
-        seed=a.seed,
-        pairs=a.pairs,
-        steps=a.steps,
-        samples=a.n,
-        dequant_images=a.images,
-        probs=a.probs,
         data_dir=figure_data(a),
         device=a.device,
-        ood=(data_dir(a.ood_data), a.ood_images) if a.ood_data else None,
         notice=lambda msg: print(f"flowmnist report: note: {msg}", file=sys.stderr),
+        **options,
     )
     print(index)
     return 0
 
 
 def add_report_command(sub) -> None:
+    from ..report import ReportOptions
+
     r = sub.add_parser("report", help="all figures and the results table in one static index.html")
     _runs_and_out(r, "output folder (index.html and the PNGs)")
-    r.add_argument("--n", type=positive_int, default=36, help="samples per run (default 36)")
-    _add_walk_options(r)
-    _add_images_option(r)
-    _add_probs_option(r)
-    r.add_argument("--seed", type=nonneg_int, default=0)
-    r.add_argument(
-        "--ood-data", metavar="DIR", help="add an OOD section: each run's held-out images against this IDX directory's"
-    )
-    r.add_argument(
-        "--ood-images", type=positive_int, default=500, metavar="N", help="images of each set in the OOD section"
-    )
+    for f in dataclasses.fields(ReportOptions):
+        m = f.metadata
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        kw = dict(REPORT_CHECKS[m["check"]], default=default, help=m["help"] or None, metavar=m["metavar"])
+        r.add_argument("--" + m["flag"].replace("_", "-"), **kw)
     add_figure_data(r)
     add_device(r)
     r.set_defaults(func=cmd_report)
