@@ -84,7 +84,7 @@ class ReportOptions:
 
     samples: int = _option(36, "n", "positive", "samples per run (default 36)")
     pairs: int = _option(2, "pairs", "positive", "digit pairs per run (default 2)")
-    steps: int = _option(8, "steps", "positive", "images per walk, ends included (default 8)")
+    steps: int = _option(8, "walk_images", "positive", "images per walk, ends included (default 8)")
     dequant_images: int = _option(64, "images", "positive", "real digits to dequantize (default 64)")
     probs: tuple[float, ...] = _option(DEFAULT_PROBS, "probs", "floats", "probabilities of 0, 1, ... (normalised)")
     seed: int = _option(0, "seed", "nonneg", "")
@@ -235,7 +235,7 @@ def interpolation_section(spec: ReportSpec) -> Section:
     figs, commands = [], []
     for spherical in (False, True):
         figs += plot_interpolations(spec.runs, spec.out_dir, spec.pairs, spec.steps, spec.seed, spherical)
-        opts = {"pairs": spec.pairs, "steps": spec.steps, "seed": spec.seed, "spherical": spherical}
+        opts = {"pairs": spec.pairs, "walk_images": spec.steps, "seed": spec.seed, "spherical": spherical}
         commands.append(spec.runs_argv("interpolate", **opts, data_dir=spec.data_opt))
     return Section(
         "<h2>Interpolation</h2>\n"

@@ -10,7 +10,9 @@ import sys
 from .common import (
     add_device,
     add_figure_data,
+    add_hidden_alias,
     add_run_args,
+    add_temperature,
     data_dir,
     figure_data,
     nonneg_int,
@@ -19,7 +21,6 @@ from .common import (
     print_paths,
     runs,
 )
-from .results import add_temperature
 
 
 def _runs_and_out(p: argparse.ArgumentParser, help_text: str = "output folder") -> None:
@@ -54,8 +55,7 @@ def cmd_samples(a: argparse.Namespace) -> int:
 def add_samples_command(sub) -> None:
     s = sub.add_parser(
         "compare-samples",
-        aliases=["samples"],
-        help="several runs' sample grids side by side in one figure (samples.png; alias: samples)",
+        help="several runs' sample grids side by side in one figure (samples.png)",
     )
     _runs_and_out(s)
     s.add_argument("--n", type=positive_int, default=36, help="samples per run (default 36)")
@@ -72,13 +72,14 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
     from ..figures import plot_interpolations
 
     out = out_dir(a.out)
-    paths = plot_interpolations(runs(a), out, a.pairs, a.steps, a.seed, a.spherical, figure_data(a), a.device)
+    paths = plot_interpolations(runs(a), out, a.pairs, a.walk_images, a.seed, a.spherical, figure_data(a), a.device)
     return print_paths(paths)
 
 
 def _add_walk_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", type=positive_int, default=2, help="digit pairs per run (default 2)")
-    p.add_argument("--steps", type=positive_int, default=8, help="images per walk, ends included (default 8)")
+    p.add_argument("--walk-images", type=positive_int, default=8, help="images per walk, ends included (default 8)")
+    add_hidden_alias(p, "--steps", "walk_images", type=positive_int)
 
 
 def add_interpolate_command(sub) -> None:
@@ -187,6 +188,7 @@ def add_report_command(sub) -> None:
         default = list(f.default) if isinstance(f.default, tuple) else f.default
         kw = dict(REPORT_CHECKS[m["check"]], default=default, help=m["help"] or None, metavar=m["metavar"])
         r.add_argument("--" + m["flag"].replace("_", "-"), **kw)
+    add_hidden_alias(r, "--steps", "walk_images", type=positive_int)
     add_figure_data(r)
     add_device(r)
     r.set_defaults(func=cmd_report)
