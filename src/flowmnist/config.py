@@ -85,7 +85,8 @@ class Config:
     # saved resolved). Validation and evaluate are always float32.
     precision: str = "auto"
     # Start from these weights (a shipped model's name or a run directory) with a fresh optimizer and
-    # schedule: fine-tuning, or a warm restart of a run whose directory was lost. Same architecture only.
+    # schedule: fine-tuning, or a warm restart of a run whose directory was lost. Same architecture only
+    # (Config.architecture), but for a conditional run from an unconditional model: its flows, the prior fresh.
     init_from: str | None = None
     checkpoint_minutes: float = 10.0  # last.pt at least this often, whatever the epoch length: a kill loses less
     val_images: int = 0  # validate on the first N validation images (0: all): cheaper curves for short runs
