@@ -13,6 +13,7 @@ SCHEDULES = ("cosine", "step")
 PRECISIONS = ("auto", "float32", "bfloat16")
 CLASS_LATENTS = ("all", "top")  # where a conditional model's class means sit (priors.ClassPrior)
 NUM_CLASSES = 10  # the digits 0-9: the labels of a conditional model
+FLOW_FIELDS = ("model", "alpha")  # the part of ``Config.architecture`` the flows' weights depend on
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ class Config:
         (``model``, ``alpha``: the logit squeeze the flows were trained behind), then the prior (its kind,
         and a class prior's latent and whether its means are trained). ``--resume``, ``--init-from`` and
         loading a model compare these; ``class_spread`` only draws the start, so it is not among them."""
-        arch: dict[str, Any] = {"model": self.model, "alpha": self.alpha, "conditional": self.conditional}
+        arch: dict[str, Any] = {k: getattr(self, k) for k in FLOW_FIELDS} | {"conditional": self.conditional}
         if self.conditional:
             arch |= {"class_latent": self.class_latent, "class_fixed": self.class_fixed}
         return arch
@@ -179,9 +180,6 @@ BEFORE_FIELD: dict[str, Any] = {
     "conditional": False,
     "hybrid_weight": 0.0,
 }
-
-
-FLOW_FIELDS = ("model", "alpha")  # the part of ``Config.architecture`` the flows' weights depend on
 
 
 def first_difference(have: dict[str, Any], want: dict[str, Any]) -> str | None:
