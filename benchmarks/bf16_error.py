@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from flowmnist.data import load_idx_dir
+from flowmnist.data import load_dir
 from flowmnist.nets import set_autocast
 from flowmnist.runs import load_model
 
@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=256)
     a = ap.parse_args()
     model, cfg = load_model(a.run_dir)
-    x = load_idx_dir(cfg.data_dir, cfg.split_seed, cfg.val_fraction).images["val"][: a.images].float()
+    x = load_dir(cfg.data_dir, cfg.split_seed, cfg.val_fraction).images["val"][: a.images].float()
     u = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         f32 = model.log_prob_single(x, u).double()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from flowmnist.config import Config
-from flowmnist.data import load_idx_dir
+from flowmnist.data import load_dir
 from flowmnist.dist import Dist
 from flowmnist.runs import load_checkpoint, load_model
 from flowmnist.train import sharded_bpd, val_noise
@@ -57,7 +57,7 @@ def raw_val_bpd(run: Path) -> float:
     """Validation bpd of last.pt's raw weights (not the EMA), with the run's fixed validation noise."""
     model, cfg = load_model(run / "last.pt")
     model.load_state_dict(load_checkpoint(run / "last.pt")["model"])
-    val = load_idx_dir(cfg.data_dir, cfg.split_seed, cfg.val_fraction).images["val"]
+    val = load_dir(cfg.data_dir, cfg.split_seed, cfg.val_fraction).images["val"]
     return sharded_bpd(model, val, val_noise(val, cfg.seed), Dist())
 
 

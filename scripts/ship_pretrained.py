@@ -15,16 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 
-from flowmnist.data import FILES, load_idx_dir, write_idx
+from flowmnist.data import FILES, load_dir, write_idx
 from flowmnist.runs import PRETRAINED_ROOT, digits_folder, export_run, write_json, write_manifest
 
-N_DIGITS = 600  # load_idx_dir's split keeps 1/6 of them (100) as the figures' "val" digits
+N_DIGITS = 600  # load_dir's split keeps 1/6 of them (100) as the figures' "val" digits
 
 
 def ship_digits(data_dir: str, dataset: str = "mnist", split_seed: int = 42) -> None:
     """The first N_DIGITS images of the validation split (the shipped models' own: split seed 42) as
     an MNIST IDX directory. All are validation images, so none was trained on."""
-    data = load_idx_dir(data_dir, split_seed)
+    data = load_dir(data_dir, split_seed)
     images, labels = data.split("val")
     out = PRETRAINED_ROOT / digits_folder(dataset)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from helpers import PARAMS, assert_png, png_size, write_png
 
 from flowmnist.cli import main
 from flowmnist.config import Config, FlowmnistError, PriorSpec
-from flowmnist.data import FILES, DataError, load_idx_dir, write_idx
+from flowmnist.data import FILES, DataError, check_classes, load_dir, write_idx
 from flowmnist.evaluate import (
     class_scores,
     classification_table,
@@ -364,7 +364,7 @@ def test_classify_idx_and_png_rows_and_unconditional_refused(cond_run, cond_data
     argv = ["classify", str(cond_run), "--data-dir", str(cond_data), "--split", "test", "--importance-samples", "2"]
     assert main([*argv, "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    images, labels = load_idx_dir(cond_data).split("test")
+    images, labels = load_dir(cond_data).split("test")
     assert len(doc["rows"]) == 8 and [r["label"] for r in doc["rows"]] == labels.tolist()
     for r in doc["rows"]:
         post = [r[f"p{c}"] for c in range(10)]
@@ -434,12 +434,14 @@ def test_bad_labels_are_one_line_errors_naming_the_file(tmp_path, capsys):
     labels = np.arange(30, dtype=np.uint8) % 10
     labels[17] = 12
     write_idx(root / (FILES["train-labels"][0] + ".gz"), labels)
-    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.gz: label 12 at index 17 is outside 0-9"):
-        load_idx_dir(root)
+    assert load_dir(root).classes == tuple(map(str, range(13)))  # labels of another set: read, 13 classes
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.gz: label 12 is outside 0-9"):
+        check_classes(load_dir(root), 10)
     args = ["train", "--model", "simple", "--conditional", "--data-dir", str(root), "--out", str(tmp_path / "r")]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "train-labels-idx1-ubyte.gz" in err and "outside 0-9" in err
+    assert not (tmp_path / "r").exists()  # refused before the run directory is made
     write_idx(root / (FILES["train-labels"][0] + ".gz"), labels[:29] % 10)
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
@@ -487,7 +489,7 @@ def test_conditional_checkpoint_holds_the_prior_and_p_y(cond_run, cond_data):
     ckpt = load_checkpoint(cond_run / "last.pt")
     assert ckpt["model"]["prior.mean"].shape == (10, 784)
     assert float(ckpt["model"]["prior.mean"].abs().max()) > 0  # the prior trained
-    train_labels = load_idx_dir(cond_data).labels["train"]
+    train_labels = load_dir(cond_data).labels["train"]
     freq = torch.bincount(train_labels, minlength=10).double() / len(train_labels)
     torch.testing.assert_close(ckpt["model"]["prior.log_py"].double().exp(), freq)
     model, loaded = load_model(cond_run)
@@ -620,7 +622,7 @@ def test_unconditional_run_refuses_digit_and_hybrid_weight(cond_data, tmp_path, 
 
 def test_interpolation_between_digits_of_different_classes_is_exact_at_the_ends(cond_run, cond_data):
     model, cfg = load_model(cond_run)
-    images, labels = load_idx_dir(cond_data, cfg.split_seed, cfg.val_fraction).split("val")
+    images, labels = load_dir(cond_data, cfg.split_seed, cfg.val_fraction).split("val")
     i = 0
     j = next(j for j in range(1, len(labels)) if labels[j] != labels[i])
     row = interpolate(model, images[i], images[j], steps=5)

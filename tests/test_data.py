@@ -1,4 +1,5 @@
-"""IDX reading and validation, splits, the test split, and the checksummed download."""
+"""Data directories of every kind (IDX under any prefix, NumPy arrays, PNG folders) and their refusals, splits,
+the test split, and the checksummed download."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import fashion_data_or_skip, synthetic_digits, write_mnist_dir
+from conftest import fashion_data_or_skip, real_data_or_skip, synthetic_digits, write_mnist_dir
 from helpers import write_png
 
 from flowmnist import data as D
@@ -20,7 +21,7 @@ from flowmnist.data import (
     DataError,
     check_images,
     load_data,
-    load_idx_dir,
+    load_dir,
     parse_idx,
     read_idx,
     read_png_digits,
@@ -73,13 +74,13 @@ def test_bad_gzip_names_the_file(tmp_path):
 
 def test_splits_take_counts_from_header(tmp_path):
     root = write_mnist_dir(tmp_path, 120, gz=False)
-    data = load_idx_dir(root)
+    data = load_dir(root)
     assert data.splits == ["train", "val"]
     assert len(data.images["train"]) == 100 and len(data.images["val"]) == 20  # 5/6 : 1/6
     assert data.images["train"].dtype.is_floating_point is False
     assert tuple(data.images["train"].shape[1:]) == (1, 28, 28)
     # The split is seeded: same images each time; and train and val are disjoint and complete.
-    again = load_idx_dir(root)
+    again = load_dir(root)
     assert (again.images["val"] == data.images["val"]).all()
     all_imgs = read_idx(root / "train-images-idx3-ubyte")
     seen = {bytes(x.numpy().tobytes()) for x in [*data.images["train"], *data.images["val"]]}
@@ -88,49 +89,44 @@ def test_splits_take_counts_from_header(tmp_path):
 
 def test_full_mnist_split_is_50k_10k(monkeypatch, tmp_path):
     """The split sizes for a 60,000-image file, without writing one: patch the reader."""
-    monkeypatch.setattr(
-        D,
-        "_load_pair",
-        lambda root, kind: (
-            (np.zeros((60000, 28, 28), np.uint8), np.zeros(60000, np.uint8)) if kind == "train" else None
-        ),
-    )
-    data = load_idx_dir(tmp_path)
+    train = D.ImageSet(np.zeros((60000, 28, 28), np.uint8), np.zeros(60000, np.int64), ("0",), tmp_path, tmp_path)
+    monkeypatch.setattr(D, "read_dir", lambda root: {"train": train})
+    data = load_dir(tmp_path)
     assert len(data.images["train"]) == 50000 and len(data.images["val"]) == 10000
 
 
 def test_test_split_from_t10k_files(tiny_data):
-    data = load_idx_dir(tiny_data)
+    data = load_dir(tiny_data)
     assert data.splits == ["train", "val", "test"]
     images, labels = data.split("test")
     assert images.shape == (8, 1, 28, 28) and labels.shape == (8,)
 
 
 def test_missing_test_split_fails_clearly(tmp_path):
-    data = load_idx_dir(write_mnist_dir(tmp_path, 60))
+    data = load_dir(write_mnist_dir(tmp_path, 60))
     with pytest.raises(DataError, match="test split needs t10k-images-idx3-ubyte"):
         data.split("test")
 
 
 def test_directory_problems(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
-        load_idx_dir(tmp_path / "nope")
+        load_dir(tmp_path / "nope")
     with pytest.raises(DataError, match="no training data"):
-        load_idx_dir(tmp_path)
+        load_dir(tmp_path)
     root = write_mnist_dir(tmp_path / "d", 30)
     write_idx(root / "train-labels-idx1-ubyte.gz", np.zeros(29, np.uint8))
     with pytest.raises(DataError, match="30 images but train-labels-idx1-ubyte.gz has 29 labels"):
-        load_idx_dir(root)
+        load_dir(root)
     write_idx(root / "train-labels-idx1-ubyte.gz", np.zeros((30, 2), np.uint8))
     with pytest.raises(DataError, match="expected a 1-D label file"):
-        load_idx_dir(root)
+        load_dir(root)
     (root / "train-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(DataError, match="train-labels-idx1-ubyte\\[.gz\\] is missing"):
-        load_idx_dir(root)
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte.gz is missing \(its pair train-images-idx3-ubyte.gz"):
+        load_dir(root)
 
 
 def test_real_subset_header_count(real_subset):
-    data = load_idx_dir(real_subset)
+    data = load_dir(real_subset)
     assert len(data.images["train"]) + len(data.images["val"]) == 1200
     assert data.images["train"].float().mean() > 20  # real digits: mostly black, some ink
 
@@ -182,7 +178,7 @@ def test_offline_message_names_files_and_place(tmp_path, monkeypatch):
 
     monkeypatch.setattr(D.urllib.request, "urlopen", offline)
     with pytest.raises(DataError) as e:
-        load_idx_dir(None)
+        load_dir(None)
     msg = str(e.value)
     assert "train-images-idx3-ubyte" in msg and str(tmp_path / "cache" / "mnist") in msg and "--data-dir" in msg
 
@@ -193,9 +189,9 @@ def test_load_data_reads_the_runs_own_data_unless_given_another(tmp_path):
     data = load_data(cfg)
     assert data.root == own and len(data.images["val"]) == 3 and data.held_out == "test"
     assert load_data(cfg, other).root == other and load_data(cfg, other).held_out == "val"
-    same = load_idx_dir(own, 1, 0.25)
+    same = load_dir(own, 1, 0.25)
     assert torch.equal(data.images["val"], same.images["val"])  # the run's split rule, not the defaults'
-    assert not torch.equal(data.images["val"], load_idx_dir(own, 2, 0.25).images["val"])
+    assert not torch.equal(data.images["val"], load_dir(own, 2, 0.25).images["val"])
 
 
 def test_load_data_keeps_the_runs_dataset(tmp_path):
@@ -234,7 +230,7 @@ def test_png_reading_gray_rgb_and_alpha(tmp_path):
 
 
 def test_fashion_mnist_debian_files():
-    data = load_idx_dir(fashion_data_or_skip())
+    data = load_dir(fashion_data_or_skip())
     assert [len(data.images[s]) for s in ("train", "val", "test")] == [50000, 10000, 10000]
     train_labels = torch.cat([data.labels["train"], data.labels["val"]])
     assert torch.bincount(train_labels).tolist() == [6000] * 10
@@ -267,7 +263,7 @@ def test_fashion_download_checks_md5_into_its_own_cache(tmp_path, monkeypatch):
     good = _gz_idx_dir(tmp_path / "good", seed=1)
     _gz_idx_dir(tmp_path / "bad", seed=2)  # same names, other bytes: every MD5 mismatches
     cache = _fake_fashion(monkeypatch, tmp_path, [tmp_path / "bad", tmp_path / "good"], good)
-    data = load_idx_dir(None, dataset="fashion-mnist")
+    data = load_dir(None, dataset="fashion-mnist")
     assert data.root == cache / "fashion-mnist" and not (cache / "mnist").exists()
     assert sorted(p.name for p in data.root.iterdir()) == sorted(FILES[k][0] + ".gz" for k in good)
     assert all((data.root / (FILES[k][0] + ".gz")).read_bytes() == v for k, v in good.items())
@@ -281,7 +277,7 @@ def test_fashion_download_refuses_md5_mismatch(tmp_path, monkeypatch):
     _gz_idx_dir(tmp_path / "bad", seed=2)
     cache = _fake_fashion(monkeypatch, tmp_path, [tmp_path / "bad"], good)
     with pytest.raises(DataError) as e:
-        load_idx_dir(None, dataset="fashion-mnist")
+        load_dir(None, dataset="fashion-mnist")
     msg = str(e.value)
     assert "MD5" in msg and "discarded" in msg and "Fashion-MNIST IDX files" in msg and "\n" not in msg
     assert list((cache / "fashion-mnist").iterdir()) == []  # nothing kept, no temporary file left
@@ -299,7 +295,220 @@ def test_dataset_names_and_cache_paths(tmp_path, monkeypatch):
 
     monkeypatch.setattr(D.urllib.request, "urlopen", no_network)
     with pytest.raises(DataError, match=r"^unknown dataset 'cifar'; choose from mnist, fashion-mnist$"):
-        load_idx_dir(None, dataset="cifar")
+        load_dir(None, dataset="cifar")
     assert Config().dataset == "mnist"
     old = {k: v for k, v in Config().to_dict().items() if k != "dataset"}
     assert Config.from_dict(old).dataset == "mnist"
+
+
+# ----------------------------------------------------------------------------------------------
+# Any grayscale image set: IDX under any prefix, NumPy arrays, folders of PNGs
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """600 real MNIST digits as a training set and the next 120 as a test set: {split: (images, labels)}."""
+    root = real_data_or_skip()
+    images = read_idx(root / (FILES["train-images"][0] + ".gz"))[:720]
+    labels = read_idx(root / (FILES["train-labels"][0] + ".gz"))[:720]
+    return {"train": (images[:600], labels[:600]), "test": (images[600:], labels[600:])}
+
+
+def _by_class(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The order a folder of class folders is read in: class by class, each in its files' (index) order."""
+    order = np.argsort(labels, kind="stable")
+    return images[order], labels[order]
+
+
+def _idx_dir(root: Path, sets: dict, names: dict[str, str] | None = None) -> Path:
+    """The sets as IDX files, under the official names or ``names`` ({key: file name})."""
+    root.mkdir(parents=True)
+    for split, key in (("train", "train"), ("test", "test")):
+        for part, array in zip(("images", "labels"), sets[split], strict=True):
+            name = (names or {}).get(f"{key}-{part}") or FILES[f"{key}-{part}"][0] + ".gz"
+            write_idx(root / name, array)
+    return root
+
+
+def _png_dir(root: Path, sets: dict) -> Path:
+    """train/ and test/, each a folder per digit of PNGs named by their index."""
+    for split, (images, labels) in sets.items():
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            (root / split / str(label)).mkdir(parents=True, exist_ok=True)
+            write_png(root / split / str(label) / f"{i:05d}.png", image)
+    return root
+
+
+def _same(a: D.ImageSplits, b: D.ImageSplits) -> None:
+    assert a.splits == b.splits == ["train", "val", "test"] and a.classes == b.classes and a.shape == b.shape
+    for split in a.splits:
+        assert torch.equal(a.images[split], b.images[split]) and torch.equal(a.labels[split], b.labels[split])
+
+
+def test_png_class_folders_read_as_the_idx_of_the_same_digits(digits, tmp_path):
+    ordered = {split: _by_class(*pair) for split, pair in digits.items()}
+    reference = load_dir(_idx_dir(tmp_path / "idx", ordered))
+    data = load_dir(_png_dir(tmp_path / "png", digits))
+    _same(data, reference)
+    assert data.classes == tuple("0123456789") and data.shape == (1, 28, 28)
+    assert data.label_files == {"train": tmp_path / "png" / "train", "test": tmp_path / "png" / "test"}
+
+
+def test_npz_npy_and_renamed_idx_read_as_the_idx_of_the_same_digits(digits, tmp_path):
+    reference = load_dir(_idx_dir(tmp_path / "idx", digits))
+    emnist = {f"{k}-{p}": f"emnist-digits-{k}-{p}-idx{3 if p == 'images' else 1}-ubyte" for k in ("train", "test")
+              for p in ("images", "labels")}  # fmt: skip
+    _same(load_dir(_idx_dir(tmp_path / "emnist", digits, emnist)), reference)
+    kmnist = tmp_path / "kmnist"  # KMNIST's own layout: one array (arr_0) per .npz file
+    kmnist.mkdir()
+    for split, (images, labels) in digits.items():
+        np.savez_compressed(kmnist / f"kmnist-{split}-imgs.npz", images)
+        np.savez_compressed(kmnist / f"kmnist-{split}-labels.npz", labels)
+    _same(load_dir(kmnist), reference)
+    keras = tmp_path / "keras"  # one .npz of x_train, y_train, x_test, y_test
+    keras.mkdir()
+    np.savez(keras / "mnist.npz", x_train=digits["train"][0], y_train=digits["train"][1].astype(np.int64),
+             x_test=digits["test"][0], y_test=digits["test"][1])  # fmt: skip
+    _same(load_dir(keras), reference)
+    npy = tmp_path / "npy"  # N x 1 x H x W images: the channel is dropped
+    npy.mkdir()
+    for split, (images, labels) in digits.items():
+        np.save(npy / f"{split}_images.npy", images[:, None])
+        np.save(npy / f"{split}_labels.npy", labels.astype(np.int32))
+    _same(load_dir(npy), reference)
+
+
+def test_fashion_mnist_under_renamed_files(tmp_path):
+    official = fashion_data_or_skip()
+    renamed = tmp_path / "fashion"
+    renamed.mkdir()
+    for stem, _ in D.FASHION_FILES.values():
+        (renamed / f"fashion-{stem}.gz").write_bytes((official / f"{stem}.gz").read_bytes())
+    _same(load_dir(renamed), load_dir(official))
+
+
+def test_flat_folder_is_unlabelled_and_other_sizes_are_read(tmp_path):
+    images = np.pad(synthetic_digits(12, seed=3)[0], ((0, 0), (2, 2), (2, 2)))  # 32x32, as Bit-Swap pads MNIST
+    for i, image in enumerate(images):
+        write_png(tmp_path / f"digit{i:02d}.png", image)
+    data = load_dir(tmp_path, val_fraction=0.25)
+    assert data.shape == (1, 32, 32) and data.classes == () and data.splits == ["train", "val"]
+    assert (data.labels["train"] == D.NO_LABEL).all() and len(data.labels["val"]) == 3
+    got = torch.cat([data.images["train"], data.images["val"]])[:, 0].numpy()
+    assert sorted(map(bytes, got)) == sorted(map(bytes, images))
+    with pytest.raises(DataError, match=r"^\S+: images of 32x32 pixels; flowmnist's models are built for 28x28"):
+        load_data(Config(data_dir=str(tmp_path)))
+
+
+def test_class_folders_in_name_order_numbers_by_value(tmp_path):
+    digit = synthetic_digits(1)[0][0]
+    for folder in ("a/dog", "a/cat", "a/bird", "b/10", "b/9", "b/1"):
+        (tmp_path / folder).mkdir(parents=True)
+        write_png(tmp_path / folder / "1.png", digit)
+        write_png(tmp_path / folder / "2.png", digit)
+    assert load_dir(tmp_path / "a").classes == ("bird", "cat", "dog")
+    data = load_dir(tmp_path / "b")
+    assert data.classes == ("1", "9", "10")
+    assert sorted(torch.cat([data.labels["train"], data.labels["val"]]).tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def _bad_folder(root: Path, case: str) -> Path:
+    """A data folder with one thing wrong (``case``); returns the path the error must name."""
+    digits, labels = synthetic_digits(6, seed=1)
+    root.mkdir()
+    for i in range(len(digits)):
+        (root / str(i)).mkdir()
+    pngs = [write_png(root / str(i) / "a.png", d) for i, d in enumerate(digits)]
+    if case == "mixed-sizes":
+        return write_png(root / "3" / "b.png", np.zeros((32, 32), np.uint8))
+    if case == "colour":
+        return write_png(root / "4" / "b.png", np.dstack([digits[0], digits[0] // 2, digits[0]]))
+    if case == "16-bit":
+        return write_png(root / "4" / "b.png", digits[0].astype(np.uint16) * 257)
+    if case == "not-divisible-by-4":
+        for p in pngs:
+            write_png(p, np.zeros((30, 30), np.uint8))
+        return pngs[0]
+    if case == "unreadable":
+        (root / "2" / "b.png").write_bytes(pngs[2].read_bytes()[:60])
+        return root / "2" / "b.png"
+    if case == "not-a-png":
+        (root / "5" / "notes.txt").write_text("a note\n")
+        return root / "5" / "notes.txt"
+    if case == "empty-class":
+        (root / "9").mkdir()
+        return root / "9"
+    if case == "empty":
+        for p in pngs:
+            p.unlink()
+            p.parent.rmdir()
+        return root
+    for p in pngs:  # the rest are NumPy cases
+        p.unlink()
+        p.parent.rmdir()
+    if case == "float-pixels":
+        np.save(root / "train-images.npy", digits.astype(np.float32) / 255)
+        np.save(root / "train-labels.npy", labels)
+        return root / "train-images.npy"
+    if case == "colour-array":
+        np.save(root / "train-images.npy", np.stack([digits] * 3, axis=-1))
+        np.save(root / "train-labels.npy", labels)
+        return root / "train-images.npy"
+    if case == "two-sets":
+        for name in ("letters", "digits"):
+            write_idx(root / f"emnist-{name}-train-images-idx3-ubyte.gz", digits)
+            write_idx(root / f"emnist-{name}-train-labels-idx1-ubyte.gz", labels)
+        return root
+    if case == "unnamed-array":
+        np.save(root / "digits.npy", digits)
+        return root / "digits.npy"
+    raise AssertionError(case)
+
+
+BAD_FOLDERS = {
+    "mixed-sizes": "32x32 pixels, but a.png is 28x28; every image needs the same size",
+    "colour": "a colour image; flowmnist reads 8-bit grayscale",
+    "16-bit": "pixel mode I;16 is not supported",
+    "not-divisible-by-4": "images of 30x30 pixels; height and width must be multiples of 4",
+    "unreadable": "cannot read as a PNG",
+    "not-a-png": "not a readable PNG image",
+    "empty-class": "empty class folder, no PNG images",
+    "empty": "no training data; expected IDX files",
+    "float-pixels": "pixels of type float32; flowmnist reads 8-bit grayscale",
+    "colour-array": "colour images (6x28x28x3)",
+    "two-sets": "2 train images files (emnist-digits-train-images-idx3-ubyte.gz, emnist-letters-",
+    "unnamed-array": "the name does not tell images from labels",
+}
+
+
+@pytest.mark.parametrize("case", BAD_FOLDERS)
+def test_bad_folders_are_refused_in_one_line_naming_the_file(tmp_path, capsys, case):
+    from flowmnist.cli import main
+
+    named = _bad_folder(tmp_path / "data", case)
+    with pytest.raises(DataError) as e:
+        load_dir(tmp_path / "data")
+    assert str(e.value).startswith(f"{named}: ") and BAD_FOLDERS[case] in str(e.value) and "\n" not in str(e.value)
+    run = tmp_path / "run"
+    assert main(["train", "--model", "simple", "--data-dir", str(tmp_path / "data"), "--out", str(run)]) == 2
+    assert capsys.readouterr().err.strip() == f"flowmnist train: error: {e.value}"
+    assert not run.exists()  # nothing written
+
+
+def test_train_refuses_other_sizes_and_unlabelled_conditional_runs(tmp_path, capsys):
+    from flowmnist.cli import main
+
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "big").mkdir()
+    for i, image in enumerate(synthetic_digits(12)[0]):
+        write_png(tmp_path / "flat" / f"{i}.png", image)
+        write_png(tmp_path / "big" / f"{i}.png", np.pad(image, 2))
+    run = tmp_path / "run"
+    args = ["train", "--model", "simple", "--out", str(run), "--data-dir"]
+    assert main([*args, str(tmp_path / "big")]) == 2
+    want = f"{tmp_path / 'big'}: images of 32x32 pixels; flowmnist's models are built for 28x28 images"
+    assert capsys.readouterr().err.strip() == f"flowmnist train: error: {want}"
+    assert main([*args, str(tmp_path / "flat"), "--conditional"]) == 2
+    assert "unlabelled images; a conditional model needs labels" in capsys.readouterr().err
+    assert not run.exists()

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from conftest import require_or_skip, write_mnist_dir
 
 from flowmnist.config import Config, FlowmnistError
-from flowmnist.data import load_idx_dir
+from flowmnist.data import load_dir
 from flowmnist.dist import resolve_device
 from flowmnist.models import build_model
 from flowmnist.nets import GatedConvNet, set_autocast
@@ -123,7 +123,7 @@ def _reference_step(cfg: Config, shards: list[torch.Tensor], seeds: list[int], r
     """One optimizer step of a single process over the global batch, built from the ranks' pieces:
     shard i's loss with its dequantization noise drawn from seeds[i]; the losses averaged (what DDP's
     gradient averaging amounts to) or, to show the test can fail, summed."""
-    train_x = load_idx_dir(cfg.data_dir, cfg.split_seed, cfg.val_fraction).images["train"]
+    train_x = load_dir(cfg.data_dir, cfg.split_seed, cfg.val_fraction).images["train"]
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.alpha)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -176,7 +176,7 @@ def test_validation_is_reduced_over_ranks(two_ranks):
     cfg = _cfg(data)
     model = build_model(cfg.model, cfg.alpha)
     model.load_state_dict(load_checkpoint(root / "step/last.pt")["model"])
-    val_x = load_idx_dir(cfg.data_dir, cfg.split_seed, cfg.val_fraction).images["val"]
+    val_x = load_dir(cfg.data_dir, cfg.split_seed, cfg.val_fraction).images["val"]
     assert len(val_x) == 5
     with torch.no_grad():
         lp = model.log_prob_single(val_x, val_noise(val_x, cfg.seed)).double()

@@ -147,9 +147,9 @@ def _perturbed(name: str, seed: int = 0):
 
 
 def test_interpolation_endpoints_exact_with_variational_multiscale_model(data_dir):
-    from flowmnist.data import load_idx_dir
+    from flowmnist.data import load_dir
 
-    images = load_idx_dir(data_dir).split("val")[0][:2]
+    images = load_dir(data_dir).split("val")[0][:2]
     row = interpolate(_perturbed("multi-vardeq"), images[0], images[1], steps=4)
     assert torch.equal(row[0], images[0]) and torch.equal(row[-1], images[1])
 
@@ -187,10 +187,10 @@ def test_uniform_dequantization_histogram_is_flat(tiny_run):
 
 
 def test_variational_dequantization_histogram_is_not_flat(data_dir):
-    from flowmnist.data import load_idx_dir
+    from flowmnist.data import load_dir
 
     model = _perturbed("vardeq")
-    x, u = dequant_samples(model, load_idx_dir(data_dir).split("val")[0][:16])
+    x, u = dequant_samples(model, load_dir(data_dir).split("val")[0][:16])
     assert flatness_z(u[x == 0]) > 10  # the same statistic sees a learned (here: random) shape
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 from flowmnist import ood
 from flowmnist.cli import main
 from flowmnist.config import Config, FlowmnistError
-from flowmnist.data import FILES, load_idx_dir, write_idx
+from flowmnist.data import FILES, load_dir, write_idx
 from flowmnist.evaluate import dataset_bpd, load_model
 
 # ----------------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def ood_run(ood_data) -> Path:
 
 def test_tiny_model_separates_noise_and_inverted_digits(ood_run, ood_data):
     model, cfg = load_model(ood_run)
-    digits = load_idx_dir(ood_data, cfg.split_seed, cfg.val_fraction).split("val")[0]  # held out from training
+    digits = load_dir(ood_data, cfg.split_seed, cfg.val_fraction).split("val")[0]  # held out from training
     noise = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (40, 1, 28, 28), dtype=np.uint8))
     inside, outside = ood.score_images(model, digits, k=2), ood.score_images(model, noise, k=2)
     ins, outs, _ = ood.ood_scores(inside, outside, batch_sizes=(1, 5))
@@ -214,7 +214,7 @@ def test_score_a_data_directory_to_csv(ood_run, tiny_data, tmp_path, capsys):
     rows = list(csv.DictReader(out.open()))
     assert list(rows[0]) == ["index", "label", "bpd", "complexity_bpd", "corrected"]
     model, cfg = load_model(ood_run)
-    images, labels = load_idx_dir(tiny_data, cfg.split_seed, cfg.val_fraction).split("val")
+    images, labels = load_dir(tiny_data, cfg.split_seed, cfg.val_fraction).split("val")
     assert [int(r["index"]) for r in rows] == list(range(len(images))) == list(range(8))
     assert [int(r["label"]) for r in rows] == labels.tolist()
     bpd = np.array([float(r["bpd"]) for r in rows])

@@ -18,7 +18,7 @@ from helpers import PARAMS
 from flowmnist import runs
 from flowmnist.cli import main
 from flowmnist.config import Config, FlowmnistError
-from flowmnist.data import load_idx_dir
+from flowmnist.data import load_dir
 from flowmnist.evaluate import class_scores, dataset_bpd, evaluate_run, image_class_log_probs
 from flowmnist.models import count_params
 
@@ -173,7 +173,7 @@ def test_evaluate_pretrained_on_a_test_split_leaves_the_package_unchanged(shippe
     assert main([*args, "--importance-samples", "2", "--timing-reps", "1", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert list(r["bpd"]) == ["test"] and r["images"] == {"test": 12}
-    images = load_idx_dir(str(data)).split("test")[0]
+    images = load_dir(str(data)).split("test")[0]
     assert r["bpd"]["test"] == pytest.approx(dataset_bpd(runs.load_pretrained("simple"), images, 2)[0], abs=1e-5)
     assert runs.sha256(shipped / "simple" / "results.json") == before
     runs.verify_pretrained("simple")
@@ -287,10 +287,10 @@ def test_each_shipped_model_loads_and_fits_real_digits(name):
     assert count_params(model) == PARAMS[cfg.model] + prior_params(cfg)
     if cfg.dataset == "fashion-mnist":  # its test images: never trained on
         split, low, high, near = "test", 2.5, 3.5, 0.1  # a wider spread per image than digits
-        images = load_idx_dir(fashion_data_or_skip()).images[split][:256]
+        images = load_dir(fashion_data_or_skip()).images[split][:256]
     else:  # MNIST, marginal bpd for a conditional model
         split, low, high, near = "val", 0.9, 1.3, 0.03
-        images = load_idx_dir(str(real_data_or_skip())).images[split][:256]
+        images = load_dir(str(real_data_or_skip())).images[split][:256]
     bpd, single = dataset_bpd(model, images, k=1)
     # Trained to ~1.05–1.15 on MNIST (~2.9 on Fashion-MNIST); untrained ~5, a broken Jacobian anything.
     assert low < bpd < high, bpd
@@ -305,7 +305,7 @@ def test_the_shipped_conditional_model_reads_held_out_digits():
     out from its training). A trained Gaussian per digit on all 784 dimensions, trained on log p(x | y)
     alone, reads 85 % of them; the shipped prior (fixed, separated means on the final latent) far more."""
     model = runs.load_pretrained("multi-vardeq-cond")
-    x, y = load_idx_dir(str(full_data_or_skip())).split("val")
+    x, y = load_dir(str(full_data_or_skip())).split("val")
     x, y = x[:1000], y[:1000]
     s = class_scores(image_class_log_probs(model, x, k=1), model.prior.log_py, y, model.dims)
     accuracy = float((s.predicted == y).double().mean())

@@ -10,14 +10,14 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import write_mnist_dir
+from conftest import synthetic_digits, write_mnist_dir
 from helpers import png_size
 from PIL import Image
 
 import flowmnist.data as D
 from flowmnist.cli import build_parser, main
 from flowmnist.config import Config, FlowmnistError
-from flowmnist.data import load_idx_dir
+from flowmnist.data import load_dir
 from flowmnist.evaluate import roundtrip_fraction
 from flowmnist.runs import load_checkpoint, load_model, read_metrics
 from flowmnist.train import train
@@ -53,7 +53,7 @@ def test_short_real_data_run_learns(real_subset, tmp_path):
     assert train_bpd[-1] < train_bpd[0]
     # Encoding then decoding every validation image of the trained model returns it exactly.
     model, cfg = load_model(tmp_path / "run")
-    val = load_idx_dir(real_subset, cfg.split_seed, cfg.val_fraction).images["val"]
+    val = load_dir(real_subset, cfg.split_seed, cfg.val_fraction).images["val"]
     assert roundtrip_fraction(model, val) == 1.0
 
 
@@ -64,6 +64,22 @@ def test_same_seed_same_numbers(tiny_data, tmp_path):
     assert a["val_bpd"] == b["val_bpd"]
     c = train(_cfg(tiny_data, seed=1), tmp_path / "c")
     assert c["val_bpd"] != a["val_bpd"]
+
+
+def test_a_png_folder_trains_as_the_idx_of_the_same_digits(tmp_path):
+    """A folder per class is read class by class: the IDX file of the digits in that order is the same run."""
+    images, labels = synthetic_digits(48, seed=4)
+    order = np.argsort(labels, kind="stable")
+    (tmp_path / "idx").mkdir()
+    D.write_idx(tmp_path / "idx" / "train-images-idx3-ubyte.gz", images[order])
+    D.write_idx(tmp_path / "idx" / "train-labels-idx1-ubyte.gz", labels[order])
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        (tmp_path / "png" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "png" / str(label) / f"{i:03d}.png")
+    a = train(_cfg(tmp_path / "png", conditional=True), tmp_path / "a")
+    b = train(_cfg(tmp_path / "idx", conditional=True), tmp_path / "b")
+    assert _strip_time(read_metrics(tmp_path / "a")) == _strip_time(read_metrics(tmp_path / "b"))
+    assert a["val_bpd"] == b["val_bpd"] and math.isfinite(a["val_bpd"])
 
 
 def _train_until(cfg: Config, run, steps: int) -> dict:
@@ -118,6 +134,58 @@ def test_resume_continues_exactly(tiny_data, tmp_path, schedule, stop):
     assert _strip_time(read_metrics(tmp_path / "straight")) == _strip_time(read_metrics(tmp_path / "split"))
 
 
+class _StepClock:
+    """A training clock that ticks one second per optimizer step (at each step's noise seed), so a
+    --minutes run's schedule is deterministic; ``at`` restarts it elsewhere, as a new process's clock."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.now, self.calls, self.stop_at = 0.0, 0, stop_at
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def tick(self, real):
+        def seed(*args):
+            self.now += 1.0
+            self.calls += 1
+            if self.calls == self.stop_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real(*args)
+
+        return seed
+
+
+def test_a_minutes_budget_resumed_continues_its_schedule(tiny_data, tmp_path, monkeypatch):
+    """A run with a 20-second budget (20 steps at one second a step), stopped at step 7 and resumed in a
+    process whose clock reads something else: the resumed run counts the 7 seconds already trained, so
+    its learning rate at every later step, its stop and its weights are the uninterrupted run's."""
+    import types
+
+    import flowmnist.train as T
+
+    real = T.noise_seed
+    cfg = _cfg(tiny_data, epochs=100, minutes=20 / 60, schedule="cosine", warmup_steps=0, checkpoint_minutes=100)
+
+    def run(name: str, clock: _StepClock, resume: bool = False) -> dict:
+        monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+        monkeypatch.setattr(T, "noise_seed", clock.tick(real))
+        return train(cfg, tmp_path / name, resume=resume)
+
+    straight = run("straight", _StepClock())
+    assert straight["stopped_by"] == "minutes" and straight["step"] == 20
+    assert run("split", _StepClock(stop_at=7))["stopped_by"] == "SIGINT"
+    restarted = _StepClock()
+    restarted.now = 1000.0
+    resumed = run("split", restarted, resume=True)
+    assert resumed["stopped_by"] == "minutes" and resumed["step"] == 20
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "straight") if r["split"] == "train"}
+    again = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "split") if r["split"] == "train"}
+    assert again == lrs and lrs[20] < 0.05 * lrs[1]  # the cosine ran over the 20 steps, once
+    a, b = load_checkpoint(tmp_path / "straight/last.pt"), load_checkpoint(tmp_path / "split/last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_resume_drops_rows_written_after_the_checkpoint(tiny_data, tmp_path):
     """The log is written at every row, the checkpoint at each epoch's end: a crash (here an exception
     during step 8, as a kill -9 would leave it) leaves rows that last.pt does not cover. --resume drops
@@ -156,6 +224,30 @@ def test_minutes_budget_stops_at_a_step_and_validates(tiny_data, tmp_path):
     rows = read_metrics(tmp_path / "run")
     assert rows[-1]["split"] == "val" and rows[-1]["step"] == s["step"]
     assert (tmp_path / "run/best.pt").is_file() and (tmp_path / "run/last.pt").is_file()
+
+
+def test_a_minutes_budget_ends_on_time_with_its_final_validation(tmp_path, monkeypatch):
+    """A 20-second run whose validation takes a noticeable part of it (100 validation images at 30 ms
+    extra each: 3 s, 15 % of the budget) ends, its final validation included, within 5 % of
+    the budget: the budget reserves the validation's measured time instead of starting it when the
+    time is already up (which would end about 3 s late)."""
+    import time
+
+    import flowmnist.train as T
+
+    real = T.sharded_bpd
+
+    def slow_bpd(model, images, *args, **kw):
+        time.sleep(30e-3 * len(images))
+        return real(model, images, *args, **kw)
+
+    monkeypatch.setattr(T, "sharded_bpd", slow_bpd)
+    data = write_mnist_dir(tmp_path / "data", 600)
+    cfg = _cfg(data, epochs=1000, minutes=20 / 60, val_fraction=100 / 600)
+    s = train(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
+    assert s["stopped_by"] == "minutes" and rows[-1]["split"] == "val" and s["step"] > 0, s
+    assert 19.0 <= s["seconds"] <= 21.0, s
 
 
 def test_steps_budget_stops_at_that_step_validates_and_ends_the_cosine(tiny_data, tmp_path):
@@ -289,7 +381,7 @@ def test_cli_train_evaluate_table_sample(tiny_data, tmp_path, capsys):
     # Each reported bpd is the model's own K-sample bound, -log (1/K) sum_k p(x, u_k) / (784 ln 2), on the
     # split's first 8 images with evaluate's noise (seed 0), to the 5 decimals reported.
     model, cfg = load_model(run)
-    data = load_idx_dir(str(tiny_data), cfg.split_seed, cfg.val_fraction)
+    data = load_dir(str(tiny_data), cfg.split_seed, cfg.val_fraction)
     for split in ("train", "val", "test"):
         torch.manual_seed(0)
         with torch.no_grad():
@@ -299,6 +391,14 @@ def test_cli_train_evaluate_table_sample(tiny_data, tmp_path, capsys):
     assert all(r["bpd"][s] <= r["bpd_single_sample"][s] + 1e-6 for s in r["bpd"])
     assert json.loads((tmp_path / "run/results.json").read_text())["bpd"] == r["bpd"]
     assert r["roundtrip_exact"] == {"train": 1.0, "val": 1.0, "test": 1.0}
+    # --every 3: images 0, 3, 6, ... of each split, spread over the split rather than its first part.
+    assert main(["evaluate", run, "--split", "train", "--importance-samples", "1", "--every", "3", "--json"]) == 0
+    r3 = json.loads(capsys.readouterr().out)
+    assert r3["images"] == {"train": 14} and r3["every"] == 3  # 40 train images
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = -model.log_prob(data.split("train")[0][::3], 1).double().mean() / (784 * math.log(2))
+    assert r3["bpd"]["train"] == pytest.approx(expected.item(), abs=2e-5)
 
     assert main(["table", run]) == 0
     table = capsys.readouterr().out
@@ -379,7 +479,7 @@ def test_ema_weights_are_validated_saved_and_evaluated(tiny_data, tmp_path):
     from flowmnist.dist import Dist
     from flowmnist.train import sharded_bpd, val_noise
 
-    val = load_idx_dir(str(tiny_data), 42, 1 / 6).images["val"]
+    val = load_dir(str(tiny_data), 42, 1 / 6).images["val"]
     got = sharded_bpd(model, val, val_noise(val, 0), Dist())
     assert got == pytest.approx(read_metrics(run)[-1]["bpd"], rel=1e-6)
 
@@ -395,7 +495,7 @@ def test_bf16_training_validates_in_float32(tiny_data, tmp_path):
     from flowmnist.train import sharded_bpd, val_noise
 
     model, _ = load_model(run / "last.pt")
-    val = load_idx_dir(str(tiny_data), 42, 1 / 6).images["val"]
+    val = load_dir(str(tiny_data), 42, 1 / 6).images["val"]
     assert sharded_bpd(model, val, val_noise(val, 0), Dist()) == pytest.approx(s["val_bpd"], rel=1e-7)
 
 
@@ -461,7 +561,7 @@ def test_init_from_starts_at_the_shipped_weights_with_a_fresh_optimizer(real_sub
     train(cfg, tmp_path / "run")
     rows = read_metrics(tmp_path / "run")
     assert [r["split"] for r in rows] == ["val"] and rows[0]["step"] == 0
-    val = load_idx_dir(str(real_subset), cfg.split_seed, cfg.val_fraction).images["val"][:64]
+    val = load_dir(str(real_subset), cfg.split_seed, cfg.val_fraction).images["val"][:64]
     want = sharded_bpd(load_pretrained("multi-vardeq"), val, val_noise(val, cfg.seed), Dist())
     assert rows[0]["bpd"] == pytest.approx(want, abs=1e-6)
     assert 1.0 < want < 1.3  # the trained model, not a fresh one (about 2.7 bpd at the start)

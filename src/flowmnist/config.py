@@ -40,7 +40,7 @@ class Config:
     evaluate / sample / interpolate rebuild the model from the run directory alone."""
 
     model: str = "multi-vardeq"  # a name in models.ARCHITECTURES
-    data_dir: str | None = None  # IDX directory; None = the download cache
+    data_dir: str | None = None  # a data directory (data.read_dir: IDX, NumPy, PNG folders); None = the download cache
     dataset: str = "mnist"  # what data_dir=None downloads (data.DATASETS: mnist | fashion-mnist), cached apart
     seed: int = 0  # model init, batch order and dequantization noise
     epochs: int = 200  # the original report's GPU budget; on a CPU, `--epochs` or `--minutes` sets a smaller one
@@ -91,7 +91,7 @@ class Config:
     init_from: str | None = None
     checkpoint_minutes: float = 10.0  # last.pt at least this often, whatever the epoch length: a kill loses less
     val_images: int = 0  # validate on the first N validation images (0: all): cheaper curves for short runs
-    conditional: bool = False  # model p(x | y): a Gaussian prior per digit (priors.ClassPrior); labels: the IDX file
+    conditional: bool = False  # model p(x | y): a Gaussian prior per digit (priors.ClassPrior); labels: the data's
     hybrid_weight: float = 0.0  # lambda of -(log p(x|y) + lambda log p(y|x)), Nalisnick et al. 2019; conditional only
     # Where a conditional model's class means sit: "all" the whole flat latent, "top" the final latent
     # (the multi-scale flow's deepest features; priors.ClassPrior).

@@ -89,7 +89,7 @@ class ReportOptions:
     probs: tuple[float, ...] = _option(DEFAULT_PROBS, "probs", "floats", "probabilities of 0, 1, ... (normalised)")
     seed: int = _option(0, "seed", "nonneg", "")
     ood_data: str | None = _option(
-        None, "ood_data", "dir", "add an OOD section: each run's held-out images against this IDX directory's", "DIR"
+        None, "ood_data", "dir", "add an OOD section: each run's held-out images against this data directory's", "DIR"
     )
     ood_images: int = _option(500, "ood_images", "positive", "images of each set in the OOD section", "N")
 

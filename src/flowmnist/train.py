@@ -31,9 +31,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from .config import Config, FlowmnistError, first_difference
-from .data import load_data
+from .data import check_classes, load_data
 from .dist import Dist, process_group
-from .models import FlowModel
+from .models import NUM_CLASSES, FlowModel
 from .nets import compile_nets, set_autocast
 from .runs import (
     check_run_dir,
@@ -281,6 +281,7 @@ class Run:
     bar: Any = None
     saved_at: float = 0.0  # elapsed() at the last save of last.pt
     validated_at: float = 0.0  # elapsed() at the last validation
+    val_seconds: float = 0.0  # what the next validation is expected to take: a --minutes budget ends with one
 
     @property
     def total_steps(self) -> int:
@@ -299,9 +300,11 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
         # Saved resolved: the run's actual recipe. (A copy: the caller's Config is left as it was.)
         cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
         check_run_dir(run_dir, resume, force)
+        data = load_data(cfg)  # before the run directory is made: bad data leaves nothing behind
+        if cfg.conditional:
+            check_classes(data, NUM_CLASSES)
         if env.is_main:
             check_writable(run_dir)
-        data = load_data(cfg)
         _check_batch_size(cfg.batch_size, len(data.images["train"]), env.world)
         ckpt, rows = _resume_point(run_dir, cfg) if resume else (None, [])
         init = initial_weights(cfg.init_from, cfg) if cfg.init_from and ckpt is None else None
@@ -391,11 +394,31 @@ def save_last(run: Run) -> None:
     save_checkpoint(run.run_dir / "last.pt", state)
 
 
+@torch.inference_mode()
+def estimate_val_seconds(run: Run, batch_size: int = 256) -> float:
+    """Seconds a validation will take, measured once before a --minutes run's first step, so that the
+    budget's end leaves room for the final validation: two tiny batches first (compiled nets compile
+    here for any batch size, not in the final validation), then one validation batch is timed and scaled
+    to the split. Every rank makes the same calls (each holds a collective)."""
+    model, x, u, env = run.model, run.val_x, run.val_u, run.env
+    model.eval()
+    set_autocast(model, None)
+    for n in (1, 2):  # two shapes: torch.compile then makes the batch dimension dynamic
+        sharded_bpd(model, x[:n], u[:n], env, batch_size)
+    head = min(batch_size, len(x))
+    t = time.perf_counter()
+    sharded_bpd(model, x[:head], u[:head], env, batch_size)
+    per_image = (time.perf_counter() - t) / max(head, 1)
+    set_autocast(model, run.train_dtype)
+    model.train()
+    return per_image * len(x)
+
+
 def validate(run: Run) -> float:
     """Val bpd (single-sample bound, the run's fixed noise, float32; the EMA weights if kept), logged;
-    best.pt when it is the best so far."""
+    best.pt when it is the best so far. Its duration is the estimate of the next one's."""
     model, st = run.model, run.st
-    run.validated_at = run.elapsed()
+    run.validated_at = started = run.elapsed()
     model.eval()
     set_autocast(model, None)
     if run.ema is not None:
@@ -413,6 +436,7 @@ def validate(run: Run) -> float:
         run.ema.swap()
     set_autocast(model, run.train_dtype)
     model.train()
+    run.val_seconds = run.elapsed() - started
     return val
 
 
@@ -420,7 +444,8 @@ def stop_reason(run: Run, stop: _StopFlag) -> str | None:
     """ "minutes", "steps", "SIGINT" or "SIGTERM" when the run must stop before the next step, else None. A
     stop one rank sees (its signal, its clock) is agreed by all, so none is left waiting in a collective."""
     steps_done = bool(run.cfg.steps) and run.st.step >= run.cfg.steps  # the same on every rank
-    code = run.env.agree_max(stop.signum or (_STOP_BUDGET if steps_done or run.elapsed() >= run.budget else 0))
+    out_of_time = run.elapsed() + run.val_seconds >= run.budget  # the final validation inside the budget
+    code = run.env.agree_max(stop.signum or (_STOP_BUDGET if steps_done or out_of_time else 0))
     if not code:
         return None
     if code == _STOP_BUDGET:
@@ -523,6 +548,8 @@ def _train(
     run.bar = tqdm(total=run.total_steps, initial=st.epoch * nb + st.batch, disable=not show, unit="step")
     run.model.train()
     set_autocast(run.model, run.train_dtype)
+    if run.cfg.minutes is not None:
+        run.val_seconds = estimate_val_seconds(run)
     stopped_by = "epochs"
     with _StopFlag() as stop:
         while st.epoch < run.cfg.epochs:

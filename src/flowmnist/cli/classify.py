@@ -77,7 +77,7 @@ def add_classify_command(sub) -> None:
     c = sub.add_parser("classify", help="per-image digit, posterior p(y | x) and bpd from a class-conditional model")
     add_scoring_args(c)
     src = c.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data-dir", metavar="DIR", help="classify a split of this IDX directory")
+    src.add_argument("--data-dir", metavar="DIR", help="classify a split of this data directory")
     src.add_argument("--png", nargs="+", metavar="FILE_OR_DIR", help="classify 28x28 PNGs (a directory: its *.png)")
     src.add_argument(
         "--own-samples", type=positive_int, metavar="N", help="classify N of the model's samples of each digit"

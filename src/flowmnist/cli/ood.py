@@ -50,7 +50,7 @@ def add_score_command(sub) -> None:
     sc = sub.add_parser("score", help="per-image OOD scores: bpd, PNG complexity, complexity-corrected bpd")
     add_scoring_args(sc)
     src = sc.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data-dir", metavar="DIR", help="score a split of this IDX directory")
+    src.add_argument("--data-dir", metavar="DIR", help="score a split of this data directory")
     src.add_argument("--png", nargs="+", metavar="FILE_OR_DIR", help="score 28x28 PNG files (a directory: its *.png)")
     add_split(sc, help="split of --data-dir (default val)")
     sc.add_argument("--out", metavar="FILE", help="write the rows to FILE.csv or FILE.json (default: CSV on stdout)")
@@ -115,15 +115,15 @@ def cmd_ood(a: argparse.Namespace) -> int:
 def add_ood_command(sub) -> None:
     from ..ood import BATCH_SIZES
 
-    o = sub.add_parser("ood", help="AUROC, AUPR, FPR95 of each OOD score between two IDX directories")
+    o = sub.add_parser("ood", help="AUROC, AUPR, FPR95 of each OOD score between two data directories")
     add_scoring_args(o)
     o.add_argument(
         "--in-data",
         metavar="DIR",
-        help="IDX directory of in-distribution images (default: the run's own data; for a shipped model, the "
+        help="data directory of in-distribution images (default: the run's own data; for a shipped model, the "
         "images shipped with it)",
     )
-    o.add_argument("--ood-data", required=True, metavar="DIR", help="IDX directory of out-of-distribution images")
+    o.add_argument("--ood-data", required=True, metavar="DIR", help="data directory of out-of-distribution images")
     add_split(o, default="val", help="split of both sets (default val)")
     add_split(o, "--ood-split", help="split of the OOD set, where it differs from --split")
     o.add_argument(

@@ -37,6 +37,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         a.device,
         timing_reps=a.timing_reps,
         compile=a.compile,
+        every=a.every,
         write=a.pretrained is None,  # a shipped run is read-only: its results.json is in the manifest
     )
     figures = _confusion_figures(run, r) if a.pretrained is None else []
@@ -71,6 +72,9 @@ def add_evaluate_command(sub) -> None:
     add_importance_samples(e)
     e.add_argument("--data-dir", help="evaluate on this directory (default: the run's own data)")
     e.add_argument("--max-images", type=positive_int, help="evaluate only the first N images of each split")
+    e.add_argument(
+        "--every", type=positive_int, default=1, metavar="N", help="evaluate every N-th image of each split (default 1)"
+    )
     e.add_argument("--timing-reps", type=positive_int, default=5, help="timed repetitions (median; default 5)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     add_device(e)

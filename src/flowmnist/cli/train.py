@@ -72,7 +72,11 @@ def add_train_command(sub) -> None:
         "(e.g. torchrun --standalone --nproc_per_node=4 -m flowmnist train ...): NCCL on GPUs, gloo on CPUs.",
     )
     t.add_argument("--model", choices=tuple(ARCHITECTURES), help=f"model architecture (default {DEFAULTS.model})")
-    t.add_argument("--data-dir", help="directory with MNIST IDX files (default: $FLOWMNIST_DATA, else download)")
+    t.add_argument(
+        "--data-dir",
+        help="a data directory: IDX files under any prefix, NumPy .npy/.npz arrays, or PNGs (a folder per class, "
+        "or flat: unlabelled), 8-bit grayscale (default: $FLOWMNIST_DATA, else download)",
+    )
     t.add_argument(
         "--dataset",
         choices=tuple(DATASETS),
