@@ -127,3 +127,29 @@ def test_captions_name_the_split_the_digits_come_from(tmp_path):
     assert split_words(["val", "val"]) == "validation split"
     assert split_words(["test"]) == "test split"
     assert "row labels" in split_words(["val", "test"])
+
+
+def test_the_report_loads_each_run_and_its_digits_once(tiny_run, tmp_path, monkeypatch):
+    """Two runs in one report: each model is read from its checkpoint once and each run's digits once, and
+    every figure and section gets them from there (figures.LoadedRun)."""
+    import flowmnist.data
+    import flowmnist.figures
+    from flowmnist.report import build_report
+
+    calls = {"model": [], "data": 0}
+    load_model, load_data = flowmnist.figures.load_model, flowmnist.data.load_data
+
+    def counted_model(run, *args, **kw):
+        calls["model"].append(Path(run))
+        return load_model(run, *args, **kw)
+
+    def counted_data(*args, **kw):
+        calls["data"] += 1
+        return load_data(*args, **kw)
+
+    monkeypatch.setattr(flowmnist.figures, "load_model", counted_model)
+    monkeypatch.setattr(flowmnist.data, "load_data", counted_data)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other)
+    build_report([tiny_run, other], tmp_path / "report", pairs=1, steps=3, samples=4, dequant_images=4)
+    assert sorted(calls["model"]) == sorted([tiny_run, other]) and calls["data"] == 2
