@@ -70,7 +70,7 @@ case ${1:-} in
     for m in simple vardeq multi-simple multi-vardeq; do if [ -d "src/flowmnist/pretrained/$m" ]; then names+=("$m"); fi; done
     "$BIN/flowmnist" compare-samples --pretrained "${names[@]}" --out "$out" --n 36
     "$BIN/flowmnist" compare-samples --pretrained "${names[@]}" --out "$out" --n 36 --temperature 0.7
-    "$BIN/flowmnist" interpolate --pretrained "${names[@]}" --out "$out" --pairs 2 --steps 10
+    "$BIN/flowmnist" interpolate --pretrained "${names[@]}" --out "$out" --pairs 2 --walk-images 10
     "$BIN/flowmnist" dequant --pretrained "${names[@]}" --out "$out" --images 64
     "$BIN/flowmnist" curves --pretrained "${names[@]}" --out "$out"
     "$BIN/flowmnist" concepts --out "$out"

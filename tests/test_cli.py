@@ -20,7 +20,7 @@ from flowmnist.runs import PRETRAINED_ROOT
 WRITERS = {
     "sample": ["sample", "--pretrained", "simple", "--out", "OUT/grid.png"],
     "curves": ["curves", "--pretrained", "simple", "--out", "OUT/DIR"],
-    "samples": ["samples", "--pretrained", "simple", "--out", "OUT/DIR"],
+    "compare-samples": ["compare-samples", "--pretrained", "simple", "--out", "OUT/DIR"],
     "interpolate": ["interpolate", "--pretrained", "simple", "--out", "OUT/DIR"],
     "dequant": ["dequant", "--pretrained", "simple", "--out", "OUT/DIR"],
     "concepts": ["concepts", "--out", "OUT/DIR"],
@@ -92,13 +92,18 @@ SHIPPED = PRETRAINED_ROOT / "simple"
 WRITTEN = [
     ("curves", [Path("runs/a"), SHIPPED], {"out": Path("out")}),
     ("compare-samples", [SHIPPED], {"out": Path("out"), "n": 4, "seed": 3, "temperature": 0.7}),
-    ("interpolate", [Path("a")], {"out": "o", "pairs": 1, "steps": 3, "seed": 2, "spherical": True, "data_dir": "d"}),
+    (
+        "interpolate",
+        [Path("a")],
+        {"out": "o", "pairs": 1, "walk_images": 3, "seed": 2, "spherical": True, "data_dir": "d"},
+    ),
     ("dequant", [Path("a"), Path("b")], {"out": "o", "images": 4, "seed": 1, "data_dir": "d"}),
     ("concepts", None, {"out": "o", "probs": [0.5, 0.25, 0.25], "seed": 5}),
     ("sample", [SHIPPED], {"digit": "all", "n": 10, "seed": 0, "out": Path("o/digits.png")}),
     ("ood", [Path("a")], {"in_data": "i", "ood_data": "o", "split": "val", "ood_split": "test", "max_images": 9}),
     ("ood", [SHIPPED], {"ood_data": "o", "batch_sizes": [1, 5], "out": "o/ood.png"}),
     ("report", [SHIPPED], {"out": "o", "n": 4, "pairs": 1, "images": 4, "probs": [0.3, 0.7], "ood_images": 9}),
+    ("report", [SHIPPED], {"out": "o", "walk_images": 3}),
 ]
 
 
@@ -115,6 +120,22 @@ def test_written_command_lines_parse_to_their_options(command, run_dirs, options
         paths = [str(r) for r in run_dirs if r != SHIPPED]
         assert (getattr(ns, "run_dirs", None) or [x for x in [getattr(ns, "run_dir", None)] if x]) == paths
         assert ns.pretrained in ((["simple"], "simple") if SHIPPED in run_dirs else (None,))
+
+
+def test_one_name_per_command_and_one_meaning_per_option():
+    """`sample` (one run) and `compare-samples` (several) are not one letter apart; --steps is train's step
+    budget, while a walk's images and bench's timed steps have names of their own (--steps still reads
+    there, left out of --help)."""
+    commands = _subcommands()
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert "samples" not in sub.choices and not any(c + "s" in sub.choices for c in sub.choices)
+    parse = build_parser().parse_args
+    for command in ("interpolate", "report"):
+        assert "--steps" not in commands[command].format_help()
+        assert parse([command, "a", "--out", "o", "--steps", "5"]).walk_images == 5
+        assert parse([command, "a", "--out", "o"]).walk_images == 8
+    assert parse(["bench", "--steps", "2"]).timed_steps == 2 and parse(["bench"]).timed_steps == 5
+    assert "--steps" not in commands["bench"].format_help() and "--steps" in commands["train"].format_help()
 
 
 def test_argv_leaves_out_what_is_unset():

@@ -212,6 +212,23 @@ def test_cli_restores_the_idx_bytes(packed, tmp_path, capsys):
     assert "5 images" in capsys.readouterr().out
 
 
+def test_cli_decompress_names_its_model_as_compress_does(packed, tmp_path, capsys):
+    """decompress [RUN_DIR] IN OUT, as compress takes [RUN_DIR] IN... OUT (--run RUN_DIR still reads)."""
+    from flowmnist.runs import PRETRAINED_ROOT
+
+    src, fmz = packed
+    simple, vardeq = str(PRETRAINED_ROOT / "simple"), str(PRETRAINED_ROOT / "vardeq")
+    assert main(["decompress", simple, str(fmz), str(tmp_path / "a")]) == 0
+    assert main(["decompress", "--run", simple, str(fmz), str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a").read_bytes() == (tmp_path / "b").read_bytes() == zlib.decompress(src.read_bytes(), 31)
+    capsys.readouterr()
+    assert main(["decompress", vardeq, str(fmz), str(tmp_path / "c")]) == 2
+    assert "made with model pretrained:simple" in capsys.readouterr().err
+    assert main(["decompress", "--pretrained", "simple", simple, str(fmz), str(tmp_path / "d")]) == 2
+    assert "give either RUN_DIR or --pretrained NAME, not both" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
 def test_cli_png_input(tmp_path):
     from flowmnist.ood import png_encode
 

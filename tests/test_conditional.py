@@ -13,7 +13,7 @@ from conftest import synthetic_digits, write_mnist_dir
 from helpers import PARAMS, assert_png, png_size, write_png
 
 from flowmnist.cli import main
-from flowmnist.config import Config, FlowmnistError
+from flowmnist.config import Config, FlowmnistError, PriorSpec
 from flowmnist.data import FILES, DataError, check_classes, load_dir, write_idx
 from flowmnist.evaluate import (
     class_scores,
@@ -33,11 +33,13 @@ from flowmnist.flows import (
     checkerboard_mask,
     std_normal_log_prob,
 )
-from flowmnist.models import FlowModel, build_model, count_params
+from flowmnist.models import FlowModel, build_model, count_params, latent_shapes
 from flowmnist.nets import GatedConvNet
+from flowmnist.priors import ClassPrior, build_prior
 from flowmnist.runs import load_checkpoint, load_model, read_metrics
 from flowmnist.train import train
 
+CLASS = PriorSpec("class")  # the class prior with its defaults: means at 0 on the whole latent, trained
 PRIOR_PARAMS = 2 * 10 * 784  # a mean and a log-scale per digit and latent dimension
 
 
@@ -61,7 +63,8 @@ def _tiny_multiscale(num_classes: int = 10, class_latent: str = "all") -> FlowMo
         Split(),
         AffineCoupling(GatedConvNet(2, 4, num_layers=1), channel_mask(2, invert=True), 2),
     ]
-    model = FlowModel(Dequantization(), flows, (1, 4, 4), num_classes=num_classes, class_latent=class_latent)
+    spec = PriorSpec("class", num_classes, latent=class_latent)
+    model = FlowModel(Dequantization(), flows, build_prior(spec, latent_shapes(flows, (1, 4, 4))), (1, 4, 4))
     return _perturb(model.double(), 0.3)
 
 
@@ -72,7 +75,7 @@ def _tiny_multiscale(num_classes: int = 10, class_latent: str = "all") -> FlowMo
 
 @pytest.mark.parametrize("name", list(PARAMS))
 def test_unconditional_models_keep_their_parameters_conditional_add_the_prior(name):
-    u, c = build_model(name), build_model(name, conditional=True)
+    u, c = build_model(name), build_model(name, prior=CLASS)
     assert count_params(u) == PARAMS[name] and not u.conditional
     assert count_params(c) == PARAMS[name] + PRIOR_PARAMS and c.conditional
     extra = [k for k in c.state_dict() if k not in u.state_dict()]
@@ -111,7 +114,7 @@ def test_equal_class_priors_at_zero_give_the_unconditional_log_prob_for_every_di
     marginal (whatever p(y)); sampling a digit draws the same images as the unconditional model."""
     torch.manual_seed(0)
     u = _perturb(build_model(name))
-    c = build_model(name, conditional=True)
+    c = build_model(name, prior=CLASS)
     c.load_state_dict({**c.state_dict(), **u.state_dict()})
     c.prior.set_class_frequencies(torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 5, 6, 7, 8, 9, 9]))
     x = torch.randint(0, 256, (4, 1, 28, 28)).float()
@@ -195,13 +198,13 @@ def test_class_spread_draws_the_means_after_the_flows():
     torch.manual_seed(5)
     plain = build_model("multi-vardeq")
     torch.manual_seed(5)
-    spread = build_model("multi-vardeq", conditional=True, class_latent="top", class_spread=0.5)
+    spread = build_model("multi-vardeq", prior=PriorSpec("class", latent="top", spread=0.5))
     assert spread.prior.mean.shape == (10, 392) and abs(float(spread.prior.mean.std()) - 0.5) < 0.02
     flows = {k: v for k, v in spread.state_dict().items() if not k.startswith("prior.")}
     assert flows.keys() == plain.state_dict().keys()
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in flows.items())
-    assert not build_model("simple", conditional=True).prior.mean.any()
-    fixed = build_model("multi-vardeq", conditional=True, class_latent="top", class_spread=0.5, class_fixed=True)
+    assert not build_model("simple", prior=CLASS).prior.mean.any()
+    fixed = build_model("multi-vardeq", prior=PriorSpec("class", latent="top", spread=0.5, fixed=True))
     assert count_params(fixed) == count_params(plain) and "prior.mean" in fixed.state_dict()  # buffers
     assert not fixed.prior.log_scale.any()
 
@@ -293,7 +296,7 @@ def test_sampled_digits_are_uint8_and_classified_as_asked():
     images, labels = synthetic_digits(400, 0)
     x, y = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
     flows = [AffineCoupling(GatedConvNet(1, 8, num_layers=1), checkerboard_mask(28, 28, i == 1), 1) for i in (0, 1)]
-    model = FlowModel(Dequantization(), flows, num_classes=10)
+    model = FlowModel(Dequantization(), flows, ClassPrior(10, 784))
     model.prior.set_class_frequencies(y)
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)
     for _ in range(100):
@@ -511,6 +514,57 @@ def test_conditional_run_resumes_exactly_with_the_hybrid_objective(cond_data, tm
     assert strip == [{k: v for k, v in r.items() if k not in times} for r in read_metrics(tmp_path / "split")]
     with pytest.raises(FlowmnistError, match="cannot resume with conditional=False"):
         train(_cfg(cond_data, epochs=3, conditional=False), tmp_path / "split", resume=True)
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    return err
+
+
+def test_a_conditional_run_resumed_with_another_prior_layout_is_refused_in_one_line(cond_run, capsys):
+    """Class means on the whole latent, resumed with them on the final latent only (a prior of another
+    shape) or fixed (buffers, not trained): one line naming the field; the run is left as it was."""
+    before = (cond_run / "last.pt").read_bytes()
+    args = ["train", "--out", str(cond_run), "--resume", "--no-compile"]
+    assert main([*args, "--class-latent", "top"]) == 2
+    assert "cannot resume with class_latent='top'; the run has 'all'" in _one_line(capsys)
+    assert main([*args, "--class-spread", "1", "--class-fixed"]) == 2
+    assert "cannot resume with class_fixed=True; the run has False" in _one_line(capsys)
+    assert (cond_run / "last.pt").read_bytes() == before
+
+
+def test_init_from_an_unconditional_model_loads_its_flows_and_draws_a_fresh_prior(cond_data, tmp_path):
+    """A conditional run started from the shipped unconditional multi-vardeq: every flow weight is the
+    shipped one, and the prior is the one its config draws (fixed, separated means on the final latent)."""
+    from flowmnist.runs import load_pretrained, model_of
+
+    kw = dict(class_latent="top", class_spread=1.0, class_fixed=True)
+    cfg = _cfg(cond_data, model="multi-vardeq", init_from="multi-vardeq", minutes=1e-9, val_images=8, **kw)
+    train(cfg, tmp_path / "run")
+    got = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    shipped = load_pretrained("multi-vardeq").state_dict()
+    assert set(got) - set(shipped) == {"prior.mean", "prior.log_scale", "prior.log_py"}
+    for k, v in shipped.items():
+        assert torch.equal(got[k], v), k
+    torch.manual_seed(cfg.seed)
+    fresh = model_of(cfg).prior
+    assert got["prior.mean"].shape == (10, 392) and float(got["prior.mean"].std()) > 0.5
+    assert torch.equal(got["prior.mean"], fresh.mean) and torch.equal(got["prior.log_scale"], fresh.log_scale)
+
+
+def test_init_from_refuses_another_prior_layout_in_one_line(cond_data, tmp_path, capsys):
+    """The shipped multi-vardeq-cond (fixed means on the final latent) cannot start a run whose means sit
+    on the whole latent, nor an unconditional run: one line naming the field, no run directory."""
+    args = ["train", "--model", "multi-vardeq", "--init-from", "multi-vardeq-cond", "--data-dir", str(cond_data)]
+    args += ["--out", str(tmp_path / "run"), "--no-compile"]
+    assert main([*args, "--conditional"]) == 2
+    err = _one_line(capsys)
+    assert "--init-from multi-vardeq-cond: its model is 'multi-vardeq (conditional)'" in err
+    assert "class_latent='top', this run's has class_latent='all'; the architectures must match" in err
+    assert main(args) == 2
+    assert "conditional=True, this run's has conditional=False" in _one_line(capsys)
+    assert not (tmp_path / "run" / "last.pt").exists()
 
 
 def test_evaluate_reports_marginal_conditional_bpd_accuracy_and_confusion(cond_run, capsys):

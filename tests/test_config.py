@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from flowmnist.config import BEFORE_FIELD, Config, FlowmnistError
+from flowmnist.config import BEFORE_FIELD, Config, FlowmnistError, first_difference
 
 
 def test_fast_is_default_for_training_config():
@@ -52,3 +52,20 @@ def test_a_config_saved_before_a_field_existed_gets_what_that_run_did():
 def test_unknown_fields_are_refused_by_name():
     with pytest.raises(FlowmnistError, match=r"unknown fields \['speed'\]"):
         Config.from_dict({**Config().to_dict(), "speed": 2})
+
+
+def test_an_architecture_is_the_fields_that_fix_its_weights():
+    """Model, alpha and the prior's layout; a class prior's latent and fixedness only where there is one;
+    the recipe (lr, spread, seed) never. The first field that differs is the one a refusal names."""
+    assert Config().architecture() == {"model": "multi-vardeq", "alpha": 1e-5, "conditional": False}
+    cond = Config(conditional=True, class_latent="top", class_spread=0.5, class_fixed=True, lr=0.1)
+    assert cond.architecture() == {
+        **Config().architecture(),
+        "conditional": True,
+        "class_latent": "top",
+        "class_fixed": True,
+    }
+    assert Config(conditional=True, class_spread=2.0).architecture() == Config(conditional=True).architecture()
+    have, want = Config(conditional=True).architecture(), cond.architecture()
+    assert first_difference(have, want) == "class_latent" and first_difference(want, want) is None
+    assert first_difference(Config().resume_identity(), Config(seed=1).resume_identity()) == "seed"

@@ -200,8 +200,8 @@ def test_variational_dequantization_histogram_is_not_flat(data_dir):
 def test_figure_commands_write_pngs(tiny_run, tmp_path, capsys):
     out = tmp_path / "figs"
     run = str(tiny_run)
-    assert main(["samples", run, run, "--out", str(out), "--n", "16"]) == 0
-    assert main(["interpolate", run, "--out", str(out), "--pairs", "2", "--steps", "5"]) == 0
+    assert main(["compare-samples", run, run, "--out", str(out), "--n", "16"]) == 0
+    assert main(["interpolate", run, "--out", str(out), "--pairs", "2", "--walk-images", "5"]) == 0
     assert main(["interpolate", run, "--out", str(out), "--pairs", "1", "--steps", "5", "--spherical"]) == 0
     assert main(["dequant", run, "--out", str(out), "--images", "16"]) == 0
     assert main(["curves", run, "--out", str(out)]) == 0
@@ -222,9 +222,9 @@ def test_figure_commands_write_pngs(tiny_run, tmp_path, capsys):
 
 
 def test_figure_commands_fail_in_one_line(tmp_path, capsys):
-    assert main(["samples", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert main(["compare-samples", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("flowmnist samples: error:") and "\n" not in err
+    assert err.startswith("flowmnist compare-samples: error:") and "\n" not in err
     (tmp_path / "file").write_text("")
     assert main(["curves", str(tmp_path), "--out", str(tmp_path / "file")]) == 2
     assert "not a directory" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Whole models: a proper density, the four variants' sizes, gradients, save/load, encode/decode."""
+"""Whole models: a proper density, every architecture's size, gradients, save/load, encode/decode."""
 
 from __future__ import annotations
 
@@ -241,7 +241,7 @@ SMALL = (1, 4, 4)  # 1x4x4 images: the whole Jacobian is 16 x 16
 
 
 def _small_model(name: str, fast: bool = False) -> FlowModel:
-    """One of the four variants' structures, scaled down to 1x4x4 images, float64, weights perturbed:
+    """One of the original report's four structures, scaled down to 1x4x4 images, float64, weights perturbed:
     ``simple``: 3 checkerboard couplings; ``multi-*``: 2 checkerboard couplings, squeeze, 2 channel
     couplings (4x2x2), split, squeeze, 2 channel couplings (8x1x1); ``*vardeq``: 2 conditioned
     checkerboard couplings on the noise. The nets are wide enough (9 c_out <= 2 hidden) for the fast
@@ -307,7 +307,8 @@ def test_whole_model_change_of_variables(name, fast):
         torch.testing.assert_close(lp[i], expected, rtol=1e-11, atol=1e-9)
     # Not vacuous: every part moves the latent (couplings, the split's half, the learned noise).
     with torch.no_grad():
-        plain = FlowModel(Dequantization(1e-3), [f for f in model.flows if not isinstance(f, AffineCoupling)], SMALL)
+        kept = [f for f in model.flows if not isinstance(f, AffineCoupling)]
+        plain = FlowModel(Dequantization(1e-3), kept, image_shape=SMALL)
         assert (latent - plain.double().encode(x, u0)).abs().max() > 0.1
         if name.endswith("vardeq"):
             u, _ = model.dequant.noise(x.double(), u0)

@@ -14,7 +14,6 @@ from conftest import require_or_skip
 from helpers import assert_png
 
 from flowmnist.cli import main
-from flowmnist.report import markdown_table_html
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 FLAGS = [
@@ -27,13 +26,6 @@ FLAGS = [
     "--disable-sync",
     "--disable-quic",
 ]
-
-
-def test_markdown_table_html_escapes_and_aligns():
-    md = "| Model | bpd |\n|---|---:|\n| <b>x</b> | 1.000 |"
-    out = markdown_table_html(md)
-    assert "<th>Model</th>" in out and "&lt;b&gt;x&lt;/b&gt;" in out and "<b>" not in out
-    assert '<td class="num">1.000</td>' in out and "<td>&lt;b&gt;x&lt;/b&gt;</td>" in out
 
 
 @pytest.fixture(scope="module")
@@ -114,18 +106,50 @@ def test_every_command_in_the_report_parses(report):
 
 def test_runs_are_named_as_a_user_names_them(tiny_run, tmp_path):
     """A shipped run by --pretrained NAME (its install path means nothing to a reader), a run by its path."""
+    from flowmnist.config import Config
+    from flowmnist.figures import LoadedRun
     from flowmnist.report import ReportSpec, page
     from flowmnist.runs import PRETRAINED_ROOT
 
-    spec = ReportSpec([PRETRAINED_ROOT / "simple", tiny_run], tmp_path, labels=["simple", "mine"])
+    named = [
+        LoadedRun(PRETRAINED_ROOT / "simple", None, Config(), "simple"),
+        LoadedRun(tiny_run, None, Config(), "mine"),
+    ]
+    spec = ReportSpec(runs=named, out_dir=tmp_path)
     runs = next(line for line in page(spec, []).splitlines() if line.startswith("<p>Runs:"))
     assert "simple (<code>--pretrained simple</code>)" in runs and f"mine (<code>{tiny_run}</code>)" in runs
     assert str(PRETRAINED_ROOT) not in runs
 
 
 def test_captions_name_the_split_the_digits_come_from(tmp_path):
-    from flowmnist.report import ReportSpec
+    from flowmnist.report import split_words
 
-    assert ReportSpec([], tmp_path, splits=["val", "val"]).split_words() == "validation split"
-    assert ReportSpec([], tmp_path, splits=["test"]).split_words() == "test split"
-    assert "row labels" in ReportSpec([], tmp_path, splits=["val", "test"]).split_words()
+    assert split_words(["val", "val"]) == "validation split"
+    assert split_words(["test"]) == "test split"
+    assert "row labels" in split_words(["val", "test"])
+
+
+def test_the_report_loads_each_run_and_its_digits_once(tiny_run, tmp_path, monkeypatch):
+    """Two runs in one report: each model is read from its checkpoint once and each run's digits once, and
+    every figure and section gets them from there (figures.LoadedRun)."""
+    import flowmnist.data
+    import flowmnist.figures
+    from flowmnist.report import build_report
+
+    calls = {"model": [], "data": 0}
+    load_model, load_data = flowmnist.figures.load_model, flowmnist.data.load_data
+
+    def counted_model(run, *args, **kw):
+        calls["model"].append(Path(run))
+        return load_model(run, *args, **kw)
+
+    def counted_data(*args, **kw):
+        calls["data"] += 1
+        return load_data(*args, **kw)
+
+    monkeypatch.setattr(flowmnist.figures, "load_model", counted_model)
+    monkeypatch.setattr(flowmnist.data, "load_data", counted_data)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other)
+    build_report([tiny_run, other], tmp_path / "report", pairs=1, steps=3, samples=4, dequant_images=4)
+    assert sorted(calls["model"]) == sorted([tiny_run, other]) and calls["data"] == 2

@@ -156,8 +156,8 @@ def test_every_run_command_takes_pretrained(shipped, tmp_path, capsys):
     assert table.count("| simple |") == 2 and "| 1 |" in table  # both runs, 1 epoch each
     for cmd in (
         ["curves", "--pretrained", "all", "--out", str(out)],
-        ["samples", "--pretrained", "simple", "other", "--out", str(out), "--n", "4"],
-        ["interpolate", "--pretrained", "simple", "--out", str(out), "--pairs", "1", "--steps", "3"],
+        ["compare-samples", "--pretrained", "simple", "other", "--out", str(out), "--n", "4"],
+        ["interpolate", "--pretrained", "simple", "--out", str(out), "--pairs", "1", "--walk-images", "3"],
         ["dequant", "--pretrained", "all", "--out", str(out), "--images", "4"],
     ):
         assert main(cmd) == 0, cmd

@@ -11,7 +11,23 @@ from typing import Any
 
 SCHEDULES = ("cosine", "step")
 PRECISIONS = ("auto", "float32", "bfloat16")
-CLASS_LATENTS = ("all", "top")  # where a conditional model's class means sit (models.ClassPrior)
+CLASS_LATENTS = ("all", "top")  # where a conditional model's class means sit (priors.ClassPrior)
+NUM_CLASSES = 10  # the digits 0-9: the labels of a conditional model
+FLOW_FIELDS = ("model", "alpha")  # the part of ``Config.architecture`` the flows' weights depend on
+
+
+@dataclass(frozen=True)
+class PriorSpec:
+    """The prior on a model's flat latent, as data: ``kind`` names an entry of ``priors.PRIORS``
+    ("normal": N(0, I); "class": a Gaussian per class, ``priors.ClassPrior``), the rest are that kind's
+    options (the class prior's ``num_classes``, where its means sit, their initial spread, fixed or
+    trained). ``priors.build_prior`` turns it into the prior; ``Config.prior_spec`` derives it from a run."""
+
+    kind: str = "normal"
+    num_classes: int = NUM_CLASSES
+    latent: str = "all"
+    spread: float = 0.0
+    fixed: bool = False
 
 
 class FlowmnistError(Exception):
@@ -23,7 +39,7 @@ class Config:
     """Everything that defines a run. Saved in config.json and inside every checkpoint, so that
     evaluate / sample / interpolate rebuild the model from the run directory alone."""
 
-    model: str = "multi-vardeq"  # simple | vardeq | multi-simple | multi-vardeq
+    model: str = "multi-vardeq"  # a name in models.ARCHITECTURES
     data_dir: str | None = None  # a data directory (data.read_dir: IDX, NumPy, PNG folders); None = the download cache
     dataset: str = "mnist"  # what data_dir=None downloads (data.DATASETS: mnist | fashion-mnist), cached apart
     seed: int = 0  # model init, batch order and dequantization noise
@@ -70,14 +86,15 @@ class Config:
     # saved resolved). Validation and evaluate are always float32.
     precision: str = "auto"
     # Start from these weights (a shipped model's name or a run directory) with a fresh optimizer and
-    # schedule: fine-tuning, or a warm restart of a run whose directory was lost. Same architecture only.
+    # schedule: fine-tuning, or a warm restart of a run whose directory was lost. Same architecture only
+    # (Config.architecture), but for a conditional run from an unconditional model: its flows, the prior fresh.
     init_from: str | None = None
     checkpoint_minutes: float = 10.0  # last.pt at least this often, whatever the epoch length: a kill loses less
     val_images: int = 0  # validate on the first N validation images (0: all): cheaper curves for short runs
-    conditional: bool = False  # model p(x | y): a Gaussian prior per digit (models.ClassPrior); labels: the data's
+    conditional: bool = False  # model p(x | y): a Gaussian prior per digit (priors.ClassPrior); labels: the data's
     hybrid_weight: float = 0.0  # lambda of -(log p(x|y) + lambda log p(y|x)), Nalisnick et al. 2019; conditional only
     # Where a conditional model's class means sit: "all" the whole flat latent, "top" the final latent
-    # (the multi-scale flow's deepest features; models.ClassPrior).
+    # (the multi-scale flow's deepest features; priors.ClassPrior).
     class_latent: str = "all"
     class_spread: float = 0.0  # std of the initial class means (0: all at 0, the unconditional twin's start)
     class_fixed: bool = False  # keep those means and unit scales fixed (FlowGMM): the flow alone separates the digits
@@ -116,6 +133,27 @@ class Config:
         if self.steps < 0:
             raise FlowmnistError(f"steps must be >= 0 (0: no step budget), got {self.steps}")
 
+    def prior_spec(self) -> PriorSpec:
+        """The run's prior: the class prior for a conditional run, else N(0, I)."""
+        if not self.conditional:
+            return PriorSpec()
+        return PriorSpec("class", latent=self.class_latent, spread=self.class_spread, fixed=self.class_fixed)
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields that fix the weights' shapes and meaning, in the order a mismatch is named: the flows
+        (``model``, ``alpha``: the logit squeeze the flows were trained behind), then the prior (its kind,
+        and a class prior's latent and whether its means are trained). ``--resume``, ``--init-from`` and
+        loading a model compare these; ``class_spread`` only draws the start, so it is not among them."""
+        arch: dict[str, Any] = {k: getattr(self, k) for k in FLOW_FIELDS} | {"conditional": self.conditional}
+        if self.conditional:
+            arch |= {"class_latent": self.class_latent, "class_fixed": self.class_fixed}
+        return arch
+
+    def resume_identity(self) -> dict[str, Any]:
+        """What a resumed run must keep: its architecture, and the seed, batch and split that fix the
+        order of its batches, its noise and its validation images."""
+        return self.architecture() | {k: getattr(self, k) for k in ("seed", "batch_size", "split_seed", "val_fraction")}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -142,6 +180,11 @@ BEFORE_FIELD: dict[str, Any] = {
     "conditional": False,
     "hybrid_weight": 0.0,
 }
+
+
+def first_difference(have: dict[str, Any], want: dict[str, Any]) -> str | None:
+    """The first key of ``want`` whose value ``have`` does not share (None: they agree on every key)."""
+    return next((k for k in want if k not in have or have[k] != want[k]), None)
 
 
 def prepare_output(path: str | Path, option: str, *, is_dir: bool = False, make: bool = True) -> Path:

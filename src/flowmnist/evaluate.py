@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,30 +16,35 @@ from torch import Tensor
 
 from .models import FlowModel, count_params
 from .runs import checkpoint_path, load_model, run_title, training_summary, write_json
+from .tables import Table
 
 
 @torch.inference_mode()
-def image_bpd(
-    model: FlowModel, images: Tensor, k: int = 1, batch_size: int = 256, seed: int = 0
-) -> tuple[Tensor, Tensor]:
-    """Per image, float64 on the CPU: (importance-weighted bpd over k dequantization samples,
-    single-sample bpd averaged over the same k draws) for the uint8 ``images``. The noise is seeded
-    inside a forked RNG, so the values are reproducible (for the same images, order, batch_size and
-    seed) and the caller's random stream is left untouched."""
+def seeded_draws(
+    model: FlowModel, images: Tensor, draw: Callable[[Tensor], Tensor], k: int = 1, batch_size: int = 256, seed: int = 0
+) -> Tensor:
+    """``draw(x)`` k times for every batch x of the uint8 ``images``: float64 (N, k, ...) on the CPU. The
+    dequantization noise is seeded inside a forked RNG, so the values are reproducible (for the same
+    images, order, batch_size and seed) and the caller's random stream is left untouched."""
     device = model.device
     fork = [device] if device.type == "cuda" else []
-    scale = -1.0 / (model.dims * math.log(2))
-    iw_all, single_all = [], []
+    out = []
     with torch.random.fork_rng(devices=fork):
         torch.manual_seed(seed)
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size].to(device)
-            lp = torch.stack([model.log_prob_single(x) for _ in range(k)], dim=-1).double()
-            iw = torch.logsumexp(lp, dim=-1) - math.log(k)
-            iw_all.append((iw * scale).cpu())
-            single_all.append((lp.mean(dim=-1) * scale).cpu())
-    empty = torch.zeros(0, dtype=torch.float64)
-    return torch.cat(iw_all) if iw_all else empty, torch.cat(single_all) if single_all else empty
+            out.append(torch.stack([draw(x) for _ in range(k)], dim=1).double().cpu())
+    return torch.cat(out) if out else torch.zeros(0, k, dtype=torch.float64)
+
+
+def image_bpd(
+    model: FlowModel, images: Tensor, k: int = 1, batch_size: int = 256, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Per image, float64 on the CPU: (importance-weighted bpd over k dequantization samples,
+    single-sample bpd averaged over the same k draws) for the uint8 ``images``, seeded as ``seeded_draws``."""
+    lp = seeded_draws(model, images, model.log_prob_single, k, batch_size, seed)
+    scale = -1.0 / (model.dims * math.log(2))
+    return (torch.logsumexp(lp, dim=1) - math.log(k)) * scale, lp.mean(dim=1) * scale
 
 
 def dataset_bpd(
@@ -50,21 +56,13 @@ def dataset_bpd(
     return float(iw.mean()), float(single.mean())
 
 
-@torch.inference_mode()
 def image_class_log_probs(model: FlowModel, images: Tensor, k: int = 1, batch_size: int = 256, seed: int = 0) -> Tensor:
     """A conditional model's one-sample estimates log p(x + u_j | y) - log q(u_j | x) for every image,
     noise draw j < k and class y: float64 (N, k, C) on the CPU. Each draw is one pass through the
     flows shared by all classes (``FlowModel.class_log_probs``), so every class sees the same noise.
     Seeded as ``image_bpd``, whose draws these are: its bpd of a conditional model is the marginal below."""
-    device = model.device
-    fork = [device] if device.type == "cuda" else []
-    out = []
-    with torch.random.fork_rng(devices=fork):
-        torch.manual_seed(seed)
-        for i in range(0, len(images), batch_size):
-            x = images[i : i + batch_size].to(device)
-            out.append(torch.stack([model.class_log_probs(x) for _ in range(k)], dim=1).double().cpu())
-    return torch.cat(out) if out else torch.zeros(0, k, model.prior.num_classes, dtype=torch.float64)
+    lp = seeded_draws(model, images, model.class_log_probs, k, batch_size, seed)
+    return lp if len(lp) else torch.zeros(0, k, model.prior.num_classes, dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -227,30 +225,32 @@ def evaluate_run(
     return results
 
 
-def results_table(results: list[dict[str, Any]]) -> str:
-    """The original report's Markdown table, with what each training took (epochs, wall-clock minutes)."""
+def results_rows(results: list[dict[str, Any]]) -> Table:
+    """The original report's table, with what each training took (epochs, wall-clock minutes)."""
 
     def fmt(r: dict[str, Any], split: str) -> str:
         v = r["bpd"].get(split)
         return "–" if v is None else f"{v:.3f}"
 
-    def trained(r: dict[str, Any]) -> str:
+    def trained(r: dict[str, Any]) -> list[str]:
         t = r.get("training") or {}
         epochs = "–" if t.get("epochs") is None else f"{t['epochs']:g}"
         minutes = "–" if t.get("minutes") is None else f"{t['minutes']:.0f}"
-        return f"{epochs} | {minutes}"
+        return [epochs, minutes]
 
-    lines = [
-        "| Model | Train bpd | Val bpd | Test bpd | Inference time (ms/64) | Sampling time (ms/64) | Parameters "
-        "| Epochs | Training (min) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    header = ["Model", "Train bpd", "Val bpd", "Test bpd", "Inference time (ms/64)", "Sampling time (ms/64)"]
+    header += ["Parameters", "Epochs", "Training (min)"]
+    rows = [
+        [model_name(r), fmt(r, "train"), fmt(r, "val"), fmt(r, "test")]
+        + [f"{r['inference_ms_per_64']:.0f}", f"{r['sampling_ms_per_64']:.0f}", f"{r['params']:,}", *trained(r)]
+        for r in results
     ]
-    for r in results:
-        lines.append(
-            f"| {model_name(r)} | {fmt(r, 'train')} | {fmt(r, 'val')} | {fmt(r, 'test')} | "
-            f"{r['inference_ms_per_64']:.0f} | {r['sampling_ms_per_64']:.0f} | {r['params']:,} | {trained(r)} |"
-        )
-    return "\n".join(lines)
+    return Table(header, rows, [False] + [True] * 8)
+
+
+def results_table(results: list[dict[str, Any]]) -> str:
+    """``results_rows`` as Markdown."""
+    return results_rows(results).markdown()
 
 
 def model_name(r: dict[str, Any]) -> str:
@@ -258,12 +258,12 @@ def model_name(r: dict[str, Any]) -> str:
     return run_title(r["model"], bool(r.get("conditional")), r.get("dataset", "mnist"))
 
 
-def classification_table(results: list[dict[str, Any]]) -> str:
-    """Markdown table of the conditional runs among ``results``: accuracy of argmax_y p(x | y) p(y) and the
-    conditional bpd -log2 p(x | y) / D per split ("" when no run is conditional)."""
+def classification_rows(results: list[dict[str, Any]]) -> Table | None:
+    """The conditional runs among ``results``: accuracy of argmax_y p(x | y) p(y) and the conditional bpd
+    -log2 p(x | y) / D per split (None when no run is conditional)."""
     rows = [r for r in results if r.get("conditional")]
     if not rows:
-        return ""
+        return None
     splits = ("train", "val", "test")
 
     def cell(r: dict[str, Any], key: str, split: str, fmt: str) -> str:
@@ -275,9 +275,15 @@ def classification_table(results: list[dict[str, Any]]) -> str:
         *(f"{s.capitalize()} accuracy" for s in splits),
         *(f"{s.capitalize()} bpd given digit" for s in splits),
     ]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * 2 * len(splits)]
-    for r in rows:
-        acc = " | ".join(cell(r, "accuracy", s, ".2%") for s in splits)
-        cond = " | ".join(cell(r, "bpd_conditional", s, ".3f") for s in splits)
-        lines.append(f"| {model_name(r)} | {acc} | {cond} |")
-    return "\n".join(lines)
+    cells = [
+        [model_name(r), *(cell(r, "accuracy", s, ".2%") for s in splits)]
+        + [cell(r, "bpd_conditional", s, ".3f") for s in splits]
+        for r in rows
+    ]
+    return Table(header, cells, [False] + [True] * 2 * len(splits))
+
+
+def classification_table(results: list[dict[str, Any]]) -> str:
+    """``classification_rows`` as Markdown ("" when no run is conditional)."""
+    table = classification_rows(results)
+    return table.markdown() if table else ""

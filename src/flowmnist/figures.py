@@ -3,7 +3,9 @@ class-conditional runs the digits on demand and the classifier's confusion matri
 
 Each figure has a function computing its numbers (unit-tested on their own) and a ``plot_*``
 function that draws them and writes PNGs through ``plots.save_figure`` (Agg backend, atomic write).
-Every ``plot_*`` takes run directories and an output folder and returns the paths it wrote.
+Every ``plot_*`` of runs takes their directories, or the runs loaded once (``load_runs``: model, config,
+label and held-out digits in a ``LoadedRun``, as the report passes them to every figure), and an output
+folder, and returns the paths it wrote.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from torch import Tensor
 
 from .config import Config, FlowmnistError
+from .evaluate import own_samples
 from .models import FlowModel
 from .plots import image_grid, plt, save_figure, save_grid
 from .runs import load_model, read_metrics, run_config, run_title
@@ -72,11 +77,38 @@ def eval_images(cfg: Config, data_dir: DataDirs = None) -> tuple[Tensor, Tensor,
     return images, labels, data.held_out
 
 
-def eval_split(cfg: Config, data_dir: DataDirs = None) -> str:
-    """The split ``eval_images`` takes a run's digits from ("test" or "val")."""
-    from .data import load_data
+@dataclass
+class LoadedRun:
+    """A run as the figures and the report show it, loaded once: its model (eval mode, on the figures'
+    device), config, legend label, and its dataset's held-out digits (read on first use)."""
 
-    return load_data(cfg, data_dir.get(cfg.dataset) if isinstance(data_dir, dict) else data_dir).held_out
+    path: Path
+    model: FlowModel
+    cfg: Config
+    label: str
+    data_dir: DataDirs = None
+
+    @cached_property
+    def digits(self) -> tuple[Tensor, Tensor, str]:
+        """(images, labels, split): ``eval_images`` of the run."""
+        return eval_images(self.cfg, self.data_dir)
+
+    @property
+    def split(self) -> str:
+        return self.digits[2]
+
+
+Runs = Sequence[str | Path] | Sequence[LoadedRun]  # what a figure takes: run directories, or runs loaded
+
+
+def load_runs(runs: Runs, data_dir: DataDirs = None, device: str = "cpu") -> list[LoadedRun]:
+    """Each run loaded once (runs already loaded pass through), labelled among the others (``config_labels``)."""
+    runs = list(runs)
+    if all(isinstance(r, LoadedRun) for r in runs):
+        return runs
+    loaded = [load_model(r, device) for r in runs]
+    labels = config_labels([cfg for _, cfg in loaded], runs)
+    return [LoadedRun(Path(r), m, cfg, lb, data_dir) for r, (m, cfg), lb in zip(runs, loaded, labels, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +192,7 @@ def plot_curves(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
 
 
 def plot_samples(
-    run_dirs: list[str | Path],
+    run_dirs: Runs,
     out_dir: str | Path,
     n: int = 36,
     seed: int = 0,
@@ -169,13 +201,13 @@ def plot_samples(
 ) -> list[Path]:
     """samples.png (samples_T<T>.png at another temperature): each run's grid of n samples in one row
     of panels, from the same seed."""
-    fig, axes = plt.subplots(1, len(run_dirs), figsize=(3.2 * len(run_dirs), 3.6), squeeze=False)
-    loaded = [load_model(r, device) for r in run_dirs]
-    labels = config_labels([cfg for _, cfg in loaded], run_dirs)
-    for ax, (model, _), label in zip(axes[0], loaded, labels, strict=True):
-        g = torch.Generator(device=device).manual_seed(seed)
-        ax.imshow(image_grid(model.sample(n, temperature, g)), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-        ax.set_title(label, fontsize=9)
+    loaded = load_runs(run_dirs, device=device)
+    fig, axes = plt.subplots(1, len(loaded), figsize=(3.2 * len(loaded), 3.6), squeeze=False)
+    for ax, run in zip(axes[0], loaded, strict=True):
+        g = torch.Generator(device=run.model.device).manual_seed(seed)
+        grid = image_grid(run.model.sample(n, temperature, g))
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(run.label, fontsize=9)
         ax.axis("off")
     fig.suptitle(f"samples (T={temperature:g}, seed {seed})")
     name = "samples.png" if temperature == 1 else f"samples_T{temperature:g}.png"
@@ -245,7 +277,7 @@ def interpolate(model: FlowModel, x0: Tensor, x1: Tensor, steps: int = 8, spheri
 
 
 def plot_interpolations(
-    run_dirs: list[str | Path],
+    run_dirs: Runs,
     out_dir: str | Path,
     pairs: int = 2,
     steps: int = 8,
@@ -256,13 +288,11 @@ def plot_interpolations(
 ) -> list[Path]:
     """interpolation.png (interpolation_spherical.png with ``spherical``): a row per (run, pair)."""
     rows, names = [], []
-    loaded = [load_model(r, device) for r in run_dirs]
-    labels = config_labels([cfg for _, cfg in loaded], run_dirs)
-    for (model, cfg), label in zip(loaded, labels, strict=True):
-        images, digit_labels, split = eval_images(cfg, data_dir)
+    for run in load_runs(run_dirs, data_dir, device):
+        images, digit_labels, split = run.digits
         for i, j in pick_pairs(digit_labels, pairs, seed):
-            rows.append(interpolate(model, images[i], images[j], steps, spherical).cpu())
-            names.append(f"{label}\n{split} {int(digit_labels[i])}→{int(digit_labels[j])}")
+            rows.append(interpolate(run.model, images[i], images[j], steps, spherical).cpu())
+            names.append(f"{run.label}\n{split} {int(digit_labels[i])}→{int(digit_labels[j])}")
     fig, axes = plt.subplots(len(rows), 1, figsize=(steps * 0.75 + 1.5, 0.85 * len(rows) + 0.5), squeeze=False)
     for ax, row, name in zip(axes[:, 0], rows, names, strict=True):
         ax.imshow(image_grid(row, nrow=steps), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
@@ -329,7 +359,7 @@ def dequant_groups(x: np.ndarray) -> list[tuple[str, np.ndarray]]:
 
 
 def plot_dequant(
-    run_dirs: list[str | Path],
+    run_dirs: Runs,
     out_dir: str | Path,
     images: int = 64,
     draws: int = 1,
@@ -340,14 +370,13 @@ def plot_dequant(
     """dequant_<label>.png per run: the distribution of v = x + u over real digits. Three panels:
     v in [0, 8) (the heavy mass at 0 and its neighbours), the whole range [0, 256) on a log density
     axis, and q(u|x) per pixel group (flat at 1 for uniform dequantization)."""
-    loaded = [load_model(r, device) for r in run_dirs]
-    labels = config_labels([cfg for _, cfg in loaded], run_dirs)
     paths = []
-    for (model, cfg), label in zip(loaded, labels, strict=True):
-        data, _, split = eval_images(cfg, data_dir)
-        x, u = dequant_samples(model, data[:images], draws, seed)
+    for run in load_runs(run_dirs, data_dir, device):
+        data, _, split = run.digits
+        label = run.label
+        x, u = dequant_samples(run.model, data[:images], draws, seed)
         v = x + u
-        kind = "variational" if model.dequant.variational else "uniform"
+        kind = "variational" if run.model.dequant.variational else "uniform"
         fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), layout="constrained")
         edges, dens = value_density(v, 0, 8, 8 * 16)
         axes[0].stairs(dens, edges, fill=True, alpha=0.6)
@@ -419,13 +448,10 @@ def plot_ood_histograms(
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def digit_samples(model: FlowModel, n: int, temperature: float = 1.0, seed: int = 0) -> Tensor:
-    """n samples of each digit 0-9 from a conditional model, digit by digit: uint8 (10 n, 1, 28, 28),
-    so a grid of n columns has digit d in row d. z = mu_y + T sigma_y eps, one seeded generator."""
-    g = torch.Generator(device=model.device).manual_seed(seed)
-    y = torch.arange(model.prior.num_classes, device=model.device).repeat_interleave(n)
-    return model.sample(len(y), temperature, g, y=y)
+    """n samples of each digit 0-9 from a conditional model, digit by digit (``evaluate.own_samples``):
+    uint8 (10 n, 1, 28, 28) on the CPU, so a grid of n columns has digit d in row d."""
+    return own_samples(model, n, temperature, seed)[0]
 
 
 def save_digit_grid(model: FlowModel, path: str | Path, name: str, n: int, temperature: float, seed: int) -> Path:

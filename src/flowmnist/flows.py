@@ -5,15 +5,22 @@ Every layer is a ``Flow``: an invertible map from the data side to the latent si
     forward(x) -> (z, ldj)     z = f(x),  ldj = log |det df/dx| per example, shape (batch,)
     inverse(z) -> x            x = f^{-1}(z)
 
-so that a model's log-likelihood is one loop, log p(x) = log N(z) + sum of ldj (change of variables).
-Two layers bend the contract in a documented way, as in SurVAE flows (Nielsen et al. 2020):
+so that a model's log-likelihood is one loop, log p(x) = log p_prior(z) + sum of ldj (change of
+variables). Two layers bend the contract in a documented way, as in SurVAE flows (Nielsen et al. 2020):
 
 * ``Dequantization`` maps discrete pixels x in {0..255} to a continuous z; its ldj is the
   log-density correction of the variational bound log P(x) >= E_q[log p(x + u) - log q(u|x)], i.e.
   -D log 256 (the bin width) - log q(u|x) (0 for uniform noise) + the logit transform's log-Jacobian.
   Its inverse quantises (floor), so it is a left inverse only.
-* ``Split`` factors half of the channels out to the N(0, I) prior; its "ldj" is that half's prior
-  log-density (Dinh et al. 2017, RealNVP multi-scale), and its inverse takes the factored-out half back.
+* ``Split`` sets half of the channels aside as part of the latent (Dinh et al. 2017, RealNVP
+  multi-scale). A model keeps one flat latent: ``FlowModel.latent_and_ldj`` collects every split's half
+  with the final latent, the prior scores that latent as a whole (so a class prior can reach every
+  dimension), and ``FlowModel.decode`` hands each half back to ``Split.inverse(z, z_out)``. Alone, the
+  layer's ``forward`` gives (kept half, log N(set-aside half; 0, I)), the half's density in the ldj's
+  place: what the model computes under the N(0, I) prior, and what the contract test checks.
+
+Couplings share one base, ``Coupling`` (mask, conditioning input, net, bounded log-scale); a kind of
+coupling adds only its elementwise map and its inverse.
 """
 
 from __future__ import annotations
@@ -102,16 +109,21 @@ def channel_mask(c: int, invert: bool = False) -> Tensor:
     return 1 - mask if invert else mask
 
 
-class AffineCoupling(Flow):
-    """Masked affine coupling (RealNVP, Dinh et al. 2017, https://arxiv.org/abs/1605.08803): the masked
-    part passes through and conditions the rest.
+class Coupling(Flow):
+    """A masked coupling (RealNVP, Dinh et al. 2017, https://arxiv.org/abs/1605.08803): the masked part
+    x * m passes through and, with the conditioning input, is all the net sees; the net gives every free
+    element the parameters theta of a monotone elementwise map g:
 
-        s, t = net(x * m [, cond]);   s <- tanh(s / e^c) e^c   (scale bounded by a learnable e^c)
-        z = x * m + (1 - m) * (x + t) * exp(s),     ldj = sum((1 - m) s)
+        theta = net(x * m [, cond]),   z = x * m + (1 - m) g(x; theta),   ldj = sum (1 - m) log g'(x; theta)
 
-    The tanh bound (Lippe's tutorial; Flow++ uses a similar soft clamp) keeps exp(s) from exploding
-    early in training. ``cond`` (e.g. the image, for variational dequantization) is concatenated
-    to the net's input.
+    The first of theta is a log-scale, bounded softly as s <- tanh(s / e^c) e^c by a learnable e^c per
+    channel (Lippe's tutorial; Flow++ uses a similar soft clamp): it keeps exp(s) from exploding early in
+    training. ``cond`` (e.g. the image, for variational dequantization) is concatenated to the net's input.
+    Since the masked part of z equals that of x, the inverse gives the net the same input as the forward.
+
+    A kind of coupling implements ``net_channels`` (the net's output channels), ``_unpack`` (the net's
+    output -> the raw log-scale and the rest of theta) and the elementwise ``_map`` (x -> (g(x),
+    log g'(x))) and ``_unmap`` (z -> g^{-1}(z)).
     """
 
     def __init__(self, net: nn.Module, mask: Tensor, c_in: int):
@@ -120,24 +132,54 @@ class AffineCoupling(Flow):
         self.scale_factor = nn.Parameter(torch.zeros(c_in))
         self.register_buffer("mask", mask)
 
-    def _scale_shift(self, x: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _params(self, x: Tensor, cond: Tensor | None) -> tuple[Tensor, ...]:
+        """theta for every element of x: the bounded log-scale first."""
         h = x * self.mask
         if cond is not None:
             h = torch.cat([h, cond], dim=1)
-        s, t = self.net(h).chunk(2, dim=1)
+        s, *rest = self._unpack(self.net(h), x)
         fac = self.scale_factor.exp().view(1, -1, 1, 1)
-        s = torch.tanh(s / fac) * fac
-        free = 1 - self.mask
-        return s * free, t * free
+        return (torch.tanh(s / fac) * fac, *rest)
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        s, t = self._scale_shift(x, cond)
-        return (x + t) * torch.exp(s), _sum(s)
+        z, log_grad = self._map(x, *self._params(x, cond))
+        free = 1 - self.mask
+        return x * self.mask + free * z, _sum(free * log_grad)
 
     def inverse(self, z: Tensor, cond: Tensor | None = None) -> Tensor:
-        # The masked part of z equals that of x, so the net sees the same input as in forward.
-        s, t = self._scale_shift(z, cond)
+        return z * self.mask + (1 - self.mask) * self._unmap(z, *self._params(z, cond))
+
+    def _unpack(self, out: Tensor, x: Tensor) -> tuple[Tensor, ...]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _map(self, x: Tensor, *theta: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def _unmap(self, z: Tensor, *theta: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class AffineCoupling(Coupling):
+    """Affine coupling (RealNVP): g(x) = (x + t) exp(s), log g' = s; the net gives s and t per channel."""
+
+    @staticmethod
+    def net_channels(c_in: int) -> int:
+        return 2 * c_in
+
+    def _unpack(self, out: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        return out.chunk(2, dim=1)
+
+    def _map(self, x: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return (x + t) * torch.exp(s), s
+
+    def _unmap(self, z: Tensor, s: Tensor, t: Tensor) -> Tensor:
         return z * torch.exp(-s) - t
+
+    def _scale_shift(self, x: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(s, t) on the free elements, 0 on the masked ones (what the codec's integer lifting reads)."""
+        s, t = self._params(x, cond)
+        free = 1 - self.mask
+        return s * free, t * free
 
 
 class Squeeze(Flow):
@@ -163,12 +205,13 @@ class Squeeze(Flow):
 
 
 class Split(Flow):
-    """Factor out the second half of the channels to the N(0, I) prior (RealNVP's multi-scale
-    architecture, https://arxiv.org/abs/1605.08803).
+    """Set the second half of the channels aside as latent (RealNVP's multi-scale architecture,
+    https://arxiv.org/abs/1605.08803).
 
-    forward(x) -> (x_kept, log N(x_out)): the factored-out part's prior log-density takes the place
-    of an ldj, so the model's log-likelihood stays one loop. ``split`` also returns x_out, for
-    exact encoding; ``inverse(z, z_out)`` puts it back.
+    ``split(x) -> (x_kept, x_out, log N(x_out; 0, I))``: a model keeps x_out in its flat latent for the
+    prior to score (see the module's docstring); ``forward(x) -> (x_kept, log N(x_out))`` is the layer on
+    its own, the half's standard-normal density in the ldj's place; ``inverse(z, z_out)`` puts the half
+    back (drawn from N(0, I) if not given).
     """
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -256,68 +299,55 @@ def _mixture_log_cdf_sf_pdf(x: Tensor, log_pi: Tensor, mu: Tensor, log_s: Tensor
     return log_cdf, log_sf, log_pdf
 
 
-class MixLogCDFCoupling(Flow):
+class MixLogCDFCoupling(Coupling):
     """Mixture-of-logistics CDF coupling of Flow++ (Ho et al. 2019, https://arxiv.org/abs/1902.00275):
 
         a, b, pi, mu, s = net(x * m [, cond])            (per free element, K mixture components)
-        z = x * m + (1 - m) * ( logit(F(x; pi, mu, s)) * exp(a) + b )
-        ldj = sum (1 - m) [ log F'(x) - log F(x) - log(1 - F(x)) + a ]
+        g(x) = logit(F(x; pi, mu, s)) * exp(a) + b,      log g'(x) = log F'(x) - log F(x) - log(1 - F(x)) + a
 
-    F is a mixture of K logistic CDFs, so logit(F) is a monotone map of R onto R. The scale a is bounded
-    by a learnable e^c as in ``AffineCoupling``; log s is clamped below at -7 as in Flow++. The inverse
-    solves F(x) = sigmoid((z - b) e^{-a}) by bisection, bracketed exactly: logit F(x) lies between the
+    F is a mixture of K logistic CDFs, so logit(F) is a monotone map of R onto R. The scale a is the
+    coupling's bounded log-scale; log s is clamped below at -7 as in Flow++. The inverse solves
+    F(x) = sigmoid((z - b) e^{-a}) by bisection, bracketed exactly: logit F(x) lies between the
     components' logits (x - mu_k) / s_k, so x lies between min_k and max_k of mu_k + s_k (z - b) e^{-a}.
     A zero-initialised net gives a = b = mu = log s = 0 and equal weights: F = sigmoid, the identity.
     """
 
     LOG_S_MIN = -7.0
+    MAX_ITER = 200  # bisection steps at most; float64 needs about 60 from the bracket
 
     def __init__(self, net: nn.Module, mask: Tensor, c_in: int, components: int):
-        super().__init__()
-        self.net = net
+        super().__init__(net, mask, c_in)
         self.components = components
-        self.scale_factor = nn.Parameter(torch.zeros(c_in))
-        self.register_buffer("mask", mask)
 
     @staticmethod
     def net_channels(c_in: int, components: int) -> int:
         """The net's output channels: a, b and K (weight, mean, log-scale) triples per input channel."""
         return c_in * (2 + 3 * components)
 
-    def _params(self, x: Tensor, cond: Tensor | None) -> tuple[Tensor, ...]:
-        h = x * self.mask
-        if cond is not None:
-            h = torch.cat([h, cond], dim=1)
+    def _unpack(self, out: Tensor, x: Tensor) -> tuple[Tensor, ...]:
         b_, c, hh, ww = x.shape
         k = self.components
-        out = self.net(h).view(b_, c, 2 + 3 * k, hh, ww)
-        fac = self.scale_factor.exp().view(1, -1, 1, 1)
-        a = torch.tanh(out[:, :, 0] / fac) * fac
+        out = out.view(b_, c, 2 + 3 * k, hh, ww)
         log_pi = torch.log_softmax(out[:, :, 2 : 2 + k], dim=2)
         mu, log_s = out[:, :, 2 + k : 2 + 2 * k], out[:, :, 2 + 2 * k :].clamp(min=self.LOG_S_MIN)
-        return a, out[:, :, 1], log_pi, mu, log_s
+        return out[:, :, 0], out[:, :, 1], log_pi, mu, log_s
 
-    def forward(self, x: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        a, b, log_pi, mu, log_s = self._params(x, cond)
+    def _map(self, x: Tensor, a: Tensor, b: Tensor, log_pi: Tensor, mu: Tensor, log_s: Tensor) -> tuple[Tensor, Tensor]:
         log_cdf, log_sf, log_pdf = _mixture_log_cdf_sf_pdf(x, log_pi, mu, log_s)
-        free = 1 - self.mask
-        z = x * self.mask + free * ((log_cdf - log_sf) * torch.exp(a) + b)
-        return z, _sum(free * (log_pdf - log_cdf - log_sf + a))
+        return (log_cdf - log_sf) * torch.exp(a) + b, log_pdf - log_cdf - log_sf + a
 
-    def inverse(self, z: Tensor, cond: Tensor | None = None, max_iter: int = 200) -> Tensor:
-        # The masked part of z equals that of x, so the net sees the same input as in forward.
-        a, b, log_pi, mu, log_s = self._params(z, cond)
+    def _unmap(self, z: Tensor, a: Tensor, b: Tensor, log_pi: Tensor, mu: Tensor, log_s: Tensor) -> Tensor:
         target = ((z - b) * torch.exp(-a)).unsqueeze(2)
         ends = mu + torch.exp(log_s) * target
         lo, hi = ends.min(dim=2).values, ends.max(dim=2).values
-        for _ in range(max_iter):  # halve the bracket until it holds two adjacent floats
+        for _ in range(self.MAX_ITER):  # halve the bracket until it holds two adjacent floats
             mid = (lo + hi) / 2
             if bool(((mid == lo) | (mid == hi)).all()):
                 break
             log_cdf, log_sf, _ = _mixture_log_cdf_sf_pdf(mid, log_pi, mu, log_s)
             above = log_cdf - log_sf > target.squeeze(2)
             lo, hi = torch.where(above, lo, mid), torch.where(above, mid, hi)
-        return z * self.mask + (1 - self.mask) * (lo + hi) / 2
+        return (lo + hi) / 2
 
 
 class ActNorm(Flow):

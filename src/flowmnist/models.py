@@ -1,6 +1,8 @@
-"""The flow model and the four named variants of the original report.
+"""The flow model (``FlowModel``: dequantization, flows, prior) and the named architectures.
 
-Architectures follow the RealNVP-style MNIST reference (Lippe, UvA DL tutorial 11):
+Architectures are data (``ARCHITECTURES``: stages of ``Couplings``, squeezes and splits, and the
+dequantization's noise flow) that ``build`` turns into a model. The original report's four follow the
+RealNVP-style MNIST reference (Lippe, UvA DL tutorial 11):
 
 | name           | dequantization              | flow                                                   |
 |----------------|-----------------------------|--------------------------------------------------------|
@@ -10,26 +12,30 @@ Architectures follow the RealNVP-style MNIST reference (Lippe, UvA DL tutorial 1
 |                |                             | squeeze | 4 channel (64)                               |
 | `multi-vardeq` | variational                 | as multi-simple                                        |
 
-Their parameter counts are pinned in one place, tests/helpers.py (``PARAMS``).
+The others (wider, Glow steps, mixture-of-logistics couplings, Flow++-style) are variations of
+multi-vardeq, each described by its ``Architecture.doc``. Every one's parameter count is pinned in one
+place, tests/helpers.py (``PARAMS``).
 
-Each has a class-conditional variant (``build_model(name, conditional=True)``, `train --conditional`):
+Each has a class-conditional variant (``build_model(name, prior=PriorSpec("class"))``, `train --conditional`):
 the same flows under a per-class Gaussian prior (``ClassPrior``), + 2 x 10 x 784 = 15,680 parameters.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .config import CLASS_LATENTS
+from .config import NUM_CLASSES, PriorSpec  # noqa: F401 (NUM_CLASSES: its old home)
 from .data import IMAGE_SHAPE  # the layout data.py reads; every model is built for it
 from .flows import (
-    LOG_2PI,
     ActNorm,
     AffineCoupling,
+    Coupling,
     Dequantization,
     Flow,
     InvConv1x1,
@@ -38,127 +44,22 @@ from .flows import (
     Squeeze,
     channel_mask,
     checkerboard_mask,
-    std_normal_log_prob,
 )
 from .nets import GatedConvNet
+from .priors import ClassPrior, Prior, StandardNormalPrior, build_prior  # noqa: F401 (the priors' old home)
 
-NUM_CLASSES = 10  # the digits 0-9: the labels of a conditional model
-
-
-class StandardNormalPrior(nn.Module):
-    """p(z) = N(z; 0, I) on the flat latent (the final latent and every split's factored-out half).
-
-    The interface every prior shares: ``log_prob(z, y=None)`` (B, D) -> (B,) and ``sample(n, temperature,
-    generator, y=None)`` -> (n, D); ``num_classes`` is 0 (labels are refused). No parameters or buffers, so
-    an unconditional model's state_dict holds the flows alone."""
-
-    num_classes = 0
-
-    def __init__(self, dims: int):
-        super().__init__()
-        self.dims = dims
-
-    def log_prob(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        if y is not None:
-            raise ValueError("labels given to an unconditional model")
-        return std_normal_log_prob(z)
-
-    def sample(
-        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, y=None, *, like: Tensor
-    ) -> Tensor:
-        """n flat latents T eps, eps ~ N(0, I), on the device and dtype of ``like``."""
-        if y is not None:
-            raise ValueError("labels given to an unconditional model")
-        eps = torch.randn(n, self.dims, generator=generator, device=like.device, dtype=like.dtype)
-        return eps * temperature
+NORMAL = PriorSpec()  # N(0, I): the unconditional models
 
 
-class ClassPrior(nn.Module):
-    """p(z | y): a diagonal Gaussian per class on the first ``class_dims`` dimensions of the flat latent,
-    N(0, I) on the rest (Glow's ``y_condition``):
-
-        log p(z | y) = sum_{d < K} log N(z_d; mu_yd, sigma_yd) + sum_{d >= K} log N(z_d; 0, 1),
-
-    sigma = exp(log_scale). The flat latent starts with the final latent, so K = its size puts the class
-    means on the top of the multi-scale flow only ("top"), where a few hundred dimensions carry the digit's
-    identity and the classifier log p(y | x) reads the deepest features; K = D (the default, "all") makes
-    every prior term class-conditional. ``log_scale`` (C, K) starts at 0; ``mean`` (C, K) at 0, the
-    standard normal, so that a conditional model starts as its unconditional twin, or with ``spread`` > 0
-    drawn from N(0, spread^2): clusters apart from the start; ``fixed`` keeps those means and unit scales
-    as they are (FlowGMM's Gaussian mixture, Izmailov et al. 2020, https://arxiv.org/abs/1912.13025), so
-    that the flow alone must map each digit to its own cluster, and learned means cannot drift together.
-    ``log_py`` (C,),
-    a buffer saved with the weights, is log p(y): the training labels' frequencies
-    (``set_class_frequencies``; uniform until then).
-    """
-
-    def __init__(
-        self, num_classes: int, dims: int, class_dims: int | None = None, spread: float = 0.0, fixed: bool = False
-    ):
-        super().__init__()
-        self.dims = dims
-        k = dims if class_dims is None else class_dims
-        if not 0 < k <= dims:
-            raise ValueError(f"class_dims must be in 1..{dims}, got {k}")
-        if fixed and not spread:
-            raise ValueError("fixed class means need a spread > 0 (else every class is the same Gaussian)")
-        mean = torch.randn(num_classes, k) * spread if spread else torch.zeros(num_classes, k)
-        if fixed:  # buffers: the same state_dict names, not trained
-            self.register_buffer("mean", mean)
-            self.register_buffer("log_scale", torch.zeros(num_classes, k))
-        else:
-            self.mean = nn.Parameter(mean)
-            self.log_scale = nn.Parameter(torch.zeros(num_classes, k))
-        self.register_buffer("log_py", torch.full((num_classes,), -math.log(num_classes)))
-
-    @property
-    def num_classes(self) -> int:
-        return self.mean.shape[0]
-
-    @property
-    def class_dims(self) -> int:
-        return self.mean.shape[1]
-
-    @torch.no_grad()
-    def set_class_frequencies(self, labels: Tensor) -> None:
-        """log p(y) = log (count of y / N) over ``labels`` (a class that never occurs gets -inf)."""
-        counts = torch.bincount(labels.flatten().long().cpu(), minlength=self.num_classes).double()
-        self.log_py.copy_((counts / counts.sum()).log())
-
-    @staticmethod
-    def _log_normal(z: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
-        e = (z - mean) * torch.exp(-log_scale)
-        return (-0.5 * (e * e + LOG_2PI) - log_scale).sum(-1)
-
-    def _rest(self, z: Tensor) -> Tensor:
-        """log N(z_d; 0, 1) summed over the dimensions without class means, (B,)."""
-        return std_normal_log_prob(z[:, self.class_dims :])
-
-    def log_prob(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        """log p(z | y) per example: z (B, D), labels y (B,) -> (B,); without labels the marginal
-        log sum_y p(z | y) p(y)."""
-        if y is None:
-            return torch.logsumexp(self.log_prob_all(z) + self.log_py, dim=1)
-        y, k = y.to(z.device), self.class_dims
-        return self._log_normal(z[:, :k], self.mean[y], self.log_scale[y]) + self._rest(z)
-
-    def log_prob_all(self, z: Tensor) -> Tensor:
-        """log p(z | y) for every class: z (B, D) -> (B, C)."""
-        head = self._log_normal(z[:, None, : self.class_dims], self.mean, self.log_scale)
-        return head + self._rest(z).unsqueeze(1)
-
-    def sample(
-        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, y=None, *, like: Tensor
-    ) -> Tensor:
-        """z = mu_y + T sigma_y eps on the class dimensions, T eps on the rest, eps ~ N(0, I): n flat
-        latents (n, D) of digit ``y`` (an int or n labels), or y ~ p(y) when ``y`` is None. (``like``: the
-        shared interface; the means fix the device.)"""
-        m, k = self.mean, self.class_dims
-        if y is None:
-            y = torch.multinomial(self.log_py.exp(), n, replacement=True, generator=generator)
-        y = torch.as_tensor(y, device=m.device).long().expand(n)
-        eps = torch.randn(n, self.dims, generator=generator, device=m.device, dtype=m.dtype) * temperature
-        return torch.cat([self.mean[y] + eps[:, :k] * torch.exp(self.log_scale[y]), eps[:, k:]], dim=1)
+def latent_shapes(flows: list[Flow], image_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Shapes of the flat latent's pieces in the order ``FlowModel.decode`` reads them: the final latent
+    first, then each split's factored-out half, last split first."""
+    shape, pieces = tuple(image_shape), []
+    for f in flows:
+        shape = f.out_shape(shape)
+        if isinstance(f, Split):
+            pieces.append(shape)
+    return [shape] + pieces[::-1]
 
 
 class FlowModel(nn.Module):
@@ -168,45 +69,25 @@ class FlowModel(nn.Module):
         log p(x | y) = prior.log_prob(latent, y) + ldj_dequant + sum_k ldj_k
 
     a one-sample lower bound on log P(x) for discrete x; ``log_prob(x, k)`` tightens it by importance
-    weighting over k noise draws. The prior is ``StandardNormalPrior`` (N(0, I)), or with ``num_classes``
-    > 0 a ``ClassPrior`` p(z | y): the model is then class-conditional, and since the flows do not depend
-    on y, one pass gives the latent and the ldj, and every class costs one Gaussian:
+    weighting over k noise draws. The prior is an object passed in (``priors.Prior``; N(0, I) if none): with
+    ``prior.num_classes`` > 0, e.g. a ``ClassPrior`` p(z | y), the model is class-conditional, and since the
+    flows do not depend on y, one pass gives the latent and the ldj, and every class costs one Gaussian:
 
         log p(x)     = logsumexp_y [ log p(x | y) + log p(y) ]   (the prior's log_prob without labels),
         log p(y | x) = log p(x | y) + log p(y) - log p(x)          (the flow as a Bayes classifier).
     """
 
-    def __init__(
-        self,
-        dequant: Dequantization,
-        flows: list[Flow],
-        image_shape=IMAGE_SHAPE,
-        num_classes: int = 0,
-        class_latent: str = "all",
-        class_spread: float = 0.0,
-        class_fixed: bool = False,
-    ):
+    def __init__(self, dequant: Dequantization, flows: list[Flow], prior: Prior | None = None, image_shape=IMAGE_SHAPE):
         super().__init__()
         self.dequant = dequant
         self.flows = nn.ModuleList(flows)
         self.image_shape = tuple(image_shape)
-        # Shapes of the latent pieces in the order decode consumes them: the final latent first,
-        # then each split's factored-out half, last split first.
-        shape, pieces = self.image_shape, []
-        for f in self.flows:
-            shape = f.out_shape(shape)
-            if isinstance(f, Split):
-                pieces.append(shape)
-        self.latent_shapes = [shape] + pieces[::-1]
+        self.latent_shapes = latent_shapes(self.flows, self.image_shape)
         self.dims = math.prod(self.image_shape)
-        # Registered last, so an unconditional model's parameters, names and their order are unchanged.
-        if class_latent not in CLASS_LATENTS:
-            raise ValueError(f"class_latent must be one of {', '.join(CLASS_LATENTS)}, got {class_latent!r}")
-        top = math.prod(self.latent_shapes[0]) if class_latent == "top" else None
-        if num_classes:
-            self.prior = ClassPrior(num_classes, self.dims, top, class_spread, class_fixed)
-        else:
-            self.prior = StandardNormalPrior(self.dims)
+        # Registered last, so an unconditional model's parameters, names and their order are the flows'.
+        self.prior = StandardNormalPrior(self.dims) if prior is None else prior
+        if self.prior.dims != self.dims:
+            raise ValueError(f"the prior is over {self.prior.dims} dimensions, the model's latent has {self.dims}")
 
     @property
     def conditional(self) -> bool:
@@ -340,7 +221,6 @@ class FlowModel(nn.Module):
 # --- Architectures as data: a list of stages that ``build`` turns into flows ---------------------------
 
 SQUEEZE, SPLIT = "squeeze", "split"
-COUPLING_KINDS = ("affine", "mixlog")
 
 
 @dataclass(frozen=True)
@@ -348,10 +228,11 @@ class Couplings:
     """``n`` couplings at the current resolution, masks alternating (the first one keeps the pixels where
     i + j is odd, or the first half of the channels).
 
-    kind: "affine" (``AffineCoupling``) or "mixlog" (``MixLogCDFCoupling`` with ``components``); hidden:
-    the coupling net's width; mask: "checkerboard" or "channel"; glow: ActNorm and an invertible 1x1
-    convolution before each coupling (Glow's step; the 1x1 convolution needs more than one channel);
-    attention: a self-attention block after each gated block of the nets."""
+    kind: a ``COUPLINGS`` name, "affine" (``AffineCoupling``) or "mixlog" (``MixLogCDFCoupling`` with
+    ``components``); hidden: the coupling net's width; mask: a ``MASKS`` name, "checkerboard" or
+    "channel"; glow: ActNorm and an invertible 1x1 convolution before each coupling (Glow's step; the 1x1
+    convolution needs more than one channel); attention: a self-attention block after each gated block of
+    the nets."""
 
     n: int
     hidden: int
@@ -430,24 +311,33 @@ ARCHITECTURES: dict[str, Architecture] = {
 MODELS = ("simple", "vardeq", "multi-simple", "multi-vardeq")  # the original report's four
 
 
-def _coupling(spec: Couplings, i: int, shape: tuple[int, int, int], cond: int, c_out: int | None, fast: bool) -> Flow:
-    """The i-th coupling of ``spec`` for inputs of ``shape`` (C, H, W), its net seeing ``cond`` extra channels."""
-    c, h, w = shape
-    if spec.mask == "checkerboard":
-        mask = checkerboard_mask(h, w, invert=i % 2 == 1)
-    elif spec.mask == "channel":
-        mask = channel_mask(c, invert=i % 2 == 1)
-    else:
-        raise ValueError(f"unknown mask {spec.mask!r}; choose checkerboard or channel")
+# A mask by name: (C, H, W) of the coupling's input and whether to invert it -> the mask.
+MASKS: dict[str, Callable[[tuple[int, int, int], bool], Tensor]] = {
+    "checkerboard": lambda shape, invert: checkerboard_mask(shape[1], shape[2], invert),
+    "channel": lambda shape, invert: channel_mask(shape[0], invert),
+}
+# A coupling kind by name: its class, and the options its constructor and ``net_channels`` take from a spec.
+COUPLINGS: dict[str, tuple[type[Coupling], Callable[[Couplings], dict[str, Any]]]] = {
+    "affine": (AffineCoupling, lambda spec: {}),
+    "mixlog": (MixLogCDFCoupling, lambda spec: {"components": spec.components}),
+}
+COUPLING_KINDS = tuple(COUPLINGS)
+
+
+def _coupling(spec: Couplings, i: int, shape: tuple[int, int, int], *, fast: bool, cond_channels: int = 0) -> Coupling:
+    """The i-th coupling of ``spec`` for inputs of ``shape`` (C, H, W), its net seeing ``cond_channels``
+    extra channels (the image, for the dequantization's noise flow)."""
+    if spec.mask not in MASKS:
+        raise ValueError(f"unknown mask {spec.mask!r}; choose one of {', '.join(MASKS)}")
+    if spec.kind not in COUPLINGS:
+        raise ValueError(f"unknown coupling kind {spec.kind!r}; choose one of {', '.join(COUPLINGS)}")
+    cls, options = COUPLINGS[spec.kind]
+    opts, (c, h, w) = options(spec), shape
+    mask = MASKS[spec.mask](shape, i % 2 == 1)
     attention = (h, w) if spec.attention else None
-    if spec.kind == "mixlog":
-        out = MixLogCDFCoupling.net_channels(c, spec.components)
-        net = GatedConvNet(c + cond, spec.hidden, out, spec.layers, fast=fast, attention=attention)
-        return MixLogCDFCoupling(net, mask, c, spec.components)
-    if spec.kind != "affine":
-        raise ValueError(f"unknown coupling kind {spec.kind!r}; choose one of {', '.join(COUPLING_KINDS)}")
-    net = GatedConvNet(c + cond, spec.hidden, c_out or 2 * c, spec.layers, fast=fast, attention=attention)
-    return AffineCoupling(net, mask, c)
+    out = cls.net_channels(c, **opts)
+    net = GatedConvNet(c + cond_channels, spec.hidden, out, spec.layers, fast=fast, attention=attention)
+    return cls(net, mask, c, **opts)
 
 
 def _stage(spec: Couplings, shape: tuple[int, int, int], fast: bool) -> list[Flow]:
@@ -457,24 +347,18 @@ def _stage(spec: Couplings, shape: tuple[int, int, int], fast: bool) -> list[Flo
             flows.append(ActNorm(shape[0]))
             if shape[0] > 1:
                 flows.append(InvConv1x1(shape[0]))
-        flows.append(_coupling(spec, i, shape, 0, None, fast))
+        flows.append(_coupling(spec, i, shape, fast=fast))
     return flows
 
 
-def build(
-    arch: Architecture,
-    alpha: float = 1e-5,
-    *,
-    fast: bool = False,
-    num_classes: int = 0,
-    class_latent: str = "all",
-    class_spread: float = 0.0,
-    class_fixed: bool = False,
-) -> FlowModel:
-    """The FlowModel of ``arch``: stages in order, the shape tracked through squeezes and splits."""
+def build(arch: Architecture, alpha: float = 1e-5, *, fast: bool = False, prior: PriorSpec = NORMAL) -> FlowModel:
+    """The FlowModel of ``arch`` under the prior ``prior`` describes: stages in order, the shape tracked
+    through squeezes and splits."""
     noise_flows = None
     if arch.dequant is not None:  # q(u|x): couplings on the noise, each net conditioned on the image (+1 channel)
-        noise_flows = [_coupling(arch.dequant, i, IMAGE_SHAPE, 1, 2, fast) for i in range(arch.dequant.n)]
+        noise_flows = [
+            _coupling(arch.dequant, i, IMAGE_SHAPE, fast=fast, cond_channels=1) for i in range(arch.dequant.n)
+        ]
     flows: list[Flow] = []
     shape = IMAGE_SHAPE
     for stage in arch.stages:
@@ -488,24 +372,14 @@ def build(
             shape = f.out_shape(shape)
         flows += new
     dequant = Dequantization(alpha, noise_flows)
-    prior = dict(num_classes=num_classes, class_latent=class_latent, class_spread=class_spread, class_fixed=class_fixed)
-    return FlowModel(dequant, flows, **prior)
+    # Built after the flows: a prior's random start (class means of a spread) leaves the flows' draws as they were.
+    return FlowModel(dequant, flows, build_prior(prior, latent_shapes(flows, IMAGE_SHAPE)))
 
 
-def build_model(
-    name: str,
-    alpha: float = 1e-5,
-    *,
-    fast: bool = False,
-    conditional: bool = False,
-    class_latent: str = "all",
-    class_spread: float = 0.0,
-    class_fixed: bool = False,
-) -> FlowModel:
-    """The named architecture (``ARCHITECTURES``); ``conditional``: its class-conditional variant (the same
-    flows, and a ``ClassPrior`` over the 10 digits in place of N(0, I), its class means on ``class_latent``:
-    "all" the flat latent, "top" the final latent, drawn from N(0, class_spread^2), trained or
-    ``class_fixed``; ``ClassPrior``).
+def build_model(name: str, alpha: float = 1e-5, *, fast: bool = False, prior: PriorSpec = NORMAL) -> FlowModel:
+    """The named architecture (``ARCHITECTURES``) under ``prior`` (N(0, I) by default; e.g.
+    ``PriorSpec("class")``: its class-conditional variant, the same flows and a ``ClassPrior`` over the 10
+    digits, ``Config.prior_spec`` for a run's).
 
     ``fast=True`` builds the CPU fast path (see ``nets``): the same function, the same parameter
     names and shapes and the same initialisation for a given seed, so a state_dict of either loads
@@ -513,9 +387,7 @@ def build_model(
     """
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
-    n = NUM_CLASSES if conditional else 0
-    prior = dict(class_latent=class_latent, class_spread=class_spread, class_fixed=class_fixed)
-    return build(ARCHITECTURES[name], alpha, fast=fast, num_classes=n, **prior)
+    return build(ARCHITECTURES[name], alpha, fast=fast, prior=prior)
 
 
 def count_params(model: nn.Module) -> int:

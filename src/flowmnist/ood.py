@@ -25,6 +25,7 @@ from .config import FlowmnistError
 from .data import IMAGE_SHAPE
 from .evaluate import image_bpd
 from .models import FlowModel
+from .tables import Table
 
 SIDE = IMAGE_SHAPE[-1]
 DIMS = math.prod(IMAGE_SHAPE)
@@ -264,14 +265,18 @@ def compare(
     return r, ins, outs
 
 
+def scores_rows(scores: dict[str, dict[str, float | None]], digits: int | None = 4) -> Table:
+    """``compare``'s metrics, a row per score; ``digits`` None: the values as stored (6 decimals, ``rounded``)."""
+    rows = [
+        [name, *(str(m[k] if digits is None else f"{m[k]:.{digits}f}") for k in ("auroc", "aupr", "fpr95"))]
+        for name, m in scores.items()
+    ]
+    return Table(["score", "AUROC", "AUPR", "FPR95"], rows, [False, True, True, True])
+
+
 def scores_table(scores: dict[str, dict[str, float | None]], digits: int | None = 4) -> str:
-    """``compare``'s metrics as a Markdown table, a row per score; ``digits`` None: the values as stored
-    (6 decimals, ``rounded``)."""
-    lines = ["| score | AUROC | AUPR | FPR95 |", "|---|---:|---:|---:|"]
-    for name, m in scores.items():
-        cells = [m[k] if digits is None else f"{m[k]:.{digits}f}" for k in ("auroc", "aupr", "fpr95")]
-        lines.append(f"| {name} | " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines)
+    """``scores_rows`` as Markdown."""
+    return scores_rows(scores, digits).markdown()
 
 
 def rounded(v) -> float | None:

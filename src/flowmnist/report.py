@@ -11,19 +11,18 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .commands import argv, runs_argv, shell_line
 from .config import atomic_write_bytes
-from .evaluate import classification_table, results_table
+from .evaluate import classification_rows, results_rows
 from .figures import (
     DataDirs,
-    config_labels,
-    eval_images,
-    eval_split,
+    LoadedRun,
     file_slug,
+    load_runs,
     plot_confusion,
     plot_curves,
     plot_dequant,
@@ -32,7 +31,7 @@ from .figures import (
     plot_samples,
     save_digit_grid,
 )
-from .runs import load_model, run_config, run_title, shipped_name
+from .runs import run_title, shipped_name
 from .toy import DEFAULT_PROBS, fit_toy_noting, plot_concepts
 
 CSS = """
@@ -57,33 +56,6 @@ window.addEventListener("load", function () {
 """
 
 
-def markdown_table_html(md: str) -> str:
-    """Render a pipe table (as ``results_table`` writes) to HTML; a ``---:`` column is right-aligned.
-    Cells are escaped: model names and paths come from files."""
-    lines = [ln.strip() for ln in md.strip().splitlines() if ln.strip()]
-    if len(lines) < 2:
-        return ""
-
-    def cells(line: str) -> list[str]:
-        return [c.strip() for c in line.strip("|").split("|")]
-
-    header, align = cells(lines[0]), cells(lines[1])
-    right = [a.endswith(":") for a in align]
-    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
-    for line in lines[2:]:
-        row = cells(line)
-        out.append(
-            "<tr>"
-            + "".join(
-                f'<td class="num">{html.escape(c)}</td>' if r else f"<td>{html.escape(c)}</td>"
-                for c, r in zip(row, right, strict=False)
-            )
-            + "</tr>"
-        )
-    out.append("</table>")
-    return "\n".join(out)
-
-
 def _figure(path: Path, out_dir: Path, caption: str) -> str:
     rel = path.relative_to(out_dir).as_posix()
     return (
@@ -99,32 +71,76 @@ class Section(NamedTuple):
     commands: list[list[str]] = []
 
 
-@dataclass(frozen=True)
-class ReportSpec:
-    """What a report shows: its runs (with their labels and results.json), output folder and the
-    figures' options. Read-only: each section returns what it adds."""
+def _option(default, flag: str, check: str, help_text: str, metavar: str | None = None) -> Any:
+    """A report option: its default, its flag (an argparse dest: ``--`` + flag with ``_`` as ``-``), the
+    check of its value (a name in ``cli.figures.REPORT_CHECKS``), its help and metavar."""
+    return field(default=default, metadata={"flag": flag, "check": check, "help": help_text, "metavar": metavar})
 
-    run_dirs: list[Path]
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """What the report shows, declared once: ``flowmnist report``'s parser, ``build_report`` and the
+    report's own command line (``report_argv``) are all made from these fields."""
+
+    samples: int = _option(36, "n", "positive", "samples per run (default 36)")
+    pairs: int = _option(2, "pairs", "positive", "digit pairs per run (default 2)")
+    steps: int = _option(8, "walk_images", "positive", "images per walk, ends included (default 8)")
+    dequant_images: int = _option(64, "images", "positive", "real digits to dequantize (default 64)")
+    probs: tuple[float, ...] = _option(DEFAULT_PROBS, "probs", "floats", "probabilities of 0, 1, ... (normalised)")
+    seed: int = _option(0, "seed", "nonneg", "")
+    ood_data: str | None = _option(
+        None, "ood_data", "dir", "add an OOD section: each run's held-out images against this data directory's", "DIR"
+    )
+    ood_images: int = _option(500, "ood_images", "positive", "images of each set in the OOD section", "N")
+
+    @property
+    def ood(self) -> tuple[str, int] | None:
+        """(OOD IDX directory, images of each set) for the OOD section, or None."""
+        return (self.ood_data, self.ood_images) if self.ood_data else None
+
+    def argv_options(self) -> dict[str, Any]:
+        """The options as ``commands.argv`` spells them."""
+        values = {f.metadata["flag"]: getattr(self, f.name) for f in fields(ReportOptions)}
+        values["probs"] = [float(p) for p in self.probs]
+        if not self.ood_data:  # no OOD section: its size says nothing
+            values["ood_images"] = None
+        return values
+
+
+def split_words(splits: list[str]) -> str:
+    """Held-out split(s) in words, for a caption."""
+    names = {"test": "test", "val": "validation"}
+    kinds = sorted({names[s] for s in splits})
+    return f"{kinds[0]} split" if len(kinds) == 1 else "held-out split (the row labels name it)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportSpec(ReportOptions):
+    """A report being made: its runs (each loaded once, with its label and digits), output folder,
+    options, and each run's results.json. Read-only: each section returns what it adds."""
+
+    runs: list[LoadedRun]
     out_dir: Path
-    seed: int = 0
-    pairs: int = 2
-    steps: int = 8
-    samples: int = 36
     temperatures: tuple[float, ...] = (1.0, 0.7)
-    dequant_images: int = 64
-    probs: tuple[float, ...] = DEFAULT_PROBS
     data_dir: DataDirs = None  # one directory, or {dataset: directory} for shipped runs
-    device: str = "cpu"
-    ood: tuple[str, int] | None = None  # (OOD IDX directory, images of each set) for the OOD section
-    labels: list[str] = field(default_factory=list)
     results: dict[Path, dict] = field(default_factory=dict)  # each run's results.json, where it has one
-    splits: list[str] = field(default_factory=list)  # each run's held-out split, which the figures show
+
+    @property
+    def run_dirs(self) -> list[Path]:
+        return [r.path for r in self.runs]
+
+    @property
+    def labels(self) -> list[str]:
+        return [r.label for r in self.runs]
+
+    @property
+    def splits(self) -> list[str]:
+        """Each run's held-out split, which the figures show."""
+        return [r.split for r in self.runs]
 
     def split_words(self) -> str:
         """The runs' held-out split(s) in words, for a caption."""
-        names = {"test": "test", "val": "validation"}
-        kinds = sorted({names[s] for s in self.splits})
-        return f"{kinds[0]} split" if len(kinds) == 1 else "held-out split (the row labels name it)"
+        return split_words(self.splits)
 
     @property
     def data_opt(self) -> str | None:
@@ -155,8 +171,9 @@ def results_section(spec: ReportSpec) -> Section:
     """The results table, from each run's results.json where `flowmnist evaluate` wrote one."""
     results = list(spec.results.values())
     missing = [str(r) for r in spec.run_dirs if r not in spec.results]
-    body = markdown_table_html(results_table(results)) if results else ""
-    body += markdown_table_html(classification_table(results))
+    body = results_rows(results).html() if results else ""
+    classes = classification_rows(results)
+    body += classes.html() if classes else ""
     if missing:
         body += "<p>No results.json for: " + ", ".join(f"<code>{html.escape(m)}</code>" for m in missing)
         body += f" (run {_evaluate_hint()} to add them).</p>"
@@ -176,7 +193,7 @@ def curves_section(spec: ReportSpec) -> Section:
 def samples_section(spec: ReportSpec) -> Section:
     parts, commands = [], []
     for t in spec.temperatures:
-        (fig,) = plot_samples(spec.run_dirs, spec.out_dir, spec.samples, spec.seed, t, spec.device)
+        (fig,) = plot_samples(spec.runs, spec.out_dir, spec.samples, spec.seed, t)
         opts = {"n": spec.samples, "seed": spec.seed, "temperature": None if t == 1 else t}
         commands.append(spec.runs_argv("compare-samples", **opts))
         what = "the model's own distribution" if t == 1 else "the prior's spread scaled down: cleaner, less varied"
@@ -184,11 +201,11 @@ def samples_section(spec: ReportSpec) -> Section:
     return Section("<h2>Samples</h2>\n" + "".join(parts), commands)
 
 
-def _conditional_run(spec: ReportSpec, run: Path, label: str, per_digit: int) -> Section:
+def _conditional_run(spec: ReportSpec, loaded: LoadedRun, per_digit: int) -> Section:
     """One class-conditional run's digit grid and its confusion matrices (from results.json)."""
+    run, label, cfg = loaded.path, loaded.label, loaded.cfg
     path = spec.out_dir / f"digits_{file_slug(label)}.png"
-    model, cfg = load_model(run, spec.device)
-    save_digit_grid(model, path, run_title(cfg.model, True, cfg.dataset), per_digit, 1.0, spec.seed)
+    save_digit_grid(loaded.model, path, run_title(cfg.model, True, cfg.dataset), per_digit, 1.0, spec.seed)
     command = runs_argv("sample", [run], digit="all", n=per_digit, seed=spec.seed, out=path)
     parts = [_figure(path, spec.out_dir, f"{label}: {per_digit} samples of each digit, row d = digit d, T = 1.")]
     confusion = spec.results.get(run, {}).get("confusion") or {}
@@ -207,11 +224,7 @@ def _conditional_run(spec: ReportSpec, run: Path, label: str, per_digit: int) ->
 def conditional_section(spec: ReportSpec, per_digit: int = 10) -> Section:
     """Class-conditional runs: a 10-row grid of each (row d: digit d on demand) and, where evaluate has
     measured them (results.json), the confusion matrices of the flow as a Bayes classifier."""
-    runs = [
-        _conditional_run(spec, run, label, per_digit)
-        for run, label in zip(spec.run_dirs, spec.labels, strict=True)
-        if run_config(run).conditional
-    ]
+    runs = [_conditional_run(spec, run, per_digit) for run in spec.runs if run.cfg.conditional]
     if not runs:
         return Section("")
     heading = "<h2>Digits on demand (class-conditional runs)</h2>\n"
@@ -221,10 +234,8 @@ def conditional_section(spec: ReportSpec, per_digit: int = 10) -> Section:
 def interpolation_section(spec: ReportSpec) -> Section:
     figs, commands = [], []
     for spherical in (False, True):
-        figs += plot_interpolations(
-            spec.run_dirs, spec.out_dir, spec.pairs, spec.steps, spec.seed, spherical, spec.data_dir, spec.device
-        )
-        opts = {"pairs": spec.pairs, "steps": spec.steps, "seed": spec.seed, "spherical": spherical}
+        figs += plot_interpolations(spec.runs, spec.out_dir, spec.pairs, spec.steps, spec.seed, spherical)
+        opts = {"pairs": spec.pairs, "walk_images": spec.steps, "seed": spec.seed, "spherical": spherical}
         commands.append(spec.runs_argv("interpolate", **opts, data_dir=spec.data_opt))
     return Section(
         "<h2>Interpolation</h2>\n"
@@ -240,7 +251,7 @@ def interpolation_section(spec: ReportSpec) -> Section:
 
 
 def dequant_section(spec: ReportSpec) -> Section:
-    figs = plot_dequant(spec.run_dirs, spec.out_dir, spec.dequant_images, 1, spec.seed, spec.data_dir, spec.device)
+    figs = plot_dequant(spec.runs, spec.out_dir, spec.dequant_images, 1, spec.seed)
     command = spec.runs_argv("dequant", images=spec.dequant_images, seed=spec.seed, data_dir=spec.data_opt)
     return Section(
         "<h2>Dequantization</h2>\n"
@@ -268,14 +279,14 @@ def concepts_section(spec: ReportSpec, notice: Callable[[str], None] | None) -> 
     )
 
 
-def _ood_run(spec: ReportSpec, run: Path, label: str, read: dict) -> Section:
+def _ood_run(spec: ReportSpec, loaded: LoadedRun, read: dict) -> Section:
     """One run's OOD table and histograms; ``read`` caches the OOD directory per train/val split rule."""
     from .data import load_data
-    from .ood import BATCH_SIZES, compare, scores_table
+    from .ood import BATCH_SIZES, compare, scores_rows
 
     ood_dir, n = spec.ood
-    model, cfg = load_model(run, spec.device)
-    inside, _, split = eval_images(cfg, spec.data_dir)
+    run, model, cfg, label = loaded.path, loaded.model, loaded.cfg, loaded.label
+    inside, _, split = loaded.digits
     rule = (cfg.split_seed, cfg.val_fraction)
     data = read[rule] = read.get(rule) or load_data(cfg, ood_dir)
     ood_split = data.held_out
@@ -289,7 +300,7 @@ def _ood_run(spec: ReportSpec, run: Path, label: str, read: dict) -> Section:
         f"{label}: {r['in']['images']} of its {split} images (mean bpd {r['in']['mean_bpd']}) against "
         f"{r['ood']['images']} {ood_split} images of {ood_dir} (mean bpd {r['ood']['mean_bpd']}); high = OOD."
     )
-    body = f"<h3>{html.escape(label)}</h3>\n" + markdown_table_html(scores_table(r["scores"], digits=None))
+    body = f"<h3>{html.escape(label)}</h3>\n" + scores_rows(r["scores"], digits=None).html()
     return Section(body + "\n" + _figure(path, spec.out_dir, caption), [command])
 
 
@@ -300,7 +311,7 @@ def ood_section(spec: ReportSpec) -> Section:
     if spec.ood is None:
         return Section("")
     read: dict = {}
-    runs = [_ood_run(spec, run, label, read) for run, label in zip(spec.run_dirs, spec.labels, strict=True)]
+    runs = [_ood_run(spec, run, read) for run in spec.runs]
     heading = "<h2>Out-of-distribution scores</h2>\n"
     return Section(heading + "\n".join(r.html for r in runs), [c for r in runs for c in r.commands])
 
@@ -309,27 +320,16 @@ def configs_section(spec: ReportSpec) -> Section:
     return Section(
         "<h2>Run configs</h2>\n"
         + "".join(
-            f"<h3>{html.escape(label)} <code>{_run_name(r)}</code></h3>\n<pre>"
-            f"{html.escape(json.dumps(run_config(r).to_dict(), indent=2))}</pre>\n"
-            for label, r in zip(spec.labels, spec.run_dirs, strict=True)
+            f"<h3>{html.escape(r.label)} <code>{_run_name(r.path)}</code></h3>\n<pre>"
+            f"{html.escape(json.dumps(r.cfg.to_dict(), indent=2))}</pre>\n"
+            for r in spec.runs
         )
     )
 
 
 def report_argv(spec: ReportSpec) -> list[str]:
     """The command that makes this report."""
-    return spec.runs_argv(
-        "report",
-        n=spec.samples,
-        pairs=spec.pairs,
-        steps=spec.steps,
-        images=spec.dequant_images,
-        probs=[float(p) for p in spec.probs],
-        seed=spec.seed,
-        data_dir=spec.data_opt,
-        ood_data=spec.ood[0] if spec.ood else None,
-        ood_images=spec.ood[1] if spec.ood else None,
-    )
+    return spec.runs_argv("report", **spec.argv_options(), data_dir=spec.data_opt)
 
 
 def commands_section(spec: ReportSpec, commands: list[list[str]]) -> Section:
@@ -363,41 +363,21 @@ def page(spec: ReportSpec, sections: list[str]) -> str:
 def build_report(
     run_dirs: list[str | Path],
     out_dir: str | Path,
-    seed: int = 0,
-    pairs: int = 2,
-    steps: int = 8,
-    samples: int = 36,
-    dequant_images: int = 64,
-    probs=DEFAULT_PROBS,
     data_dir: DataDirs = None,
     device: str = "cpu",
-    ood: tuple[str, int] | None = None,
     notice: Callable[[str], None] | None = None,
+    **options: Any,
 ) -> Path:
-    """Make every figure into ``out_dir`` and write ``out_dir/index.html``; returns its path.
+    """Make every figure into ``out_dir`` and write ``out_dir/index.html``; returns its path. ``options``:
+    ``ReportOptions`` fields.
 
     The "commands" section lists, for each figure, the stand-alone CLI command that makes the same
     file (same runs, options and seed), so any figure can be re-made or varied on its own.
     """
-    run_dirs = [Path(r) for r in run_dirs]
-    cfgs = [run_config(r) for r in run_dirs]
-    labels = config_labels(cfgs, run_dirs)
-    spec = ReportSpec(
-        run_dirs,
-        Path(out_dir),
-        seed=seed,
-        pairs=pairs,
-        steps=steps,
-        samples=samples,
-        dequant_images=dequant_images,
-        probs=tuple(probs),
-        data_dir=data_dir,
-        device=device,
-        ood=ood,
-        labels=labels,
-        results=read_results(run_dirs),
-        splits=[eval_split(cfg, data_dir) for cfg in cfgs],
-    )
+    opts = ReportOptions(**options)
+    runs = load_runs([Path(r) for r in run_dirs], data_dir, device)
+    results = read_results([r.path for r in runs])
+    spec = ReportSpec(**vars(opts), runs=runs, out_dir=Path(out_dir), data_dir=data_dir, results=results)
     spec.out_dir.mkdir(parents=True, exist_ok=True)
     sections = [
         results_section(spec),

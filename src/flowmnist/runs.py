@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import Config, FlowmnistError, atomic_write_bytes
+from .config import FLOW_FIELDS, Config, FlowmnistError, atomic_write_bytes, first_difference
 from .data import DATASETS
 from .models import MODELS, FlowModel, build_model
 
@@ -178,8 +178,7 @@ def checkpoint_path(run: str | Path) -> Path:
 
 def model_of(cfg: Config) -> FlowModel:
     """The untrained model a config describes: its architecture, fast path and class prior."""
-    prior = dict(class_latent=cfg.class_latent, class_spread=cfg.class_spread, class_fixed=cfg.class_fixed)
-    return build_model(cfg.model, cfg.alpha, fast=cfg.fast, conditional=cfg.conditional, **prior)
+    return build_model(cfg.model, cfg.alpha, fast=cfg.fast, prior=cfg.prior_spec())
 
 
 def load_model(run: str | Path, device: str = "cpu") -> tuple[FlowModel, Config]:
@@ -197,9 +196,10 @@ def load_model(run: str | Path, device: str = "cpu") -> tuple[FlowModel, Config]
         weights.update(ckpt["ema"]["avg"])
     missing, unexpected = _state_mismatch(model.state_dict(), weights)
     if missing or unexpected:
+        arch = ", ".join(f"{k}={v!r}" for k, v in cfg.architecture().items())
         raise FlowmnistError(
-            f"{path}: weights do not fit model {cfg.model!r} "
-            f"({len(missing)} missing, {len(unexpected)} unexpected or mis-shaped tensors, e.g. "
+            f"{path}: weights do not fit model {cfg.model!r} ({arch}; "
+            f"{len(missing)} missing, {len(unexpected)} unexpected or mis-shaped tensors, e.g. "
             f"{(missing + unexpected)[0]})"
         )
     model.load_state_dict(weights)
@@ -341,22 +341,24 @@ def load_pretrained(name: str, device: str = "cpu") -> FlowModel:
 
 def initial_weights(source: str, cfg: Config) -> dict[str, Tensor]:
     """The weights that start a run with ``--init-from``: a shipped model's name or a run directory
-    (its best or final weights, the EMA's if kept), refused in one line unless its architecture is
-    ``cfg``'s (model name and conditioning)."""
+    (its best or final weights, the EMA's if kept). Its architecture (``Config.architecture``) must be
+    ``cfg``'s, except that a source without prior weights (an unconditional run) gives its flows alone to
+    a conditional run, whose prior keeps the start its config draws; any other difference is refused in
+    one line naming the field."""
     run = verify_pretrained(source) if source in pretrained_names() else Path(source)
     if not run.exists():
         raise FlowmnistError(
             f"--init-from {source}: neither a shipped model ({', '.join(pretrained_names())}) nor a run directory"
         )
     model, old = load_model(run)
-
-    def arch(c: Config) -> str:
-        return run_title(c.model, c.conditional) + (f", class means on {c.class_latent}" if c.conditional else "")
-
-    if arch(old) != arch(cfg):
+    have, want = old.architecture(), cfg.architecture()
+    if not old.conditional:  # nothing of a prior to give: the flows must match
+        want = {k: want[k] for k in FLOW_FIELDS}
+    key = first_difference(have, want)
+    if key is not None:
         raise FlowmnistError(
-            f"--init-from {source}: its model is {arch(old)!r}, this run's is {arch(cfg)!r}; "
-            "the architectures must match"
+            f"--init-from {source}: its model is {run_title(old.model, old.conditional)!r} with "
+            f"{key}={have.get(key)!r}, this run's has {key}={want[key]!r}; the architectures must match"
         )
     return model.state_dict()
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from .config import Config, FlowmnistError
+from .config import Config, FlowmnistError, first_difference
 from .data import check_classes, load_data
 from .dist import Dist, process_group
 from .models import NUM_CLASSES, FlowModel
@@ -211,11 +211,10 @@ def _resume_point(run_dir: Path, cfg: Config) -> tuple[dict[str, Any], list[dict
     the resumed run produces them again)."""
     ckpt = load_checkpoint(run_dir / "last.pt")
     old = Config.from_dict(ckpt["config"])
-    for key in ("model", "alpha", "seed", "batch_size", "split_seed", "val_fraction", "conditional"):
-        if getattr(old, key) != getattr(cfg, key):
-            raise FlowmnistError(
-                f"{run_dir}: cannot resume with {key}={getattr(cfg, key)!r}; the run has {getattr(old, key)!r}"
-            )
+    have, want = old.resume_identity(), cfg.resume_identity()
+    key = first_difference(have, want)
+    if key is not None:
+        raise FlowmnistError(f"{run_dir}: cannot resume with {key}={want[key]!r}; the run has {have.get(key)!r}")
     return ckpt, read_metrics(run_dir)[: ckpt["metrics_rows"]]
 
 
@@ -319,8 +318,8 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
 
     torch.manual_seed(cfg.seed)
     model = model_of(cfg).to(device)
-    if init is not None:
-        model.load_state_dict(init)
+    if init is not None:  # weights the source lacks (a fresh prior) keep their start
+        model.load_state_dict(model.state_dict() | init)
     elif ckpt is None:  # ActNorm's data-dependent start: the first training images, the same on every rank
         model.initialize(data.images["train"][:512].to(device))
     if cfg.conditional:  # p(y) = the training labels' frequencies, kept in the model

@@ -5,7 +5,7 @@
   table            Markdown results table of runs' results.json                   (cli/results.py)
   sample           one run's generated digits as a PNG grid                       (cli/results.py)
   curves           train and val bpd vs step of one or more runs                  (cli/figures.py)
-  compare-samples  several runs' sample grids side by side (alias: samples)       (cli/figures.py)
+  compare-samples  several runs' sample grids side by side                        (cli/figures.py)
   interpolate      latent walks between real digits                               (cli/figures.py)
   dequant          distribution of the dequantized values v = x + u               (cli/figures.py)
   concepts         dequantization explained on a toy 1-D distribution             (cli/figures.py)

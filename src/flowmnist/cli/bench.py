@@ -8,7 +8,7 @@ import sys
 
 from ..config import FlowmnistError
 from ..models import MODELS
-from .common import positive_int
+from .common import add_hidden_alias, positive_int
 
 
 def cmd_bench(a: argparse.Namespace) -> int:
@@ -23,7 +23,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if bad:
         raise FlowmnistError(f"--models: unknown model {bad[0]!r}; choose from {', '.join(MODELS)}")
     say = None if a.json else (lambda msg: print(f"flowmnist bench: {msg} ...", file=sys.stderr, flush=True))
-    b = run_bench(models, a.steps, a.batch_size, memory=not a.no_memory, progress=say)
+    b = run_bench(models, a.timed_steps, a.batch_size, memory=not a.no_memory, progress=say)
     print(json.dumps(b) if a.json else bench_table(b))
     return 0
 
@@ -33,7 +33,8 @@ def add_bench_command(sub) -> None:
         "bench", help="the plain code path vs the fast ones: train img/s, eval and sampling ms, peak memory"
     )
     bn.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (default all)")
-    bn.add_argument("--steps", type=positive_int, default=5, help="timed training steps per path (default 5)")
+    bn.add_argument("--timed-steps", type=positive_int, default=5, help="timed training steps per path (default 5)")
+    add_hidden_alias(bn, "--steps", "timed_steps", type=positive_int)
     bn.add_argument("--batch-size", type=positive_int, default=128, help="training batch size (default 128)")
     bn.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
     bn.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")

@@ -7,9 +7,18 @@ import argparse
 import json
 
 from ..config import FlowmnistError
-from .common import add_split, nonneg_int, positive_int, runs
-from .ood import _common, csv_text, emit, score_format, score_input
-from .results import add_temperature
+from .common import (
+    add_scoring_args,
+    add_split,
+    add_temperature,
+    csv_text,
+    emit,
+    nonneg_int,
+    positive_int,
+    runs,
+    score_format,
+    score_input,
+)
 
 
 def cmd_classify(a: argparse.Namespace) -> int:
@@ -66,7 +75,7 @@ def own_samples(a: argparse.Namespace, model):
 
 def add_classify_command(sub) -> None:
     c = sub.add_parser("classify", help="per-image digit, posterior p(y | x) and bpd from a class-conditional model")
-    _common(c)
+    add_scoring_args(c)
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--data-dir", metavar="DIR", help="classify a split of this data directory")
     src.add_argument("--png", nargs="+", metavar="FILE_OR_DIR", help="classify 28x28 PNGs (a directory: its *.png)")

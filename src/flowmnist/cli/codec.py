@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..config import FlowmnistError
-from .common import out_file
+from .common import add_hidden_alias, out_file
 
 
 def _codec_input(paths: list[str]):
@@ -73,20 +73,25 @@ def cmd_decompress(a: argparse.Namespace) -> int:
     from ..config import atomic_write_bytes
     from ..runs import load_model, load_pretrained
 
-    src, out = Path(a.input), out_file(a.output, "OUT")
+    if len(a.paths) not in (2, 3):
+        raise FlowmnistError("give [RUN_DIR] IN OUT, or --pretrained NAME IN OUT")
+    run = a.paths[0] if len(a.paths) == 3 else getattr(a, "run", None)
+    if run and a.pretrained:
+        raise FlowmnistError("give either RUN_DIR or --pretrained NAME, not both")
+    src, out = Path(a.paths[-2]), out_file(a.paths[-1], "OUT")
     try:
         data = src.read_bytes()
     except OSError as e:
         raise FlowmnistError(f"{src}: cannot read ({e.strerror or e})") from e
     made_with = read_header(data, str(src)).model_name
-    if a.pretrained or a.run:
-        model = load_pretrained(a.pretrained) if a.pretrained else load_model(a.run)[0]
+    if a.pretrained or run:
+        model = load_pretrained(a.pretrained) if a.pretrained else load_model(run)[0]
     elif made_with.startswith("pretrained:"):
         model = load_pretrained(made_with.removeprefix("pretrained:"))
     elif made_with.startswith("run:") and Path(made_with[4:]).exists():
         model = load_model(made_with[4:])[0]
     else:
-        raise FlowmnistError(f"{src}: made with {made_with or 'an unnamed model'}; pass --run RUN_DIR or --pretrained")
+        raise FlowmnistError(f"{src}: made with {made_with or 'an unnamed model'}; pass RUN_DIR or --pretrained NAME")
     with _codec_bar(read_header(data).count, "decompress") as bar:
         original, header = decompress_bytes(data, model, name=str(src), progress=bar.update)
     atomic_write_bytes(out, gzip.compress(original, mtime=0) if out.suffix == ".gz" else original)
@@ -103,9 +108,15 @@ def add_codec_commands(sub) -> None:
     c.add_argument("--pretrained", metavar="NAME", help="a shipped model instead of RUN_DIR")
     c.set_defaults(func=cmd_compress)
     d = sub.add_parser("decompress", help="restore the original IDX bytes of a compressed file exactly")
-    d.add_argument("input", metavar="IN", help="a file written by `flowmnist compress`")
-    d.add_argument("output", metavar="OUT", help="the IDX file to write (gzipped if it ends in .gz)")
-    src = d.add_mutually_exclusive_group()
-    src.add_argument("--pretrained", metavar="NAME", help="the shipped model (default: the one the file names)")
-    src.add_argument("--run", metavar="RUN_DIR", help="the run directory (default: the one the file names)")
+    d.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="[RUN_DIR] IN OUT: the model's run (default: the one the file names), a file written by "
+        "`flowmnist compress`, the IDX file to write (gzipped if it ends in .gz)",
+    )
+    d.add_argument(
+        "--pretrained", metavar="NAME", help="a shipped model instead of RUN_DIR (default: the one the file names)"
+    )
+    add_hidden_alias(d, "--run", "run", metavar="RUN_DIR")
     d.set_defaults(func=cmd_decompress)

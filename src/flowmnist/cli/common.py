@@ -7,9 +7,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from pathlib import Path
 
-from ..config import FlowmnistError, prepare_output
+from ..config import Config, FlowmnistError, prepare_output
 from ..data import SPLITS
 
 
@@ -179,7 +180,78 @@ def figure_data(a: argparse.Namespace) -> str | dict[str, str] | None:
     return {"mnist": env} if env else None
 
 
+def add_hidden_alias(p: argparse.ArgumentParser, flag: str, dest: str, **kwargs) -> None:
+    """An old spelling of an option, kept working and left out of --help (its default is the option's)."""
+    p.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+
 def print_paths(paths) -> int:
     for p in paths:
         print(p)
     return 0
+
+
+# --- what the scoring commands (score, ood, classify) and the sampling ones share --------------------
+
+
+def add_temperature(p: argparse.ArgumentParser) -> None:
+    """--temperature of a sampling command."""
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="prior std scale (1.0: exact)")
+
+
+def add_scoring_args(p: argparse.ArgumentParser) -> None:
+    """The options of a command that scores images with one model: the run, --max-images, K, device."""
+    add_run_args(p, many=False)
+    p.add_argument("--max-images", type=positive_int, metavar="N", help="only the first N images (of each set)")
+    add_importance_samples(p, "bpd")
+    add_device(p)
+
+
+def score_format(a: argparse.Namespace) -> str:
+    """The output format, "csv" or "json": --out's extension when given, else --json's choice."""
+    if a.out is None:
+        return "json" if a.json else "csv"
+    suffix = Path(a.out).suffix.lower()
+    if suffix not in (".csv", ".json"):
+        raise FlowmnistError(f"--out {a.out}: must end in .csv or .json")
+    if a.json and suffix == ".csv":
+        raise FlowmnistError(f"--json and --out {a.out} disagree; use a .json file name")
+    out_file(a.out)
+    return suffix[1:]
+
+
+def score_input(a: argparse.Namespace, cfg: Config):
+    """(uint8 images, labels, source description) for `score`: a data directory's split, or PNGs."""
+    from ..data import load_data, png_files, read_png_digits
+
+    if a.png:
+        if a.split:
+            raise FlowmnistError("--split applies to --data-dir, not to --png")
+        files = png_files(a.png)[: a.max_images]
+        return read_png_digits(files), [str(f) for f in files], {"png": [str(p) for p in a.png]}
+    split = a.split or "val"
+    data = load_data(cfg, data_dir(a.data_dir))
+    images, labels = data.split(split)
+    return images[: a.max_images], labels[: a.max_images].tolist(), {"data_dir": str(data.root), "split": split}
+
+
+def csv_text(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def emit(a: argparse.Namespace, text: str) -> None:
+    """The rows to --out (written whole, or not at all), else to stdout."""
+    from ..config import atomic_write_bytes
+
+    if a.out:
+        atomic_write_bytes(out_file(a.out), text.encode())
+        print(a.out)
+    else:
+        sys.stdout.write(text)

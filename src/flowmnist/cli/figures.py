@@ -4,12 +4,15 @@ into an output folder, and the report that holds them all."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from .common import (
     add_device,
     add_figure_data,
+    add_hidden_alias,
     add_run_args,
+    add_temperature,
     data_dir,
     figure_data,
     nonneg_int,
@@ -18,7 +21,6 @@ from .common import (
     print_paths,
     runs,
 )
-from .results import add_temperature
 
 
 def _runs_and_out(p: argparse.ArgumentParser, help_text: str = "output folder") -> None:
@@ -53,8 +55,7 @@ def cmd_samples(a: argparse.Namespace) -> int:
 def add_samples_command(sub) -> None:
     s = sub.add_parser(
         "compare-samples",
-        aliases=["samples"],
-        help="several runs' sample grids side by side in one figure (samples.png; alias: samples)",
+        help="several runs' sample grids side by side in one figure (samples.png)",
     )
     _runs_and_out(s)
     s.add_argument("--n", type=positive_int, default=36, help="samples per run (default 36)")
@@ -71,13 +72,14 @@ def cmd_interpolate(a: argparse.Namespace) -> int:
     from ..figures import plot_interpolations
 
     out = out_dir(a.out)
-    paths = plot_interpolations(runs(a), out, a.pairs, a.steps, a.seed, a.spherical, figure_data(a), a.device)
+    paths = plot_interpolations(runs(a), out, a.pairs, a.walk_images, a.seed, a.spherical, figure_data(a), a.device)
     return print_paths(paths)
 
 
 def _add_walk_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", type=positive_int, default=2, help="digit pairs per run (default 2)")
-    p.add_argument("--steps", type=positive_int, default=8, help="images per walk, ends included (default 8)")
+    p.add_argument("--walk-images", type=positive_int, default=8, help="images per walk, ends included (default 8)")
+    add_hidden_alias(p, "--steps", "walk_images", type=positive_int)
 
 
 def add_interpolate_command(sub) -> None:
@@ -148,42 +150,45 @@ def add_concepts_command(sub) -> None:
 # --- report -------------------------------------------------------------------------------------------
 
 
+# How each report option's value is read (``report.ReportOptions``: the "check" of its field).
+REPORT_CHECKS = {
+    "positive": dict(type=positive_int),
+    "nonneg": dict(type=nonneg_int),
+    "floats": dict(type=float, nargs="+"),
+    "dir": dict(),
+}
+
+
 def cmd_report(a: argparse.Namespace) -> int:
-    from ..report import build_report
+    from ..report import ReportOptions, build_report
 
     out = out_dir(a.out)
+    options = {f.name: getattr(a, f.metadata["flag"]) for f in dataclasses.fields(ReportOptions)}
+    if options["ood_data"]:
+        options["ood_data"] = data_dir(options["ood_data"])
     index = build_report(
         runs(a),
         out,
-        seed=a.seed,
-        pairs=a.pairs,
-        steps=a.steps,
-        samples=a.n,
-        dequant_images=a.images,
-        probs=a.probs,
         data_dir=figure_data(a),
         device=a.device,
-        ood=(data_dir(a.ood_data), a.ood_images) if a.ood_data else None,
         notice=lambda msg: print(f"flowmnist report: note: {msg}", file=sys.stderr),
+        **options,
     )
     print(index)
     return 0
 
 
 def add_report_command(sub) -> None:
+    from ..report import ReportOptions
+
     r = sub.add_parser("report", help="all figures and the results table in one static index.html")
     _runs_and_out(r, "output folder (index.html and the PNGs)")
-    r.add_argument("--n", type=positive_int, default=36, help="samples per run (default 36)")
-    _add_walk_options(r)
-    _add_images_option(r)
-    _add_probs_option(r)
-    r.add_argument("--seed", type=nonneg_int, default=0)
-    r.add_argument(
-        "--ood-data", metavar="DIR", help="add an OOD section: each run's held-out images against this data directory's"
-    )
-    r.add_argument(
-        "--ood-images", type=positive_int, default=500, metavar="N", help="images of each set in the OOD section"
-    )
+    for f in dataclasses.fields(ReportOptions):
+        m = f.metadata
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        kw = dict(REPORT_CHECKS[m["check"]], default=default, help=m["help"] or None, metavar=m["metavar"])
+        r.add_argument("--" + m["flag"].replace("_", "-"), **kw)
+    add_hidden_alias(r, "--steps", "walk_images", type=positive_int)
     add_figure_data(r)
     add_device(r)
     r.set_defaults(func=cmd_report)

@@ -5,70 +5,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-from ..config import Config, FlowmnistError
+from ..config import Config
 from .common import (
-    add_device,
-    add_importance_samples,
-    add_run_args,
+    add_scoring_args,
     add_split,
+    csv_text,
     data_dir,
+    emit,
     figure_data,
     out_file,
     positive_int,
     runs,
+    score_format,
+    score_input,
 )
 
-
-def _common(p: argparse.ArgumentParser) -> None:
-    add_run_args(p, many=False)
-    p.add_argument("--max-images", type=positive_int, metavar="N", help="only the first N images (of each set)")
-    add_importance_samples(p, "bpd")
-    add_device(p)
-
-
 # --- score --------------------------------------------------------------------------------------------
-
-
-def score_format(a: argparse.Namespace) -> str:
-    """The output format, "csv" or "json": --out's extension when given, else --json's choice."""
-    if a.out is None:
-        return "json" if a.json else "csv"
-    suffix = Path(a.out).suffix.lower()
-    if suffix not in (".csv", ".json"):
-        raise FlowmnistError(f"--out {a.out}: must end in .csv or .json")
-    if a.json and suffix == ".csv":
-        raise FlowmnistError(f"--json and --out {a.out} disagree; use a .json file name")
-    out_file(a.out)
-    return suffix[1:]
-
-
-def score_input(a: argparse.Namespace, cfg: Config):
-    """(uint8 images, labels, source description) for `score`: a data directory's split, or PNGs."""
-    from ..data import load_data, png_files, read_png_digits
-
-    if a.png:
-        if a.split:
-            raise FlowmnistError("--split applies to --data-dir, not to --png")
-        files = png_files(a.png)[: a.max_images]
-        return read_png_digits(files), [str(f) for f in files], {"png": [str(p) for p in a.png]}
-    split = a.split or "val"
-    data = load_data(cfg, data_dir(a.data_dir))
-    images, labels = data.split(split)
-    return images[: a.max_images], labels[: a.max_images].tolist(), {"data_dir": str(data.root), "split": split}
-
-
-def csv_text(rows: list[dict]) -> str:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 def cmd_score(a: argparse.Namespace) -> int:
@@ -93,20 +46,9 @@ def cmd_score(a: argparse.Namespace) -> int:
     return 0
 
 
-def emit(a: argparse.Namespace, text: str) -> None:
-    """The rows to --out (written whole, or not at all), else to stdout."""
-    from ..config import atomic_write_bytes
-
-    if a.out:
-        atomic_write_bytes(out_file(a.out), text.encode())
-        print(a.out)
-    else:
-        sys.stdout.write(text)
-
-
 def add_score_command(sub) -> None:
     sc = sub.add_parser("score", help="per-image OOD scores: bpd, PNG complexity, complexity-corrected bpd")
-    _common(sc)
+    add_scoring_args(sc)
     src = sc.add_mutually_exclusive_group(required=True)
     src.add_argument("--data-dir", metavar="DIR", help="score a split of this data directory")
     src.add_argument("--png", nargs="+", metavar="FILE_OR_DIR", help="score 28x28 PNG files (a directory: its *.png)")
@@ -174,7 +116,7 @@ def add_ood_command(sub) -> None:
     from ..ood import BATCH_SIZES
 
     o = sub.add_parser("ood", help="AUROC, AUPR, FPR95 of each OOD score between two data directories")
-    _common(o)
+    add_scoring_args(o)
     o.add_argument(
         "--in-data",
         metavar="DIR",

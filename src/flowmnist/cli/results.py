@@ -13,10 +13,10 @@ from .common import (
     add_importance_samples,
     add_run_args,
     add_split,
+    add_temperature,
     data_dir,
     nonneg_int,
     out_file,
-    positive_float,
     positive_int,
     runs,
 )
@@ -142,10 +142,6 @@ def cmd_sample(a: argparse.Namespace) -> int:
     save_grid(images, out, title=f"{run_title(cfg.model, cfg.conditional, cfg.dataset)} {what} (T={a.temperature:g})")
     print(out)
     return 0
-
-
-def add_temperature(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=positive_float, default=1.0, help="prior std scale (1.0: exact)")
 
 
 def add_sample_command(sub) -> None:

@@ -152,7 +152,8 @@ def _add_recipe_options(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--init-from",
         metavar="NAME|RUN_DIR",
-        help="start from a shipped model's or a run's weights (same architecture) with a fresh optimizer and schedule",
+        help="start from a shipped model's or a run's weights (same architecture; a conditional run takes an "
+        "unconditional model's flows, its prior fresh) with a fresh optimizer and schedule",
     )
     t.add_argument(
         "--checkpoint-minutes",
