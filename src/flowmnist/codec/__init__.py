@@ -31,13 +31,24 @@ between (values, stream) pairs, coded with ``constriction``'s ANS stack (Bamler 
   on the grid 2^-prior_bits (the finer bits of the main grid uniformly).
 
 The grids are parameters of the file (``CodecParams``). Encoder and decoder must compute bit-identical
-network outputs: the codec runs the nets in the model's dtype on one thread (set inside the codec, so the
-caller's thread count does not matter), in the same batches (a fixed schedule of chunk sizes), so a file
-decodes on the same build of flowmnist and PyTorch and the same kind of CPU that wrote it.
+numbers from the data, so format 2 computes nothing whose last bit depends on the machine:
 
-File layout (little-endian): magic ``FMNZ``, format version (u16), a header (model name, SHA-256 of the
-weights, numerics tag, codec parameters, image count, IDX header, CRC-32 of the original IDX bytes, source
-kind, initial-bits bookkeeping), the ANS words, and a CRC-32 of everything before it.
+* the coupling nets are integer networks (``intnet``: integer weights and activations in float64 tensors
+  whose sums cannot round, tables for ELU and sigmoid), evaluated in any batch size and thread count;
+* every elementwise function (the scale bound's tanh, e^s of the scales, the sigmoid and logit of the
+  dequantization's map, the logistic base's cells) comes from ``exact``: exp and log built of IEEE-754's
+  correctly rounded basic operations only, the same function on every machine;
+* the Gaussians are one categorical table made by ``exact`` (``exact.gaussian_cells``).
+
+Format 1 (float nets in the model's dtype on one thread, numpy's and libm's functions, constriction's
+QuantizedGaussian) is still read: such a file decodes where the CPU kind and PyTorch build compute its
+nets alike, and is otherwise refused in one line that says so.
+
+File layout (little-endian): magic ``FMNZ``, format version (u16), a header (model name, SHA-256 of what
+the codec computes with: for format 2 the integer nets and the other coefficients (``model_sha256``),
+for format 1 the float weights; numerics tag, codec parameters, image count, IDX header, CRC-32 of the
+original IDX bytes, source kind, initial-bits bookkeeping), the ANS words, and a CRC-32 of everything
+before it.
 """
 
 from __future__ import annotations
@@ -55,12 +66,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import FlowmnistError
-from .data import IMAGE_SHAPE
-from .flows import ActNorm, AffineCoupling, Dequantization, InvConv1x1, Logit, Sigmoid, Split, Squeeze
+from ..config import FlowmnistError
+from ..data import IMAGE_SHAPE
+from ..flows import ActNorm, AffineCoupling, Dequantization, InvConv1x1, Logit, Sigmoid, Split, Squeeze
+from . import exact
+from .intnet import IntNet, IntSpec, fixed, image_condition, sha256_of
 
 MAGIC = b"FMNZ"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: integer nets and portable maths; 1: float nets (decoded where they compute alike)
 SIDE = IMAGE_SHAPE[-1]
 DIMS = math.prod(IMAGE_SHAPE)
 H_RANGE = 64.0  # |h| bound of the dequantization noise before its sigmoid: u within e^-64 of a bin edge
@@ -82,6 +95,7 @@ class CodecParams:
     batch, ramp: chunk sizes min(batch, max(1, images_done // ramp)): the first images, with few bits on
                  the stack to give back, go one by one, so the start-up cost is about one image's noise
     seed_words:  length of the initial-bits stream (32-bit words)
+    act_bits, weight_bits, range_bits: the integer nets' widths (``intnet.IntSpec``; format 2)
     """
 
     grid_bits: int = 16
@@ -91,6 +105,13 @@ class CodecParams:
     batch: int = 32
     ramp: int = 32
     seed_words: int = 1 << 14
+    act_bits: int = 12
+    weight_bits: int = 12
+    range_bits: int = 10
+
+    @property
+    def spec(self) -> IntSpec:
+        return IntSpec(self.act_bits, self.weight_bits, self.range_bits)
 
     def check(self) -> None:
         ok = (
@@ -99,6 +120,9 @@ class CodecParams:
             and self.batch >= 1
             and self.ramp >= 1
             and 16 <= self.seed_words <= 1 << 24
+            and 4 <= self.act_bits <= min(16, self.grid_bits)
+            and 4 <= self.weight_bits <= 16
+            and 1 <= self.range_bits <= 19 - self.act_bits + 7
         )
         if not ok:
             raise FlowmnistError(f"codec parameters out of range: {self}")
@@ -167,6 +191,17 @@ class _Stream:
     def pop_gauss(self, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
         return self.c.decode(self._gauss, mean.ravel(), std.ravel()).astype(np.int64)
 
+    def push_normal(self, v: np.ndarray, per_unit: int) -> None:
+        """Cells c = -PRIOR_RANGE..PRIOR_RANGE of width 1 / per_unit under N(0, 1), their masses a fixed
+        table (``exact.gaussian_cells``)."""
+        v = v.ravel()
+        if (np.abs(v) > PRIOR_RANGE).any():
+            raise ValueError("latent outside the codec's range")
+        self.c.encode_reverse((v + PRIOR_RANGE).astype(np.int32), _normal_model(self._m, per_unit))
+
+    def pop_normal(self, n: int, per_unit: int) -> np.ndarray:
+        return self.c.decode(_normal_model(self._m, per_unit), n).astype(np.int64) - PRIOR_RANGE
+
     def categorical(self, probs: np.ndarray):
         return self._m.Categorical(probs, perfect=False)
 
@@ -180,6 +215,17 @@ class _Stream:
         return self.c.get_compressed()
 
 
+_NORMAL_MODELS: dict = {}
+
+
+def _normal_model(m, per_unit: int):
+    if per_unit not in _NORMAL_MODELS:
+        _NORMAL_MODELS[per_unit] = m.Categorical(
+            exact.gaussian_cells(-PRIOR_RANGE, PRIOR_RANGE, per_unit), perfect=False
+        )
+    return _NORMAL_MODELS[per_unit]
+
+
 def _radices(size: np.ndarray, exact: bool) -> tuple[np.ndarray, np.ndarray]:
     """Two radices (r_lo, r_hi) per uniform of ``size``, each a symbol constriction codes nearly exactly.
 
@@ -190,7 +236,7 @@ def _radices(size: np.ndarray, exact: bool) -> tuple[np.ndarray, np.ndarray]:
     ``exact`` False) is 2^s times U{0..H-1}, H = ceil(N / 2^s) in [2^10, 2^11], which wastes
     log2(H 2^s / N) < 2^-10 / ln 2 bits of code space."""
     pow2 = (size & (size - 1)) == 0
-    bits = np.floor(np.log2(np.maximum(size, 1))).astype(np.int64)
+    bits = np.frexp(np.maximum(size, 1).astype(np.float64))[1].astype(np.int64) - 1  # floor(log2), exactly
     r_lo, r_hi = size.copy(), np.ones_like(size)
     big = pow2 & (bits > 20)
     r_lo[big], r_hi[big] = 1 << 20, size[big] >> 20
@@ -226,6 +272,17 @@ class _Plan:
     model_dtype: torch.dtype = torch.float32
     base_c0: int = 0
     extra: dict = field(default_factory=dict)
+    fmt: int = FORMAT_VERSION
+    nets: dict = field(default_factory=dict)  # id(coupling) -> its IntNet (format 2)
+
+    @property
+    def spec(self) -> IntSpec:
+        return self.params.spec
+
+    @property
+    def m(self):
+        """The elementwise maths: portable (format 2) or numpy's own (format 1)."""
+        return exact if self.fmt >= 2 else _NumpyMath
 
     @property
     def dz(self) -> float:
@@ -247,8 +304,9 @@ def _refuse(what: str) -> FlowmnistError:
     return FlowmnistError(f"codec: {what} has no local bits-back coding; this model cannot be compressed")
 
 
-def _plan(model: torch.nn.Module, params: CodecParams) -> _Plan:
-    """Check every layer of ``model`` against the kinds the codec codes; refuse the first other one."""
+def _plan(model: torch.nn.Module, params: CodecParams, fmt: int = FORMAT_VERSION) -> _Plan:
+    """Check every layer of ``model`` against the kinds the codec codes; refuse the first other one.
+    Format 2 builds each coupling's integer net."""
     dq = getattr(model, "dequant", None)
     if type(dq) is not Dequantization:
         raise _refuse(f"dequantization layer {type(dq).__name__}")
@@ -277,15 +335,46 @@ def _plan(model: torch.nn.Module, params: CodecParams) -> _Plan:
         dq.noise_logit.alpha,
         dq.variational,
         dtype,
+        fmt=fmt,
     )
+    if fmt >= 2:
+        for layer in plan.noise + [f for f in plan.flows if isinstance(f, AffineCoupling)]:
+            try:
+                plan.nets[id(layer)] = IntNet(_coupling_parts(layer)[0], plan.spec)
+            except ValueError as e:
+                raise FlowmnistError(f"codec: a coupling net has no exact integer form ({e})") from e
     if plan.variational:
         _base_model(plan)
     return plan
 
 
+def _coupling_parts(layer: AffineCoupling) -> tuple[torch.nn.Module, Tensor, Tensor]:
+    """What the codec reads of an affine coupling: (its net, its mask, its scale bound's log c), with
+    s <- tanh(s / e^c) e^c (flows.AffineCoupling)."""
+    return layer.net, layer.mask, layer.scale_factor
+
+
+def model_sha256(plan: _Plan) -> str:
+    """A format-2 file's model: SHA-256 of the integer nets' weights and every other number the codec
+    computes with (coupling scale bounds, actnorm, 1x1 convolutions, logit squeezes, the numerics)."""
+    arrays = []
+    for layer in plan.noise + plan.flows:
+        if isinstance(layer, AffineCoupling):
+            arrays += plan.nets[id(layer)].arrays() + [_bits(_coupling_parts(layer)[2])]
+        elif isinstance(layer, (ActNorm, InvConv1x1)):
+            arrays += [_bits(p) for p in layer.state_dict().values()]
+    arrays.append(_bits(torch.tensor([plan.alpha, plan.noise_alpha], dtype=torch.float64)))
+    return sha256_of(arrays, plan.spec.tag())
+
+
+def _bits(t: Tensor) -> np.ndarray:
+    """A float tensor's float64 values as their bit patterns (int64), for hashing."""
+    return t.detach().cpu().double().contiguous().numpy().view(np.int64)
+
+
 def _standard_prior(prior) -> bool:
     """N(0, I) on the whole latent: no prior object, or the models' standard-normal one."""
-    from . import models
+    from .. import models
 
     standard = getattr(models, "StandardNormalPrior", None)
     return prior is None or (standard is not None and type(prior) is standard)
@@ -295,10 +384,10 @@ def _base_model(plan: _Plan) -> None:
     """The categorical over coarse cells of the logistic base h0 = logit(a/2 + (1 - a) u0), u0 ~ U[0, 1):
     P(cell c) = F(hi_c) - F(lo_c), F(h) = (sigmoid(h) - a/2) / (1 - a); each cell then uniform."""
     a, w = plan.noise_alpha, 2.0**-plan.params.base_bits
-    lo, hi = _logit(a / 2), _logit(1 - a / 2)
+    lo, hi = float(plan.m.logit(a / 2)), float(plan.m.logit(1 - a / 2))
     c0, c1 = math.floor(lo / w), math.floor(hi / w)
     edges = np.clip(np.arange(c0, c1 + 2) * w, lo, hi)
-    cdf = (_sigmoid(edges) - a / 2) / (1 - a)
+    cdf = (plan.m.sigmoid(edges) - a / 2) / (1 - a)
     plan.base_c0 = c0
     plan.extra["base_probs"] = np.diff(cdf)
 
@@ -320,10 +409,11 @@ def numerics_tag(model: torch.nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """The nets run on one thread inside the codec: the same kernels, whatever the caller set."""
+def _nets_threads(fmt: int) -> Iterator[None]:
+    """Format 1's float nets run on one thread (the same kernels, whatever the caller set); format 2's
+    integer nets give the same integers on any number."""
     old = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1 if fmt < 2 else old)
     try:
         with torch.no_grad():
             yield
@@ -332,7 +422,7 @@ def _one_thread() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Elementwise maths (float64 numpy: the same on both sides)
+# Format 1's elementwise maths: numpy's functions (their last bits depend on the CPU kind)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -351,57 +441,90 @@ def _log_dsigmoid(h):
     return -(np.logaddexp(0, h) + np.logaddexp(0, -h))
 
 
+class _NumpyMath:
+    """Format 1's maths, with the names of ``exact``'s."""
+
+    exp = staticmethod(np.exp)
+    log = staticmethod(np.log)
+    log1p = staticmethod(np.log1p)
+    sigmoid = staticmethod(_sigmoid)
+    logit = staticmethod(_logit)
+    log_dsigmoid = staticmethod(_log_dsigmoid)
+
+
 # ----------------------------------------------------------------------------------------------
 # Affine coupling: local bits back in closed form (integer scale by uniform bits back)
 # ----------------------------------------------------------------------------------------------
 
 
-def _scale_shift(layer: AffineCoupling, k: Tensor, delta: float, cond: Tensor | None, dtype) -> tuple:
-    """The coupling's (s, t) on the free elements, from the grid values (k + 1/2) delta of the kept ones."""
-    v = ((k.to(torch.float64) + 0.5) * delta).to(dtype)
-    s, t = layer._scale_shift(v, cond)
-    free = (1 - layer.mask).bool().expand_as(k)
-    return s[free].double().numpy(), t[free].double().numpy(), free
+def _scale_shift(plan: _Plan, layer: AffineCoupling, k: Tensor, bits: int, cond: Tensor | None) -> tuple:
+    """The coupling's log-scale s (float64) and integer shift t' = t / 2^-bits on its free elements, and the
+    free elements' mask, from the grid values (k + 1/2) 2^-bits of the kept ones; ``cond``: the image
+    (uint8) for the dequantization's couplings.
+
+    Format 2: the integer net on the kept values in units 2^-A, then s <- tanh(s / e^c) e^c in ``exact``'s
+    maths and t' = t_int 2^(bits - A). Format 1: the float net in the model's dtype."""
+    net, mask, log_c = _coupling_parts(layer)
+    free = (1 - mask).bool().expand_as(k)
+    if plan.fmt >= 2:
+        fac = exact.exp(log_c.detach().double().numpy()).reshape(1, -1, 1, 1)
+        a = plan.spec.act_bits
+        h = fixed(k, bits, a).clamp(-plan.spec.amax, plan.spec.amax) * mask.long()
+        if cond is not None:
+            h = torch.cat([h, image_condition(cond, a)], dim=1)
+        s, t = plan.nets[id(layer)](h).chunk(2, dim=1)
+        s = np.ldexp(s.double().numpy(), -a)
+        s = (plan.m.tanh(s / fac) * fac)[free.numpy()]
+        return s, t[free].numpy() << (bits - a), free
+    v = ((k.to(torch.float64) + 0.5) * 2.0**-bits).to(plan.model_dtype)
+    h = v * mask
+    if cond is not None:
+        h = torch.cat([h, _cond(cond, plan.model_dtype)], dim=1)
+    s, t = net(h).chunk(2, dim=1)
+    fac = log_c.exp().view(1, -1, 1, 1)
+    s = torch.tanh(s / fac) * fac
+    shift = np.rint(t[free].double().numpy() * 2.0**bits).astype(np.int64)
+    return s[free].double().numpy(), shift, free
 
 
-def _scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _scales(s: np.ndarray, m=exact) -> tuple[np.ndarray, np.ndarray]:
     """(P, q) with e^s ~ P / 2^q and P in [2^10, 2^11]: the scale to 11 bits, every uniform nearly exact."""
     q = np.clip(10 - np.floor(s / math.log(2)), 0, 40).astype(np.int64)
-    p = np.clip(np.rint(np.exp(s) * np.exp2(q)), 1, MAX_SCALE).astype(np.int64)
+    p = np.clip(np.rint(m.exp(s) * np.exp2(q)), 1, MAX_SCALE).astype(np.int64)
     return p, q
 
 
-def _scale_fwd(st: _Stream, k: np.ndarray, shift: np.ndarray, s: np.ndarray) -> np.ndarray:
+def _scale_fwd(st: _Stream, k: np.ndarray, shift: np.ndarray, s: np.ndarray, m=exact) -> np.ndarray:
     """Encoder: grid values of (x + t) e^s from x's indices ``k`` and t's integer ``shift``, elementwise:
     decode r ~ U{0..P-1}, encode (n mod Q) ~ U{0..Q-1}; costs -s nats per element."""
-    p, q = _scales(s)
+    p, q = _scales(s, m)
     n = (k + shift) * p + st.pop_uniform(p, p.shape, exact=True)
     st.push_uniform(n & ((np.int64(1) << q) - 1), np.int64(1) << q)
     return n >> q
 
 
-def _scale_inv(st: _Stream, m: np.ndarray, shift: np.ndarray, s: np.ndarray) -> np.ndarray:
+def _scale_inv(st: _Stream, m: np.ndarray, shift: np.ndarray, s: np.ndarray, mm=exact) -> np.ndarray:
     """Decoder: the exact inverse of ``_scale_fwd``."""
-    p, q = _scales(s)
+    p, q = _scales(s, mm)
     n = (m << q) + st.pop_uniform(np.int64(1) << q, s.shape)
     st.push_uniform(n % p, p, exact=True)
     return n // p - shift
 
 
-def _coupling_fwd(st: _Stream, plan: _Plan, layer, k: Tensor, delta: float, cond, ideal: np.ndarray) -> Tensor:
-    """Encoder: z = (x + t) e^s on the free half (the kept half gives s and t)."""
-    s, t, free = _scale_shift(layer, k, delta, cond, plan.model_dtype)
+def _coupling_fwd(st: _Stream, plan: _Plan, layer, k: Tensor, bits: int, cond, ideal: np.ndarray) -> Tensor:
+    """Encoder: z = (x + t) e^s on the free half (the kept half gives s and t), on the grid 2^-bits."""
+    s, t, free = _scale_shift(plan, layer, k, bits, cond)
     out = k.clone()
-    out[free] = torch.from_numpy(_scale_fwd(st, k[free].numpy(), np.rint(t / delta).astype(np.int64), s))
+    out[free] = torch.from_numpy(_scale_fwd(st, k[free].numpy(), t, s, plan.m))
     ideal -= s.reshape(k.shape[0], -1).sum(1)
     return out
 
 
-def _coupling_inv(st: _Stream, plan: _Plan, layer, m: Tensor, delta: float, cond) -> Tensor:
+def _coupling_inv(st: _Stream, plan: _Plan, layer, m: Tensor, bits: int, cond) -> Tensor:
     """Decoder: the exact inverse of ``_coupling_fwd`` (the kept half is unchanged, so s and t are too)."""
-    s, t, free = _scale_shift(layer, m, delta, cond, plan.model_dtype)
+    s, t, free = _scale_shift(plan, layer, m, bits, cond)
     out = m.clone()
-    out[free] = torch.from_numpy(_scale_inv(st, m[free].numpy(), np.rint(t / delta).astype(np.int64), s))
+    out[free] = torch.from_numpy(_scale_inv(st, m[free].numpy(), t, s, plan.m))
     return out
 
 
@@ -412,15 +535,15 @@ def _actnorm_terms(layer: ActNorm, shape: tuple[int, ...], delta: float) -> tupl
     return s, t
 
 
-def _actnorm_fwd(layer: ActNorm, st: _Stream, k: np.ndarray, delta: float, ideal: np.ndarray) -> np.ndarray:
+def _actnorm_fwd(layer: ActNorm, st: _Stream, k: np.ndarray, delta: float, ideal: np.ndarray, mm=exact) -> np.ndarray:
     s, t = _actnorm_terms(layer, k.shape, delta)
     ideal -= s.reshape(k.shape[0], -1).sum(1)
-    return _scale_fwd(st, k, t, s)
+    return _scale_fwd(st, k, t, s, mm)
 
 
-def _actnorm_inv(layer: ActNorm, st: _Stream, m: np.ndarray, delta: float) -> np.ndarray:
+def _actnorm_inv(layer: ActNorm, st: _Stream, m: np.ndarray, delta: float, mm=exact) -> np.ndarray:
     s, t = _actnorm_terms(layer, m.shape, delta)
-    return _scale_inv(st, m, t, s)
+    return _scale_inv(st, m, t, s, mm)
 
 
 def _lu(layer: InvConv1x1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -441,14 +564,16 @@ def _lin(coef: np.ndarray, k: np.ndarray, channels, delta: float) -> np.ndarray:
     return acc
 
 
-def _invconv_fwd(layer: InvConv1x1, st: _Stream, k: np.ndarray, delta: float, ideal: np.ndarray) -> np.ndarray:
+def _invconv_fwd(
+    layer: InvConv1x1, st: _Stream, k: np.ndarray, delta: float, ideal: np.ndarray, mm=exact
+) -> np.ndarray:
     """Encoder: z = P L U' x by lifting on the grid (module docstring)."""
     perm, lower, upper, sign, log_s = _lu(layer)
     k, c = k.copy(), k.shape[1]
     for i in range(c):  # U': channels above i still hold x
-        t = np.rint(_lin(upper[i], k, range(i + 1, c), delta) / (sign[i] * np.exp(log_s[i])) / delta)
+        t = np.rint(_lin(upper[i], k, range(i + 1, c), delta) / (sign[i] * mm.exp(log_s[i])) / delta)
         s = np.full(t.shape, log_s[i])
-        k[:, i] = _scale_fwd(st, k[:, i], t.astype(np.int64), s)
+        k[:, i] = _scale_fwd(st, k[:, i], t.astype(np.int64), s, mm)
         if sign[i] < 0:
             k[:, i] = -k[:, i] - 1  # the grid's mirror: -(k + 1/2) = (-k - 1) + 1/2
     for i in reversed(range(c)):  # L: channels below i still hold U' x
@@ -457,7 +582,7 @@ def _invconv_fwd(layer: InvConv1x1, st: _Stream, k: np.ndarray, delta: float, id
     return k[:, perm]
 
 
-def _invconv_inv(layer: InvConv1x1, st: _Stream, m: np.ndarray, delta: float) -> np.ndarray:
+def _invconv_inv(layer: InvConv1x1, st: _Stream, m: np.ndarray, delta: float, mm=exact) -> np.ndarray:
     """Decoder: the exact inverse of ``_invconv_fwd``, its steps in reverse."""
     perm, lower, upper, sign, log_s = _lu(layer)
     k, c = np.empty_like(m), m.shape[1]
@@ -467,8 +592,8 @@ def _invconv_inv(layer: InvConv1x1, st: _Stream, m: np.ndarray, delta: float) ->
     for i in reversed(range(c)):
         if sign[i] < 0:
             k[:, i] = -k[:, i] - 1
-        t = np.rint(_lin(upper[i], k, range(i + 1, c), delta) / (sign[i] * np.exp(log_s[i])) / delta)
-        k[:, i] = _scale_inv(st, k[:, i], t.astype(np.int64), np.full(t.shape, log_s[i]))
+        t = np.rint(_lin(upper[i], k, range(i + 1, c), delta) / (sign[i] * mm.exp(log_s[i])) / delta)
+        k[:, i] = _scale_inv(st, k[:, i], t.astype(np.int64), np.full(t.shape, log_s[i]), mm)
     return k
 
 
@@ -479,22 +604,22 @@ def _invconv_inv(layer: InvConv1x1, st: _Stream, m: np.ndarray, delta: float) ->
 
 def _w_of_z(plan: _Plan, z):
     """Pixel units w = x + u in [0, 256) of a logit-space value z = logit(a/2 + (1 - a) w / 256)."""
-    return 256.0 * (_sigmoid(z) - plan.alpha / 2) / (1 - plan.alpha)
+    return 256.0 * (plan.m.sigmoid(z) - plan.alpha / 2) / (1 - plan.alpha)
 
 
 def _z_of_w(plan: _Plan, w):
-    return _logit(plan.alpha / 2 + (1 - plan.alpha) * np.asarray(w, np.float64) / 256.0)
+    return plan.m.logit(plan.alpha / 2 + (1 - plan.alpha) * np.asarray(w, np.float64) / 256.0)
 
 
 def _u_of_y(plan: _Plan, y):
-    return _sigmoid(y) if plan.variational else y
+    return plan.m.sigmoid(y) if plan.variational else y
 
 
 def _y_of_u(plan: _Plan, u):
     if not plan.variational:
         return np.clip(u, 0.0, 1.0)
     u = np.clip(u, 1e-300, 1.0)
-    return np.clip(np.log(u) - np.log1p(-np.minimum(u, 1 - 1e-16)), -H_RANGE - 1, H_RANGE + 1)
+    return np.clip(plan.m.log(u) - plan.m.log1p(-np.minimum(u, 1 - 1e-16)), -H_RANGE - 1, H_RANGE + 1)
 
 
 def _pixel(plan: _Plan, m):
@@ -530,10 +655,10 @@ def _ymap_fwd(st: _Stream, plan: _Plan, ky: np.ndarray, x: np.ndarray, ideal: np
         raise FlowmnistError("codec: the noise-to-logit map did not converge (numerical trouble)")
     st.push_uniform(ky - lo, hi - lo)
     s = plan.alpha / 2 + (1 - plan.alpha) * w / 256.0
-    log_dz = math.log((1 - plan.alpha) / 256.0) - np.log(s) - np.log1p(-s)
+    log_dz = math.log((1 - plan.alpha) / 256.0) - plan.m.log(s) - plan.m.log1p(-s)
     ideal -= log_dz.reshape(len(ideal), -1).sum(1)
     if plan.variational:
-        ideal -= _log_dsigmoid(y).reshape(len(ideal), -1).sum(1)
+        ideal -= plan.m.log_dsigmoid(y).reshape(len(ideal), -1).sum(1)
     return m
 
 
@@ -563,7 +688,7 @@ def _base_pop(st: _Stream, plan: _Plan, shape: tuple[int, ...], ideal: np.ndarra
     fine = plan.params.noise_bits - plan.params.base_bits
     k = (c << fine) + st.pop_uniform(np.int64(1 << fine), (n,))
     h0 = (k + 0.5) * plan.dy
-    ideal += (_log_dsigmoid(h0) - math.log1p(-plan.noise_alpha)).reshape(len(ideal), -1).sum(1)
+    ideal += (plan.m.log_dsigmoid(h0) - math.log1p(-plan.noise_alpha)).reshape(len(ideal), -1).sum(1)
     return k.reshape(shape)
 
 
@@ -588,7 +713,10 @@ def _prior_push(st: _Stream, plan: _Plan, k: np.ndarray, ideal: np.ndarray) -> N
     k = k.ravel()
     st.push_uniform(k & ((1 << shift) - 1), np.int64(1 << shift))
     scale = float(1 << plan.params.prior_bits)
-    st.push_gauss(k >> shift, np.full(k.shape, -0.5), np.full(k.shape, scale))
+    if plan.fmt >= 2:
+        st.push_normal(k >> shift, 1 << plan.params.prior_bits)
+    else:
+        st.push_gauss(k >> shift, np.full(k.shape, -0.5), np.full(k.shape, scale))
     z = (k + 0.5) * plan.dz
     ideal += (0.5 * (z * z + math.log(2 * math.pi))).reshape(len(ideal), -1).sum(1)
 
@@ -597,7 +725,10 @@ def _prior_pop(st: _Stream, plan: _Plan, shape: tuple[int, ...]) -> np.ndarray:
     shift = plan.params.grid_bits - plan.params.prior_bits
     n = math.prod(shape)
     scale = float(1 << plan.params.prior_bits)
-    hi = st.pop_gauss(np.full(n, -0.5), np.full(n, scale))
+    if plan.fmt >= 2:
+        hi = st.pop_normal(n, 1 << plan.params.prior_bits)
+    else:
+        hi = st.pop_gauss(np.full(n, -0.5), np.full(n, scale))
     return ((hi << shift) + st.pop_uniform(np.int64(1 << shift), (n,))).reshape(shape)
 
 
@@ -615,20 +746,19 @@ def _encode_chunk(st: _Stream, plan: _Plan, x: Tensor) -> np.ndarray:
     the codec drew (the cost the codec realises, up to its grids)."""
     ideal = np.zeros(x.shape[0])
     ky = torch.from_numpy(_base_pop(st, plan, tuple(x.shape), ideal))
-    cond = _cond(x, plan.model_dtype)
     for layer in plan.noise:
-        ky = _coupling_fwd(st, plan, layer, ky, plan.dy, cond, ideal)
+        ky = _coupling_fwd(st, plan, layer, ky, plan.params.noise_bits, x, ideal)
     kmin, kmax = plan.y_range
     if (ky < kmin).any() or (ky > kmax).any():
         raise FlowmnistError(f"codec: dequantization noise outside the codec's range (|h| > {H_RANGE:g})")
     k = torch.from_numpy(_ymap_fwd(st, plan, ky.numpy(), x.numpy().astype(np.int64), ideal))
     for layer in plan.flows:
         if isinstance(layer, AffineCoupling):
-            k = _coupling_fwd(st, plan, layer, k, plan.dz, None, ideal)
+            k = _coupling_fwd(st, plan, layer, k, plan.params.grid_bits, None, ideal)
         elif isinstance(layer, ActNorm):
-            k = torch.from_numpy(_actnorm_fwd(layer, st, k.numpy(), plan.dz, ideal))
+            k = torch.from_numpy(_actnorm_fwd(layer, st, k.numpy(), plan.dz, ideal, plan.m))
         elif isinstance(layer, InvConv1x1):
-            k = torch.from_numpy(_invconv_fwd(layer, st, k.numpy(), plan.dz, ideal))
+            k = torch.from_numpy(_invconv_fwd(layer, st, k.numpy(), plan.dz, ideal, plan.m))
         elif isinstance(layer, Squeeze):
             k = layer(k)[0]
         else:
@@ -654,21 +784,20 @@ def _decode_chunk(st: _Stream, plan: _Plan, b: int) -> Tensor:
     k = torch.from_numpy(_prior_pop(st, plan, final))
     for layer in reversed(plan.flows):
         if isinstance(layer, AffineCoupling):
-            k = _coupling_inv(st, plan, layer, k, plan.dz, None)
+            k = _coupling_inv(st, plan, layer, k, plan.params.grid_bits, None)
         elif isinstance(layer, ActNorm):
-            k = torch.from_numpy(_actnorm_inv(layer, st, k.numpy(), plan.dz))
+            k = torch.from_numpy(_actnorm_inv(layer, st, k.numpy(), plan.dz, plan.m))
         elif isinstance(layer, InvConv1x1):
-            k = torch.from_numpy(_invconv_inv(layer, st, k.numpy(), plan.dz))
+            k = torch.from_numpy(_invconv_inv(layer, st, k.numpy(), plan.dz, plan.m))
         elif isinstance(layer, Squeeze):
             k = layer.inverse(k)
         else:
             k = torch.cat([k, torch.from_numpy(_prior_pop(st, plan, outs.pop()))], dim=1)
     x, ky = _ymap_inv(st, plan, k.numpy())
     xt = torch.from_numpy(x.astype(np.uint8))
-    cond = _cond(xt, plan.model_dtype)
     ky = torch.from_numpy(ky)
     for layer in reversed(plan.noise):
-        ky = _coupling_inv(st, plan, layer, ky, plan.dy, cond)
+        ky = _coupling_inv(st, plan, layer, ky, plan.params.noise_bits, xt)
     _base_push(st, plan, ky.numpy())
     return xt
 
@@ -693,6 +822,7 @@ class Header:
     source: str
     kept: int
     words: int
+    version: int = FORMAT_VERSION
 
     def pack(self) -> bytes:
         meta = {
@@ -708,7 +838,7 @@ class Header:
             "words": self.words,
         }
         blob = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-        return MAGIC + struct.pack("<HI", FORMAT_VERSION, len(blob)) + blob
+        return MAGIC + struct.pack("<HI", self.version, len(blob)) + blob
 
 
 def _read_header(data: bytes, name: str) -> tuple[Header, int]:
@@ -716,7 +846,7 @@ def _read_header(data: bytes, name: str) -> tuple[Header, int]:
     if len(data) < 10 or data[:4] != MAGIC:
         raise FlowmnistError(f"{name}: not a flowmnist compressed file (no FMNZ magic)")
     version, n = struct.unpack("<HI", data[4:10])
-    if version != FORMAT_VERSION:
+    if version not in (1, FORMAT_VERSION):
         newer = "; a newer flowmnist wrote it" if version > FORMAT_VERSION else ""
         raise FlowmnistError(f"{name}: format version {version}, this flowmnist reads version {FORMAT_VERSION}{newer}")
     if len(data) < 10 + n + 4:
@@ -726,6 +856,7 @@ def _read_header(data: bytes, name: str) -> tuple[Header, int]:
         h = Header(
             *(m["model"], m["sha256"], m["numerics"], CodecParams(**m["params"]), int(m["count"])),
             *(bytes.fromhex(m["idx_header"]), int(m["crc32"]), m["source"], int(m["kept"]), int(m["words"])),
+            version,
         )
     except (ValueError, KeyError, TypeError) as e:
         raise FlowmnistError(f"{name}: damaged header ({type(e).__name__})") from e
@@ -782,17 +913,19 @@ def compress_images(
     original: bytes | None = None,
     source: str = "idx",
     progress: Callable[[int], None] | None = None,
+    version: int = FORMAT_VERSION,
 ) -> tuple[bytes, Stats]:
     """Compress uint8 images (N, 28, 28) or (N, 1, 28, 28); ``original``: the bytes decompression restores
-    (an IDX file of exactly these pixels; default the IDX file of the images). Returns (file, stats)."""
+    (an IDX file of exactly these pixels; default the IDX file of the images); ``version`` 1 writes the
+    float-net format (for tests and measurements). Returns (file, stats)."""
     params = params or CodecParams()
     params.check()
     arr = _as_images(images)
     original = idx_bytes(arr) if original is None else original
-    plan = _plan(model, params)
+    plan = _plan(model, params, version)
     st = _Stream(_seed(params.seed_words))
     bound, start = 0.0, 0
-    with _one_thread():
+    with _nets_threads(plan.fmt):
         for b in chunk_sizes(len(arr), params.batch, params.ramp):
             x = torch.from_numpy(arr[start : start + b].copy()).unsqueeze(1)
             try:
@@ -804,10 +937,11 @@ def compress_images(
                 progress(b)
     words, seed = st.words(), _seed(params.seed_words)
     kept = _common_prefix(words, seed)
+    v1 = version < 2
     header = Header(
         name,
-        weights_sha256(model),
-        numerics_tag(model),
+        weights_sha256(model) if v1 else model_sha256(plan),
+        numerics_tag(model) if v1 else plan.spec.tag(),
         params,
         len(arr),
         original[: len(original) - arr.size],
@@ -815,6 +949,7 @@ def compress_images(
         source,
         kept,
         len(words) - kept,
+        version,
     )
     body = header.pack() + words[kept:].astype("<u4").tobytes()
     data = body + struct.pack("<I", zlib.crc32(body))
@@ -837,13 +972,13 @@ def decompress_bytes(
 ) -> tuple[bytes, Header]:
     """The original bytes (an IDX file) of a compressed file, and its header; every check names ``name``."""
     header, offset = _read_header(data, name)
-    sha = weights_sha256(model)
+    plan = _plan(model, header.params, header.version)
+    sha = model_sha256(plan) if header.version >= 2 else weights_sha256(model)
     if sha != header.weights_sha256:
         raise FlowmnistError(
             f"{name}: made with model {header.model_name or '?'} (weights {header.weights_sha256[:12]}), "
             f"not the one given (weights {sha[:12]})"
         )
-    plan = _plan(model, header.params)
     seed = _seed(header.params.seed_words)
     words = np.concatenate([seed[: header.kept], np.frombuffer(data, "<u4", header.words, offset).astype(np.uint32)])
     images = _decode_all(_Stream(words), plan, header, name, progress)
@@ -865,7 +1000,7 @@ def _decode_all(st: _Stream, plan: _Plan, header: Header, name: str, progress) -
     sizes = chunk_sizes(header.count, header.params.batch, header.params.ramp)
     out = np.zeros((header.count, SIDE, SIDE), np.uint8)
     end = header.count
-    with _one_thread():
+    with _nets_threads(plan.fmt):
         for b in reversed(sizes):
             try:
                 out[end - b : end] = _decode_chunk(st, plan, b)[:, 0].numpy()
@@ -878,9 +1013,18 @@ def _decode_all(st: _Stream, plan: _Plan, header: Header, name: str, progress) -
 
 
 def _undecodable(name: str, header: Header, model, err: Exception | None = None) -> FlowmnistError:
-    here = numerics_tag(model)
-    why = f"written with {header.numerics}, decoding with {here}" if here != header.numerics else "damaged"
-    return FlowmnistError(f"{name}: does not decode to its checksum ({why})")
+    """The file's own CRC-32 held, so its bytes are as written: the model was computed differently here."""
+    if header.version < 2:
+        here = numerics_tag(model)
+        why = f"written with {header.numerics}, decoding with {here}" if here != header.numerics else "damaged"
+        return FlowmnistError(
+            f"{name}: does not decode to its checksum ({why}); a format-1 file (float nets) decodes only on the "
+            "CPU kind and PyTorch build that wrote it"
+        )
+    return FlowmnistError(
+        f"{name}: does not decode to its checksum though the file's own CRC-32 holds: this machine computed "
+        f"the model differently from the one that wrote it (the file names {header.numerics})"
+    )
 
 
 def compress(model: torch.nn.Module, images, *, name: str = "", params: CodecParams | None = None) -> bytes:
