@@ -319,7 +319,7 @@ def _plan(model: torch.nn.Module, params: CodecParams, fmt: int = FORMAT_VERSION
         if type(f) is not AffineCoupling:
             raise _refuse(f"layer {type(f).__name__} (dequant.noise_flows[{i}])")
     for i, f in enumerate(model.flows):
-        if type(f) not in (AffineCoupling, ActNorm, InvConv1x1, Squeeze, Split):
+        if type(f) not in CODERS:
             raise _refuse(f"layer {type(f).__name__} (flows[{i}])")
     if not _standard_prior(getattr(model, "prior", None)):
         raise _refuse(f"prior {type(model.prior).__name__}")
@@ -741,63 +741,111 @@ def _cond(x: Tensor, dtype) -> Tensor:
     return (x.to(dtype) / 255 * 2 - 1).contiguous()  # as Dequantization.noise conditions its couplings
 
 
+@dataclass
+class _Site:
+    """Where a layer is coded: on the grid 2^-bits, its nets conditioned on the image ``cond`` (the
+    dequantization's couplings), each image's bound summed into ``ideal`` (the encoder's)."""
+
+    bits: int
+    cond: Tensor | None = None
+    ideal: np.ndarray | None = None
+
+
+# A layer coder: (stream, plan, layer, grid indices k, site) -> the layer's output indices; the decoder's
+# is the exact inverse of the encoder's, values and stream alike.
+Coder = Callable[["_Stream", _Plan, torch.nn.Module, Tensor, _Site], Tensor]
+
+
+def _coupling_enc(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return _coupling_fwd(st, plan, layer, k, site.bits, site.cond, site.ideal)
+
+
+def _coupling_dec(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return _coupling_inv(st, plan, layer, k, site.bits, site.cond)
+
+
+def _actnorm_enc(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return torch.from_numpy(_actnorm_fwd(layer, st, k.numpy(), 2.0**-site.bits, site.ideal, plan.m))
+
+
+def _actnorm_dec(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return torch.from_numpy(_actnorm_inv(layer, st, k.numpy(), 2.0**-site.bits, plan.m))
+
+
+def _invconv_enc(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return torch.from_numpy(_invconv_fwd(layer, st, k.numpy(), 2.0**-site.bits, site.ideal, plan.m))
+
+
+def _invconv_dec(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return torch.from_numpy(_invconv_inv(layer, st, k.numpy(), 2.0**-site.bits, plan.m))
+
+
+def _squeeze_enc(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return layer(k)[0]
+
+
+def _squeeze_dec(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return layer.inverse(k)
+
+
+def _split_enc(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    """The second half of the channels goes to the prior; the first half flows on."""
+    kept, out = k.chunk(2, dim=1)
+    _prior_push(st, plan, out.contiguous().numpy(), site.ideal)
+    return kept
+
+
+def _split_dec(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return torch.cat([k, torch.from_numpy(_prior_pop(st, plan, tuple(k.shape)))], dim=1)
+
+
+CODERS: dict[type, tuple[Coder, Coder]] = {
+    AffineCoupling: (_coupling_enc, _coupling_dec),
+    ActNorm: (_actnorm_enc, _actnorm_dec),
+    InvConv1x1: (_invconv_enc, _invconv_dec),
+    Squeeze: (_squeeze_enc, _squeeze_dec),
+    Split: (_split_enc, _split_dec),
+}
+
+
 def _encode_chunk(st: _Stream, plan: _Plan, x: Tensor) -> np.ndarray:
     """Encode images x (B, 1, 28, 28) uint8; returns each one's single-sample bound in nats at the noise
     the codec drew (the cost the codec realises, up to its grids)."""
     ideal = np.zeros(x.shape[0])
     ky = torch.from_numpy(_base_pop(st, plan, tuple(x.shape), ideal))
+    noise = _Site(plan.params.noise_bits, x, ideal)
     for layer in plan.noise:
-        ky = _coupling_fwd(st, plan, layer, ky, plan.params.noise_bits, x, ideal)
+        ky = CODERS[type(layer)][0](st, plan, layer, ky, noise)
     kmin, kmax = plan.y_range
     if (ky < kmin).any() or (ky > kmax).any():
         raise FlowmnistError(f"codec: dequantization noise outside the codec's range (|h| > {H_RANGE:g})")
     k = torch.from_numpy(_ymap_fwd(st, plan, ky.numpy(), x.numpy().astype(np.int64), ideal))
+    main = _Site(plan.params.grid_bits, None, ideal)
     for layer in plan.flows:
-        if isinstance(layer, AffineCoupling):
-            k = _coupling_fwd(st, plan, layer, k, plan.params.grid_bits, None, ideal)
-        elif isinstance(layer, ActNorm):
-            k = torch.from_numpy(_actnorm_fwd(layer, st, k.numpy(), plan.dz, ideal, plan.m))
-        elif isinstance(layer, InvConv1x1):
-            k = torch.from_numpy(_invconv_fwd(layer, st, k.numpy(), plan.dz, ideal, plan.m))
-        elif isinstance(layer, Squeeze):
-            k = layer(k)[0]
-        else:
-            k, out = k.chunk(2, dim=1)
-            _prior_push(st, plan, out.contiguous().numpy(), ideal)
+        k = CODERS[type(layer)][0](st, plan, layer, k, main)
     _prior_push(st, plan, k.contiguous().numpy(), ideal)
     return ideal
 
 
-def _latent_shapes(plan: _Plan, b: int) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
-    """The split halves' shapes (in flow order) and the final latent's, for a chunk of b images."""
-    shape, outs = IMAGE_SHAPE, []
+def _final_shape(plan: _Plan, b: int) -> tuple[int, ...]:
+    shape = IMAGE_SHAPE
     for layer in plan.flows:
         shape = layer.out_shape(shape)
-        if isinstance(layer, Split):
-            outs.append((b, *shape))
-    return outs, (b, *shape)
+    return (b, *shape)
 
 
 def _decode_chunk(st: _Stream, plan: _Plan, b: int) -> Tensor:
     """The exact inverse of ``_encode_chunk``: b images as uint8 (b, 1, 28, 28)."""
-    outs, final = _latent_shapes(plan, b)
-    k = torch.from_numpy(_prior_pop(st, plan, final))
+    k = torch.from_numpy(_prior_pop(st, plan, _final_shape(plan, b)))
+    main = _Site(plan.params.grid_bits)
     for layer in reversed(plan.flows):
-        if isinstance(layer, AffineCoupling):
-            k = _coupling_inv(st, plan, layer, k, plan.params.grid_bits, None)
-        elif isinstance(layer, ActNorm):
-            k = torch.from_numpy(_actnorm_inv(layer, st, k.numpy(), plan.dz, plan.m))
-        elif isinstance(layer, InvConv1x1):
-            k = torch.from_numpy(_invconv_inv(layer, st, k.numpy(), plan.dz, plan.m))
-        elif isinstance(layer, Squeeze):
-            k = layer.inverse(k)
-        else:
-            k = torch.cat([k, torch.from_numpy(_prior_pop(st, plan, outs.pop()))], dim=1)
+        k = CODERS[type(layer)][1](st, plan, layer, k, main)
     x, ky = _ymap_inv(st, plan, k.numpy())
     xt = torch.from_numpy(x.astype(np.uint8))
     ky = torch.from_numpy(ky)
+    noise = _Site(plan.params.noise_bits, xt)
     for layer in reversed(plan.noise):
-        ky = _coupling_inv(st, plan, layer, ky, plan.params.noise_bits, xt)
+        ky = CODERS[type(layer)][1](st, plan, layer, ky, noise)
     _base_push(st, plan, ky.numpy())
     return xt
 
