@@ -70,6 +70,8 @@ from ..config import FlowmnistError
 from ..data import IMAGE_SHAPE
 from ..flows import ActNorm, AffineCoupling, Dequantization, InvConv1x1, Logit, Sigmoid, Split, Squeeze
 from . import exact
+from .ans import PRIOR_RANGE as PRIOR_RANGE
+from .ans import _seed, _Stream
 from .intnet import IntNet, IntSpec, fixed, image_condition, sha256_of
 
 MAGIC = b"FMNZ"
@@ -77,10 +79,7 @@ FORMAT_VERSION = 2  # 2: integer nets and portable maths; 1: float nets (decoded
 SIDE = IMAGE_SHAPE[-1]
 DIMS = math.prod(IMAGE_SHAPE)
 H_RANGE = 64.0  # |h| bound of the dequantization noise before its sigmoid: u within e^-64 of a bin edge
-PRIOR_RANGE = 2048  # Gaussian symbols -2048..2048 (|z| <= 128 on the 2^-4 grid): the leaky quantizer's floor
-# of 2^-24 per symbol costs 4097 * 2^-24 / ln 2 = 0.00035 bits per latent element
 MAX_SCALE = (1 << 23) - 1  # P < 2^24: constriction's uniform models need sizes below 2^24
-SEED = 0x5EED_F10E  # the initial bits are a fixed pseudo-random stream the decoder regenerates
 
 
 @dataclass(frozen=True)
@@ -136,121 +135,6 @@ def chunk_sizes(n: int, batch: int, ramp: int) -> list[int]:
         sizes.append(b)
         done += b
     return sizes
-
-
-# ----------------------------------------------------------------------------------------------
-# The ANS stack: uniform, Gaussian and categorical symbols, each pop the exact inverse of a push
-# ----------------------------------------------------------------------------------------------
-
-
-class _Stream:
-    """An ``constriction`` AnsCoder with vectorised uniform / Gaussian / categorical pushes and pops.
-
-    ``push_*`` encodes (adds about -log2 P bits), ``pop_*`` decodes (takes them back); ``pop_x(push_x(v))``
-    returns v and leaves the stack as it was, for any stack contents."""
-
-    def __init__(self, words: np.ndarray | None = None):
-        import constriction
-
-        ans = constriction.stream.stack.AnsCoder
-        self.c = ans(words) if words is not None else ans()
-        m = constriction.stream.model
-        self._uniform = m.Uniform()
-        self._gauss = m.QuantizedGaussian(-PRIOR_RANGE, PRIOR_RANGE)
-        self._m = m
-
-    def push_uniform(self, v: np.ndarray, size, exact: bool = False) -> None:
-        """v in [0, size), as two digits lo + r_lo * hi (see ``_radices``): lo first, then hi."""
-        size = np.broadcast_to(np.asarray(size, np.int64), np.shape(v)).ravel()
-        v = v.ravel().astype(np.int64)
-        r_lo, r_hi = _radices(size, exact)
-        if (v < 0).any() or (v >= r_lo * r_hi).any():
-            raise ValueError("uniform symbol out of range")
-        for digit, radix in ((v % r_lo, r_lo), (v // r_lo, r_hi)):
-            coded = radix >= 2
-            if coded.any():
-                self.c.encode_reverse(digit[coded].astype(np.int32), self._uniform, radix[coded].astype(np.int32))
-
-    def pop_uniform(self, size, shape: tuple[int, ...], exact: bool = False) -> np.ndarray:
-        """The inverse of ``push_uniform``: hi first, then lo."""
-        r_lo, r_hi = _radices(np.broadcast_to(np.asarray(size, np.int64), shape).ravel(), exact)
-        digits = []
-        for radix in (r_hi, r_lo):
-            d, coded = np.zeros(radix.shape, np.int64), radix >= 2
-            if coded.any():
-                d[coded] = self.c.decode(self._uniform, radix[coded].astype(np.int32))
-            digits.append(d)
-        return (digits[0] * r_lo + digits[1]).reshape(shape)
-
-    def push_gauss(self, v: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
-        v = v.ravel()
-        if (np.abs(v) > PRIOR_RANGE).any():
-            raise ValueError("latent outside the codec's range")
-        self.c.encode_reverse(v.astype(np.int32), self._gauss, mean.ravel(), std.ravel())
-
-    def pop_gauss(self, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-        return self.c.decode(self._gauss, mean.ravel(), std.ravel()).astype(np.int64)
-
-    def push_normal(self, v: np.ndarray, per_unit: int) -> None:
-        """Cells c = -PRIOR_RANGE..PRIOR_RANGE of width 1 / per_unit under N(0, 1), their masses a fixed
-        table (``exact.gaussian_cells``)."""
-        v = v.ravel()
-        if (np.abs(v) > PRIOR_RANGE).any():
-            raise ValueError("latent outside the codec's range")
-        self.c.encode_reverse((v + PRIOR_RANGE).astype(np.int32), _normal_model(self._m, per_unit))
-
-    def pop_normal(self, n: int, per_unit: int) -> np.ndarray:
-        return self.c.decode(_normal_model(self._m, per_unit), n).astype(np.int64) - PRIOR_RANGE
-
-    def categorical(self, probs: np.ndarray):
-        return self._m.Categorical(probs, perfect=False)
-
-    def push_cat(self, v: np.ndarray, model) -> None:
-        self.c.encode_reverse(v.ravel().astype(np.int32), model)
-
-    def pop_cat(self, n: int, model) -> np.ndarray:
-        return self.c.decode(model, n).astype(np.int64)
-
-    def words(self) -> np.ndarray:
-        return self.c.get_compressed()
-
-
-_NORMAL_MODELS: dict = {}
-
-
-def _normal_model(m, per_unit: int):
-    if per_unit not in _NORMAL_MODELS:
-        _NORMAL_MODELS[per_unit] = m.Categorical(
-            exact.gaussian_cells(-PRIOR_RANGE, PRIOR_RANGE, per_unit), perfect=False
-        )
-    return _NORMAL_MODELS[per_unit]
-
-
-def _radices(size: np.ndarray, exact: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Two radices (r_lo, r_hi) per uniform of ``size``, each a symbol constriction codes nearly exactly.
-
-    constriction quantises probabilities to multiples of 2^-24 and gives the remainder to the last symbol,
-    so U{0..N-1} costs about (2^24 mod N) / 2^24 bits more than log2 N unless N is a power of two: 0.02
-    bits at N ~ 2^16, 3e-6 at N ~ 2^10. Powers of two split into two exact digits (2^20 at most each);
-    another N below 2^11 is one digit; a larger one (only for what the encoder pushes, never pops:
-    ``exact`` False) is 2^s times U{0..H-1}, H = ceil(N / 2^s) in [2^10, 2^11], which wastes
-    log2(H 2^s / N) < 2^-10 / ln 2 bits of code space."""
-    pow2 = (size & (size - 1)) == 0
-    bits = np.frexp(np.maximum(size, 1).astype(np.float64))[1].astype(np.int64) - 1  # floor(log2), exactly
-    r_lo, r_hi = size.copy(), np.ones_like(size)
-    big = pow2 & (bits > 20)
-    r_lo[big], r_hi[big] = 1 << 20, size[big] >> 20
-    mixed = ~pow2 & (size >= 1 << 11) & (not exact)
-    s = bits[mixed] - 10
-    r_lo[mixed], r_hi[mixed] = np.int64(1) << s, (size[mixed] + (np.int64(1) << s) - 1) >> s
-    if (r_lo >= 1 << 24).any() or (r_hi >= 1 << 24).any():
-        raise ValueError("uniform size too large")
-    return r_lo, r_hi
-
-
-def _seed(n: int) -> np.ndarray:
-    """The initial bits: n pseudo-random nonzero words from a fixed seed, regenerated by the decoder."""
-    return np.random.Generator(np.random.PCG64(SEED)).integers(1, 1 << 32, n, dtype=np.uint32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,8 +205,9 @@ def _plan(model: torch.nn.Module, params: CodecParams, fmt: int = FORMAT_VERSION
     for i, f in enumerate(model.flows):
         if type(f) not in CODERS:
             raise _refuse(f"layer {type(f).__name__} (flows[{i}])")
-    if not _standard_prior(getattr(model, "prior", None)):
-        raise _refuse(f"prior {type(model.prior).__name__}")
+    prior = getattr(model, "prior", None)
+    if not _standard_prior(prior) and not (fmt >= 2 and _top_class_prior(model)):
+        raise _refuse(f"prior {type(prior).__name__}" + (" (class means beyond the final latent)" if fmt >= 2 else ""))
     if tuple(getattr(model, "image_shape", ())) != IMAGE_SHAPE:
         raise FlowmnistError(f"codec: model image shape {getattr(model, 'image_shape', None)}, expected {IMAGE_SHAPE}")
     dtype = next(model.parameters(), torch.empty(0)).dtype
@@ -364,6 +249,8 @@ def model_sha256(plan: _Plan) -> str:
         elif isinstance(layer, (ActNorm, InvConv1x1)):
             arrays += [_bits(p) for p in layer.state_dict().values()]
     arrays.append(_bits(torch.tensor([plan.alpha, plan.noise_alpha], dtype=torch.float64)))
+    if _conditional(plan):
+        arrays += [_bits(t) for t in plan.model.prior.state_dict().values()]
     return sha256_of(arrays, plan.spec.tag())
 
 
@@ -378,6 +265,24 @@ def _standard_prior(prior) -> bool:
 
     standard = getattr(models, "StandardNormalPrior", None)
     return prior is None or (standard is not None and type(prior) is standard)
+
+
+def _top_class_prior(model) -> bool:
+    """A ``ClassPrior`` whose class Gaussians sit on the final latent alone (class means on "top"): the
+    split halves stay N(0, I), and the final latent is coded under N(mu_y, sigma_y) by an affine step."""
+    from .. import models
+
+    prior = model.prior
+    if type(prior) is not getattr(models, "ClassPrior", None):
+        return False
+    shape = IMAGE_SHAPE
+    for layer in model.flows:
+        shape = layer.out_shape(shape)
+    return prior.class_dims == math.prod(shape)
+
+
+def _conditional(plan: _Plan) -> bool:
+    return not _standard_prior(getattr(plan.model, "prior", None))
 
 
 def _base_model(plan: _Plan) -> None:
@@ -487,25 +392,25 @@ def _scale_shift(plan: _Plan, layer: AffineCoupling, k: Tensor, bits: int, cond:
     return s[free].double().numpy(), shift, free
 
 
-def _scales(s: np.ndarray, m=exact) -> tuple[np.ndarray, np.ndarray]:
+def _scales(s: np.ndarray, maths=exact) -> tuple[np.ndarray, np.ndarray]:
     """(P, q) with e^s ~ P / 2^q and P in [2^10, 2^11]: the scale to 11 bits, every uniform nearly exact."""
     q = np.clip(10 - np.floor(s / math.log(2)), 0, 40).astype(np.int64)
-    p = np.clip(np.rint(m.exp(s) * np.exp2(q)), 1, MAX_SCALE).astype(np.int64)
+    p = np.clip(np.rint(maths.exp(s) * np.exp2(q)), 1, MAX_SCALE).astype(np.int64)
     return p, q
 
 
-def _scale_fwd(st: _Stream, k: np.ndarray, shift: np.ndarray, s: np.ndarray, m=exact) -> np.ndarray:
+def _scale_fwd(st: _Stream, k: np.ndarray, shift: np.ndarray, s: np.ndarray, maths=exact) -> np.ndarray:
     """Encoder: grid values of (x + t) e^s from x's indices ``k`` and t's integer ``shift``, elementwise:
     decode r ~ U{0..P-1}, encode (n mod Q) ~ U{0..Q-1}; costs -s nats per element."""
-    p, q = _scales(s, m)
+    p, q = _scales(s, maths)
     n = (k + shift) * p + st.pop_uniform(p, p.shape, exact=True)
     st.push_uniform(n & ((np.int64(1) << q) - 1), np.int64(1) << q)
     return n >> q
 
 
-def _scale_inv(st: _Stream, m: np.ndarray, shift: np.ndarray, s: np.ndarray, mm=exact) -> np.ndarray:
+def _scale_inv(st: _Stream, m: np.ndarray, shift: np.ndarray, s: np.ndarray, maths=exact) -> np.ndarray:
     """Decoder: the exact inverse of ``_scale_fwd``."""
-    p, q = _scales(s, mm)
+    p, q = _scales(s, maths)
     n = (m << q) + st.pop_uniform(np.int64(1) << q, s.shape)
     st.push_uniform(n % p, p, exact=True)
     return n // p - shift
@@ -535,15 +440,17 @@ def _actnorm_terms(layer: ActNorm, shape: tuple[int, ...], delta: float) -> tupl
     return s, t
 
 
-def _actnorm_fwd(layer: ActNorm, st: _Stream, k: np.ndarray, delta: float, ideal: np.ndarray, mm=exact) -> np.ndarray:
+def _actnorm_fwd(
+    layer: ActNorm, st: _Stream, k: np.ndarray, delta: float, ideal: np.ndarray, maths=exact
+) -> np.ndarray:
     s, t = _actnorm_terms(layer, k.shape, delta)
     ideal -= s.reshape(k.shape[0], -1).sum(1)
-    return _scale_fwd(st, k, t, s, mm)
+    return _scale_fwd(st, k, t, s, maths)
 
 
-def _actnorm_inv(layer: ActNorm, st: _Stream, m: np.ndarray, delta: float, mm=exact) -> np.ndarray:
+def _actnorm_inv(layer: ActNorm, st: _Stream, m: np.ndarray, delta: float, maths=exact) -> np.ndarray:
     s, t = _actnorm_terms(layer, m.shape, delta)
-    return _scale_inv(st, m, t, s, mm)
+    return _scale_inv(st, m, t, s, maths)
 
 
 def _lu(layer: InvConv1x1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -565,15 +472,15 @@ def _lin(coef: np.ndarray, k: np.ndarray, channels, delta: float) -> np.ndarray:
 
 
 def _invconv_fwd(
-    layer: InvConv1x1, st: _Stream, k: np.ndarray, delta: float, ideal: np.ndarray, mm=exact
+    layer: InvConv1x1, st: _Stream, k: np.ndarray, delta: float, ideal: np.ndarray, maths=exact
 ) -> np.ndarray:
     """Encoder: z = P L U' x by lifting on the grid (module docstring)."""
     perm, lower, upper, sign, log_s = _lu(layer)
     k, c = k.copy(), k.shape[1]
     for i in range(c):  # U': channels above i still hold x
-        t = np.rint(_lin(upper[i], k, range(i + 1, c), delta) / (sign[i] * mm.exp(log_s[i])) / delta)
+        t = np.rint(_lin(upper[i], k, range(i + 1, c), delta) / (sign[i] * maths.exp(log_s[i])) / delta)
         s = np.full(t.shape, log_s[i])
-        k[:, i] = _scale_fwd(st, k[:, i], t.astype(np.int64), s, mm)
+        k[:, i] = _scale_fwd(st, k[:, i], t.astype(np.int64), s, maths)
         if sign[i] < 0:
             k[:, i] = -k[:, i] - 1  # the grid's mirror: -(k + 1/2) = (-k - 1) + 1/2
     for i in reversed(range(c)):  # L: channels below i still hold U' x
@@ -582,7 +489,7 @@ def _invconv_fwd(
     return k[:, perm]
 
 
-def _invconv_inv(layer: InvConv1x1, st: _Stream, m: np.ndarray, delta: float, mm=exact) -> np.ndarray:
+def _invconv_inv(layer: InvConv1x1, st: _Stream, m: np.ndarray, delta: float, maths=exact) -> np.ndarray:
     """Decoder: the exact inverse of ``_invconv_fwd``, its steps in reverse."""
     perm, lower, upper, sign, log_s = _lu(layer)
     k, c = np.empty_like(m), m.shape[1]
@@ -592,8 +499,8 @@ def _invconv_inv(layer: InvConv1x1, st: _Stream, m: np.ndarray, delta: float, mm
     for i in reversed(range(c)):
         if sign[i] < 0:
             k[:, i] = -k[:, i] - 1
-        t = np.rint(_lin(upper[i], k, range(i + 1, c), delta) / (sign[i] * mm.exp(log_s[i])) / delta)
-        k[:, i] = _scale_inv(st, k[:, i], t.astype(np.int64), np.full(t.shape, log_s[i]), mm)
+        t = np.rint(_lin(upper[i], k, range(i + 1, c), delta) / (sign[i] * maths.exp(log_s[i])) / delta)
+        k[:, i] = _scale_inv(st, k[:, i], t.astype(np.int64), np.full(t.shape, log_s[i]), maths)
     return k
 
 
@@ -823,8 +730,63 @@ def _encode_chunk(st: _Stream, plan: _Plan, x: Tensor) -> np.ndarray:
     main = _Site(plan.params.grid_bits, None, ideal)
     for layer in plan.flows:
         k = CODERS[type(layer)][0](st, plan, layer, k, main)
-    _prior_push(st, plan, k.contiguous().numpy(), ideal)
+    _final_push(st, plan, k.contiguous().numpy(), x, ideal)
     return ideal
+
+
+# ----------------------------------------------------------------------------------------------
+# The final latent, and a class-conditional model's label
+# ----------------------------------------------------------------------------------------------
+
+
+def _final_push(st: _Stream, plan: _Plan, k: np.ndarray, x: Tensor, ideal: np.ndarray) -> None:
+    """The final latent under the prior. A class-conditional model p(x | y) p(y) codes the label y too: the
+    encoder picks y = argmax_y p(x | y) p(y) (the float model's guess; any y decodes, a likely one costs
+    little: -log p(x, y) exceeds the marginal -log p(x) by -log p(y | x)), codes the final latent
+    z' = (z - mu_y) / sigma_y by a shift and a scale step (cost log sigma_y), and then y under p(y)."""
+    if not _conditional(plan):
+        _prior_push(st, plan, k, ideal)
+        return
+    y = _class_choice(plan, x)
+    s, t = _class_terms(plan, y, k.shape)
+    ideal -= s.reshape(len(y), -1).sum(1)
+    _prior_push(st, plan, _scale_fwd(st, k, t, s, plan.m), ideal)
+    probs, log_py = _label_model(plan)
+    st.push_cat(y, st.categorical(probs))
+    ideal -= log_py[y]
+
+
+def _final_pop(st: _Stream, plan: _Plan, shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of ``_final_push``."""
+    if not _conditional(plan):
+        return _prior_pop(st, plan, shape)
+    y = st.pop_cat(shape[0], st.categorical(_label_model(plan)[0]))
+    s, t = _class_terms(plan, y, shape)
+    return _scale_inv(st, _prior_pop(st, plan, shape), t, s, plan.m)
+
+
+def _class_choice(plan: _Plan, x: Tensor) -> np.ndarray:
+    """argmax_y log p(x | y) + log p(y) by the float model at the noise's centre (u0 = 1/2)."""
+    model = plan.model
+    xf = x.to(plan.model_dtype)
+    with torch.no_grad():
+        lp = model.class_log_probs(xf, noise=torch.full_like(xf, 0.5)) + model.prior.log_py
+    return lp.argmax(1).cpu().numpy().astype(np.int64)
+
+
+def _class_terms(plan: _Plan, y: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per element of the final latent: the scale step's log-scale -log sigma_y and the integer shift
+    -mu_y / delta (the codec's z' = (z + t) e^s)."""
+    prior = plan.model.prior
+    mean = prior.mean.detach().double().numpy()[y]
+    log_scale = prior.log_scale.detach().double().numpy()[y]
+    return (-log_scale).reshape(shape), np.rint(-mean / plan.dz).astype(np.int64).reshape(shape)
+
+
+def _label_model(plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
+    """p(y) as the probabilities the coder quantises (``exact.exp`` of log p(y)), and log p(y)."""
+    log_py = plan.model.prior.log_py.detach().double().numpy()
+    return exact.exp(log_py), log_py
 
 
 def _final_shape(plan: _Plan, b: int) -> tuple[int, ...]:
@@ -836,7 +798,7 @@ def _final_shape(plan: _Plan, b: int) -> tuple[int, ...]:
 
 def _decode_chunk(st: _Stream, plan: _Plan, b: int) -> Tensor:
     """The exact inverse of ``_encode_chunk``: b images as uint8 (b, 1, 28, 28)."""
-    k = torch.from_numpy(_prior_pop(st, plan, _final_shape(plan, b)))
+    k = torch.from_numpy(_final_pop(st, plan, _final_shape(plan, b)))
     main = _Site(plan.params.grid_bits)
     for layer in reversed(plan.flows):
         k = CODERS[type(layer)][1](st, plan, layer, k, main)
