@@ -29,6 +29,12 @@ between (values, stream) pairs, coded with ``constriction``'s ANS stack (Bamler 
   integer shifts z_i = x_i + round(sum_{j<i} L_ij x_j / delta), the permutation exactly.
 * **Squeeze and Split are free**; each split's half and the final latent are coded under their Gaussian
   on the grid 2^-prior_bits (the finer bits of the main grid uniformly).
+* **A class-conditional model** (class Gaussians N(mu_y, sigma_y) on the final latent) codes the label:
+  the encoder picks y = argmax p(x | y) p(y), codes z' = (z - mu_y) / sigma_y by a shift and a scale step
+  and y under p(y); the file then costs -log p(x, y) = -log p(x) - log p(y | x).
+
+Each layer type has one (encode, decode) pair in ``CODERS``; the ANS stack is ``ans``, the integer nets
+``intnet``, the portable functions ``exact``.
 
 The grids are parameters of the file (``CodecParams``). Encoder and decoder must compute bit-identical
 numbers from the data, so format 2 computes nothing whose last bit depends on the machine:
@@ -38,7 +44,8 @@ numbers from the data, so format 2 computes nothing whose last bit depends on th
 * every elementwise function (the scale bound's tanh, e^s of the scales, the sigmoid and logit of the
   dequantization's map, the logistic base's cells) comes from ``exact``: exp and log built of IEEE-754's
   correctly rounded basic operations only, the same function on every machine;
-* the Gaussians are one categorical table made by ``exact`` (``exact.gaussian_cells``).
+* the Gaussians are one categorical table made by ``exact`` (``exact.gaussian_cells``), the initial bits
+  a splitmix64 stream in integer arithmetic.
 
 Format 1 (float nets in the model's dtype on one thread, numpy's and libm's functions, constriction's
 QuantizedGaussian) is still read: such a file decodes where the CPU kind and PyTorch build compute its
@@ -394,7 +401,7 @@ def _scale_shift(plan: _Plan, layer: AffineCoupling, k: Tensor, bits: int, cond:
 
 def _scales(s: np.ndarray, maths=exact) -> tuple[np.ndarray, np.ndarray]:
     """(P, q) with e^s ~ P / 2^q and P in [2^10, 2^11]: the scale to 11 bits, every uniform nearly exact."""
-    q = np.clip(10 - np.floor(s / math.log(2)), 0, 40).astype(np.int64)
+    q = np.clip(10 - np.floor(s / exact.LN2), 0, 40).astype(np.int64)
     p = np.clip(np.rint(maths.exp(s) * np.exp2(q)), 1, MAX_SCALE).astype(np.int64)
     return p, q
 
@@ -933,7 +940,7 @@ def compress_images(
     arr = _as_images(images)
     original = idx_bytes(arr) if original is None else original
     plan = _plan(model, params, version)
-    st = _Stream(_seed(params.seed_words))
+    st = _Stream(_seed(params.seed_words, version))
     bound, start = 0.0, 0
     with _nets_threads(plan.fmt):
         for b in chunk_sizes(len(arr), params.batch, params.ramp):
@@ -945,7 +952,7 @@ def compress_images(
             start += b
             if progress:
                 progress(b)
-    words, seed = st.words(), _seed(params.seed_words)
+    words, seed = st.words(), _seed(params.seed_words, version)
     kept = _common_prefix(words, seed)
     v1 = version < 2
     header = Header(
@@ -989,7 +996,7 @@ def decompress_bytes(
             f"{name}: made with model {header.model_name or '?'} (weights {header.weights_sha256[:12]}), "
             f"not the one given (weights {sha[:12]})"
         )
-    seed = _seed(header.params.seed_words)
+    seed = _seed(header.params.seed_words, header.version)
     words = np.concatenate([seed[: header.kept], np.frombuffer(data, "<u4", header.words, offset).astype(np.uint32)])
     images = _decode_all(_Stream(words), plan, header, name, progress)
     if not np.array_equal(images.words, seed):

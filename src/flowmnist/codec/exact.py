@@ -27,6 +27,7 @@ LN2_HI = 6.93147180369123816490e-01  # the high part has 21 trailing zero bits: 
 LN2_LO = 1.90821492927058770002e-10
 INV_LN2 = 1.44269504088896338700e00
 SQRT_HALF = 0.70710678118654752440
+LN2 = 0.6931471805599453  # ln 2 correctly rounded, a literal rather than a library's log(2)
 _EXP_COEF = tuple(1.0 / math.factorial(k) for k in range(14))  # 1/k!: one division each, correctly rounded
 _LOG_COEF = tuple(1.0 / (2 * k + 1) for k in range(12))
 

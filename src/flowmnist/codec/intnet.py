@@ -65,7 +65,7 @@ class IntSpec:
 def elu_table(a: int) -> np.ndarray:
     """ELU on x = -j 2^-a, j = 0..J, in units 2^-a: round(2^a (e^(-j 2^-a) - 1)); the last entry is -2^a
     (saturated: e^x 2^a < 1/2 for every j >= J)."""
-    j_max = math.ceil((a + 1) * math.log(2) * (1 << a)) + 2
+    j_max = math.ceil((a + 1) * exact.LN2 * (1 << a)) + 2
     j = np.arange(j_max + 1, dtype=np.float64)
     t = np.floor((exact.exp(-j * 2.0**-a) - 1.0) * 2.0**a + 0.5).astype(np.int64)
     assert t[-1] == -(1 << a)
@@ -75,7 +75,7 @@ def elu_table(a: int) -> np.ndarray:
 @lru_cache(maxsize=4)
 def sigmoid_table(a: int) -> np.ndarray:
     """sigmoid on b = j 2^-a, j = -J..J, in units 2^-a; saturated (0 and 2^a) at both ends."""
-    j_max = math.ceil((a + 1) * math.log(2) * (1 << a)) + 2
+    j_max = math.ceil((a + 1) * exact.LN2 * (1 << a)) + 2
     j = np.arange(-j_max, j_max + 1, dtype=np.float64)
     t = np.floor(exact.sigmoid(j * 2.0**-a) * 2.0**a + 0.5).astype(np.int64)
     assert t[0] == 0 and t[-1] == 1 << a
