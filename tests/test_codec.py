@@ -335,6 +335,38 @@ def test_files_are_the_same_under_every_cpu_capability_and_thread_count(tmp_path
         assert out.stdout.split("\n")[-2] == want, cap
 
 
+FORMAT1 = Path(__file__).parent / "data" / "codec-format1.fmz"
+# Written by format 1's codec (float32 nets, AVX-512 AMD EPYC, torch 2.13.0+cpu) from images 200..209 of the
+# MNIST training file with the shipped multi-vardeq; the IDX file it decodes to has this SHA-256.
+FORMAT1_SHA256 = "656e3d6bcb70081381d6706983d31f41723e4b363a0815bef2e716714b05d599"
+
+
+def test_a_committed_format_1_file_decodes_or_is_refused_in_one_line(tmp_path):
+    """Under each ATEN_CPU_CAPABILITY: where the nets compute as they did when it was written, the file
+    decodes to its bytes; elsewhere `decompress` refuses it in one line saying it is a format-1 file, and
+    writes nothing."""
+    import os
+    import subprocess
+    import sys
+
+    for cap in _capabilities():
+        out = tmp_path / f"{cap}.idx"
+        run = subprocess.run(
+            [sys.executable, "-m", "flowmnist", "decompress", str(FORMAT1), str(out)],
+            env={**os.environ, "ATEN_CPU_CAPABILITY": cap},
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=600,
+        )
+        if run.returncode == 0:
+            assert hashlib.sha256(out.read_bytes()).hexdigest() == FORMAT1_SHA256, cap
+        else:
+            err = run.stderr.strip().splitlines()
+            assert run.returncode == 2 and len(err) == 1 and "a format-1 file" in err[0], (cap, err)
+            assert not out.exists()
+
+
 def test_a_format_1_file_still_decodes_here(simple):
     images = synthetic_digits(5, seed=12)[0]
     data, _ = compress_images(simple, images, params=SMALL, version=1)

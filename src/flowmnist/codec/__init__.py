@@ -1033,10 +1033,10 @@ def _undecodable(name: str, header: Header, model, err: Exception | None = None)
     """The file's own CRC-32 held, so its bytes are as written: the model was computed differently here."""
     if header.version < 2:
         here = numerics_tag(model)
-        why = f"written with {header.numerics}, decoding with {here}" if here != header.numerics else "damaged"
+        differs = f", this machine {here}" if here != header.numerics else ""
         return FlowmnistError(
-            f"{name}: does not decode to its checksum ({why}); a format-1 file (float nets) decodes only on the "
-            "CPU kind and PyTorch build that wrote it"
+            f"{name}: does not decode to its checksum: a format-1 file (float nets) decodes only on the CPU kind "
+            f"and PyTorch build that wrote it (it names {header.numerics}{differs})"
         )
     return FlowmnistError(
         f"{name}: does not decode to its checksum though the file's own CRC-32 holds: this machine computed "
