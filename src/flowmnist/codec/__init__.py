@@ -34,7 +34,7 @@ between (values, stream) pairs, coded with ``constriction``'s ANS stack (Bamler 
   and y under p(y); the file then costs -log p(x, y) = -log p(x) - log p(y | x).
 
 Each layer type has one (encode, decode) pair in ``CODERS``; the ANS stack is ``ans``, the integer nets
-``intnet``, the portable functions ``exact``.
+``intnet``, the portable functions ``exact``, the file ``fileformat``.
 
 The grids are parameters of the file (``CodecParams``). Encoder and decoder must compute bit-identical
 numbers from the data, so format 2 computes nothing whose last bit depends on the machine:
@@ -51,23 +51,20 @@ Format 1 (float nets in the model's dtype on one thread, numpy's and libm's func
 QuantizedGaussian) is still read: such a file decodes where the CPU kind and PyTorch build compute its
 nets alike, and is otherwise refused in one line that says so.
 
-File layout (little-endian): magic ``FMNZ``, format version (u16), a header (model name, SHA-256 of what
-the codec computes with: for format 2 the integer nets and the other coefficients (``model_sha256``),
-for format 1 the float weights; numerics tag, codec parameters, image count, IDX header, CRC-32 of the
-original IDX bytes, source kind, initial-bits bookkeeping), the ANS words, and a CRC-32 of everything
-before it.
+The file (``fileformat``): magic ``FMNZ``, format version, a header naming the model by the SHA-256 of
+what the codec computes with (format 2: the integer nets and the other coefficients, ``model_sha256``;
+format 1: the float weights), the ANS words, and a CRC-32 of everything before it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import struct
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -79,69 +76,15 @@ from ..flows import ActNorm, AffineCoupling, Dequantization, InvConv1x1, Logit, 
 from . import exact
 from .ans import PRIOR_RANGE as PRIOR_RANGE
 from .ans import _seed, _Stream
+from .fileformat import FORMAT_VERSION as FORMAT_VERSION
+from .fileformat import CodecParams, Header, _read_header, chunk_sizes, idx_bytes
+from .fileformat import read_header as read_header
 from .intnet import IntNet, IntSpec, fixed, image_condition, sha256_of
 
-MAGIC = b"FMNZ"
-FORMAT_VERSION = 2  # 2: integer nets and portable maths; 1: float nets (decoded where they compute alike)
 SIDE = IMAGE_SHAPE[-1]
 DIMS = math.prod(IMAGE_SHAPE)
 H_RANGE = 64.0  # |h| bound of the dequantization noise before its sigmoid: u within e^-64 of a bin edge
 MAX_SCALE = (1 << 23) - 1  # P < 2^24: constriction's uniform models need sizes below 2^24
-
-
-@dataclass(frozen=True)
-class CodecParams:
-    """Grids and schedule of a file, recorded in its header.
-
-    grid_bits:   the main flow's grid, delta_z = 2^-grid_bits (logit space and every coupling's output)
-    noise_bits:  the dequantization noise's grid below g_x, delta_y = 2^-noise_bits (h for a variational
-                 model, u itself for uniform dequantization)
-    prior_bits:  the Gaussians are coded on the grid 2^-prior_bits
-    base_bits:   the logistic base h0 of q is coded as a categorical over cells of 2^-base_bits
-    batch, ramp: chunk sizes min(batch, max(1, images_done // ramp)): the first images, with few bits on
-                 the stack to give back, go one by one, so the start-up cost is about one image's noise
-    seed_words:  length of the initial-bits stream (32-bit words)
-    act_bits, weight_bits, range_bits: the integer nets' widths (``intnet.IntSpec``; format 2)
-    """
-
-    grid_bits: int = 16
-    noise_bits: int = 20
-    prior_bits: int = 4
-    base_bits: int = 4
-    batch: int = 32
-    ramp: int = 32
-    seed_words: int = 1 << 14
-    act_bits: int = 12
-    weight_bits: int = 12
-    range_bits: int = 10
-
-    @property
-    def spec(self) -> IntSpec:
-        return IntSpec(self.act_bits, self.weight_bits, self.range_bits)
-
-    def check(self) -> None:
-        ok = (
-            4 <= self.prior_bits < self.grid_bits <= 20
-            and 1 <= self.base_bits < self.noise_bits <= 30
-            and self.batch >= 1
-            and self.ramp >= 1
-            and 16 <= self.seed_words <= 1 << 24
-            and 4 <= self.act_bits <= min(16, self.grid_bits)
-            and 4 <= self.weight_bits <= 16
-            and 1 <= self.range_bits <= 19 - self.act_bits + 7
-        )
-        if not ok:
-            raise FlowmnistError(f"codec parameters out of range: {self}")
-
-
-def chunk_sizes(n: int, batch: int, ramp: int) -> list[int]:
-    """The batch partition both sides use: min(batch, max(1, done // ramp)) images per chunk."""
-    sizes, done = [], 0
-    while done < n:
-        b = min(batch, max(1, done // ramp), n - done)
-        sizes.append(b)
-        done += b
-    return sizes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -824,71 +767,6 @@ def _decode_chunk(st: _Stream, plan: _Plan, b: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Header:
-    """Everything before the ANS words. ``kept`` is how many of the initial-bits words stay at the bottom
-    of the stack untouched (the decoder regenerates them), ``words`` how many words follow."""
-
-    model_name: str
-    weights_sha256: str
-    numerics: str
-    params: CodecParams
-    count: int
-    idx_header: bytes
-    crc32: int
-    source: str
-    kept: int
-    words: int
-    version: int = FORMAT_VERSION
-
-    def pack(self) -> bytes:
-        meta = {
-            "model": self.model_name,
-            "sha256": self.weights_sha256,
-            "numerics": self.numerics,
-            "params": asdict(self.params),
-            "count": self.count,
-            "idx_header": self.idx_header.hex(),
-            "crc32": self.crc32,
-            "source": self.source,
-            "kept": self.kept,
-            "words": self.words,
-        }
-        blob = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-        return MAGIC + struct.pack("<HI", self.version, len(blob)) + blob
-
-
-def _read_header(data: bytes, name: str) -> tuple[Header, int]:
-    """Parse and check the fixed part; returns the header and the offset of the ANS words."""
-    if len(data) < 10 or data[:4] != MAGIC:
-        raise FlowmnistError(f"{name}: not a flowmnist compressed file (no FMNZ magic)")
-    version, n = struct.unpack("<HI", data[4:10])
-    if version not in (1, FORMAT_VERSION):
-        newer = "; a newer flowmnist wrote it" if version > FORMAT_VERSION else ""
-        raise FlowmnistError(f"{name}: format version {version}, this flowmnist reads version {FORMAT_VERSION}{newer}")
-    if len(data) < 10 + n + 4:
-        raise FlowmnistError(f"{name}: truncated ({len(data)} bytes, shorter than its header)")
-    try:
-        m = json.loads(data[10 : 10 + n])
-        h = Header(
-            *(m["model"], m["sha256"], m["numerics"], CodecParams(**m["params"]), int(m["count"])),
-            *(bytes.fromhex(m["idx_header"]), int(m["crc32"]), m["source"], int(m["kept"]), int(m["words"])),
-            version,
-        )
-    except (ValueError, KeyError, TypeError) as e:
-        raise FlowmnistError(f"{name}: damaged header ({type(e).__name__})") from e
-    want = 10 + n + 4 * h.words + 4
-    if zlib.crc32(data[:-4]) != struct.unpack("<I", data[-4:])[0] or len(data) != want:
-        what = "truncated" if len(data) < want else "damaged (CRC-32 mismatch)"
-        raise FlowmnistError(f"{name}: {what} ({len(data)} bytes, its header says {want})")
-    return h, 10 + n
-
-
-def idx_bytes(images: np.ndarray) -> bytes:
-    """The IDX file of uint8 images (N, 28, 28): magic 0x00000803, three big-endian sizes, the pixels."""
-    return bytes([0, 0, 8, 3]) + struct.pack(">3I", *images.shape) + images.tobytes()
-
-
 def _as_images(images) -> np.ndarray:
     arr = np.asarray(images.numpy() if isinstance(images, Tensor) else images)
     if arr.ndim == 4 and arr.shape[1] == 1:
@@ -977,11 +855,6 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     n = min(len(a), len(b))
     diff = np.nonzero(a[:n] != b[:n])[0]
     return int(diff[0]) if len(diff) else n
-
-
-def read_header(data: bytes, name: str = "<bytes>") -> Header:
-    """The header of a compressed file, checked (magic, version, CRC-32, length)."""
-    return _read_header(data, name)[0]
 
 
 def decompress_bytes(
