@@ -12,12 +12,16 @@ A ``GatedConvNet`` (nets.py) becomes an ``IntNet`` whose every value is an integ
   everywhere);
 * the gate x + floor(a sigmoid(b) / 2^A); the channel layer norm in integers (below).
 
+The default widths (A = 12, 12-bit weights, R = 10) were chosen by ``benchmarks/codec_numerics.py``: they
+cost 0.0001 bits/dim against the float nets on multi-vardeq.
+
 **Why the convolutions are exact.** They run as ``F.conv2d`` on float64 tensors holding integers. Every
 product w_q a and every partial sum of them (in whatever order a kernel adds them) is an integer of
 magnitude at most  sum_i |w_q,i| 2^(A+R) + |b_q| , which ``IConv`` checks to be below 2^53 when it is
-built; an integer below 2^53 is a float64 exactly, so no product or sum rounds and every kernel (AVX2,
-AVX-512, one or many threads, GPU) returns the same integers. The inputs are bounded by 2^(A+R) because
-every conv output, gate and norm output is clamped, and ELU (|ELU(x)| <= |x| or <= 2^A) keeps the bound.
+built; an integer below 2^53 is a float64 exactly, so no product or sum rounds and every CPU kernel
+(default, AVX2, AVX-512; one thread or many; any BLAS) returns the same integers. The inputs are bounded
+by 2^(A+R) because every conv output, gate and norm output is clamped, and ELU (|ELU(x)| <= |x| or
+<= 2^A) keeps the bound.
 
 **Layer norm in integers.** Over the n channels of a pixel, with S1 = sum x, S2 = sum x^2 (int64):
 n^2 var = V = n S2 - S1^2 and n (x - mean) = d = n x - S1 exactly;
