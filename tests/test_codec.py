@@ -1,5 +1,7 @@
 """The codec (flowmnist.codec, `flowmnist compress / decompress`): exact round trips, the rate against the
-model's bound, thread independence, one-line errors that write nothing, and refusal of layers it cannot code."""
+model's bound, portability (a committed golden file, every CPU capability and thread count, format-1 files),
+the integer layers against plain Python integers, each layer coder's stream growth against its
+log-determinant, one-line errors that write nothing, and refusal of layers it cannot code."""
 
 from __future__ import annotations
 
