@@ -580,9 +580,9 @@ def test_cli_decompress_empty_file(tmp_path, capsys):
 
 
 def test_conditional_model_roundtrip_and_rate_near_its_marginal_bound(real_digits):
-    """The class-conditional model codes the label too (the encoder's likeliest class): the file's bound
-    -log p(x, y) is within the label's -log p(y | x) of the marginal -log p(x), so near the model's
-    marginal single-sample bpd (an independent noise draw: within 4 standard errors and 0.002 bits/dim)."""
+    """The class-conditional model codes the label by bits back (decoded under its posterior q(y | x),
+    encoded again by the decoder): the file's bound is near the model's marginal single-sample bpd (an
+    independent noise draw: within 4 standard errors and 0.002 bits/dim)."""
     model = load_pretrained("multi-vardeq-cond")
     images = real_digits[:16, 0].numpy()
     data, stats = compress_images(model, images)

@@ -29,9 +29,11 @@ between (values, stream) pairs, coded with ``constriction``'s ANS stack (Bamler 
   integer shifts z_i = x_i + round(sum_{j<i} L_ij x_j / delta), the permutation exactly.
 * **Squeeze and Split are free**; each split's half and the final latent are coded under their Gaussian
   on the grid 2^-prior_bits (the finer bits of the main grid uniformly).
-* **A class-conditional model** (class Gaussians N(mu_y, sigma_y) on the final latent) codes the label:
-  the encoder picks y = argmax p(x | y) p(y), codes z' = (z - mu_y) / sigma_y by a shift and a scale step
-  and y under p(y); the file then costs -log p(x, y) = -log p(x) - log p(y | x).
+* **A class-conditional model** (class Gaussians N(mu_y, sigma_y) on the final latent) codes the label by
+  bits back: the encoder first decodes y from the stream under q(y | x), the model's own posterior at a
+  fixed noise (``_label_posterior``), then codes z' = (z - mu_y) / sigma_y by a shift and a scale step
+  and y under p(y); the decoder, once it knows x, encodes y again under q. A file then costs the marginal
+  bound -log p(x) plus the small KL(q || p(y | x, u)).
 
 Each layer type has one (encode, decode) pair in ``CODERS``; the ANS stack is ``ans``, the integer nets
 ``intnet``, the portable functions ``exact``, the file ``fileformat``.
@@ -75,7 +77,7 @@ from ..data import IMAGE_SHAPE
 from ..flows import ActNorm, AffineCoupling, Dequantization, InvConv1x1, Logit, Sigmoid, Split, Squeeze
 from . import exact
 from .ans import PRIOR_RANGE as PRIOR_RANGE
-from .ans import _seed, _Stream
+from .ans import _NullStream, _seed, _Stream
 from .fileformat import FORMAT_VERSION as FORMAT_VERSION
 from .fileformat import CodecParams, Header, _read_header, chunk_sizes, idx_bytes
 from .fileformat import read_header as read_header
@@ -669,6 +671,11 @@ def _encode_chunk(st: _Stream, plan: _Plan, x: Tensor) -> np.ndarray:
     """Encode images x (B, 1, 28, 28) uint8; returns each one's single-sample bound in nats at the noise
     the codec drew (the cost the codec realises, up to its grids)."""
     ideal = np.zeros(x.shape[0])
+    y = None
+    if _conditional(plan):  # bits back on the label: decode y from the stream under q(y | x)
+        q = _label_posterior(plan, x)
+        y = st.pop_rows(q)
+        ideal += np.log(q[np.arange(len(y)), y] / q.sum(1))
     ky = torch.from_numpy(_base_pop(st, plan, tuple(x.shape), ideal))
     noise = _Site(plan.params.noise_bits, x, ideal)
     for layer in plan.noise:
@@ -680,7 +687,7 @@ def _encode_chunk(st: _Stream, plan: _Plan, x: Tensor) -> np.ndarray:
     main = _Site(plan.params.grid_bits, None, ideal)
     for layer in plan.flows:
         k = CODERS[type(layer)][0](st, plan, layer, k, main)
-    _final_push(st, plan, k.contiguous().numpy(), x, ideal)
+    _final_push(st, plan, k.contiguous().numpy(), y, ideal)
     return ideal
 
 
@@ -689,15 +696,13 @@ def _encode_chunk(st: _Stream, plan: _Plan, x: Tensor) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def _final_push(st: _Stream, plan: _Plan, k: np.ndarray, x: Tensor, ideal: np.ndarray) -> None:
-    """The final latent under the prior. A class-conditional model p(x | y) p(y) codes the label y too: the
-    encoder picks y = argmax_y p(x | y) p(y) (the float model's guess; any y decodes, a likely one costs
-    little: -log p(x, y) exceeds the marginal -log p(x) by -log p(y | x)), codes the final latent
-    z' = (z - mu_y) / sigma_y by a shift and a scale step (cost log sigma_y), and then y under p(y)."""
-    if not _conditional(plan):
+def _final_push(st: _Stream, plan: _Plan, k: np.ndarray, y: np.ndarray | None, ideal: np.ndarray) -> None:
+    """The final latent under the prior; for a class-conditional model under N(mu_y, sigma_y), as
+    z' = (z - mu_y) / sigma_y by a shift and a scale step (cost log sigma_y), and then the label y under
+    p(y)."""
+    if y is None:
         _prior_push(st, plan, k, ideal)
         return
-    y = _class_choice(plan, x)
     s, t = _class_terms(plan, y, k.shape)
     ideal -= s.reshape(len(y), -1).sum(1)
     _prior_push(st, plan, _scale_fwd(st, k, t, s, plan.m), ideal)
@@ -706,22 +711,44 @@ def _final_push(st: _Stream, plan: _Plan, k: np.ndarray, x: Tensor, ideal: np.nd
     ideal -= log_py[y]
 
 
-def _final_pop(st: _Stream, plan: _Plan, shape: tuple[int, ...]) -> np.ndarray:
-    """The inverse of ``_final_push``."""
+def _final_pop(st: _Stream, plan: _Plan, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The inverse of ``_final_push``: (final latent, label or None)."""
     if not _conditional(plan):
-        return _prior_pop(st, plan, shape)
+        return _prior_pop(st, plan, shape), None
     y = st.pop_cat(shape[0], st.categorical(_label_model(plan)[0]))
     s, t = _class_terms(plan, y, shape)
-    return _scale_inv(st, _prior_pop(st, plan, shape), t, s, plan.m)
+    return _scale_inv(st, _prior_pop(st, plan, shape), t, s, plan.m), y
 
 
-def _class_choice(plan: _Plan, x: Tensor) -> np.ndarray:
-    """argmax_y log p(x | y) + log p(y) by the float model at the noise's centre (u0 = 1/2)."""
-    model = plan.model
-    xf = x.to(plan.model_dtype)
-    with torch.no_grad():
-        lp = model.class_log_probs(xf, noise=torch.full_like(xf, 0.5)) + model.prior.log_py
-    return lp.argmax(1).cpu().numpy().astype(np.int64)
+def _label_posterior(plan: _Plan, x: Tensor) -> np.ndarray:
+    """q(y | x) (B, classes), unnormalised: p(z | y) p(y) at the latent z of images x with the noise at its
+    centre and every scale step's remainder 0 (the layer coders on a ``_NullStream``), in ``exact``'s
+    maths with sums in a fixed order: the same numbers for the encoder, which decodes y under it (bits
+    back), and the decoder, which encodes y again once it knows x."""
+    null, ideal = _NullStream(), np.zeros(len(x))
+    centre = 0 if plan.variational else (plan.y_range[1] + 1) // 2
+    ky = torch.full(tuple(x.shape), centre, dtype=torch.int64)
+    noise = _Site(plan.params.noise_bits, x, ideal)
+    for layer in plan.noise:
+        ky = CODERS[type(layer)][0](null, plan, layer, ky, noise)
+    k = torch.from_numpy(_ymap_fwd(null, plan, ky.numpy(), x.numpy().astype(np.int64), ideal))
+    main = _Site(plan.params.grid_bits, None, ideal)
+    for layer in plan.flows:
+        k = CODERS[type(layer)][0](null, plan, layer, k, main)
+    z = (k.reshape(len(x), -1).numpy() + 0.5) * plan.dz
+    prior = plan.model.prior
+    mean, log_scale = prior.mean.detach().double().numpy(), prior.log_scale.detach().double().numpy()
+    ll = (
+        np.stack(
+            [
+                np.cumsum(-0.5 * np.square((z - mean[c]) * exact.exp(-log_scale[c])) - log_scale[c], axis=1)[:, -1]
+                for c in range(len(mean))
+            ],
+            axis=1,
+        )
+        + _label_model(plan)[1]
+    )
+    return exact.exp(ll - ll.max(axis=1, keepdims=True))
 
 
 def _class_terms(plan: _Plan, y: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -748,7 +775,8 @@ def _final_shape(plan: _Plan, b: int) -> tuple[int, ...]:
 
 def _decode_chunk(st: _Stream, plan: _Plan, b: int) -> Tensor:
     """The exact inverse of ``_encode_chunk``: b images as uint8 (b, 1, 28, 28)."""
-    k = torch.from_numpy(_final_pop(st, plan, _final_shape(plan, b)))
+    k, y = _final_pop(st, plan, _final_shape(plan, b))
+    k = torch.from_numpy(k)
     main = _Site(plan.params.grid_bits)
     for layer in reversed(plan.flows):
         k = CODERS[type(layer)][1](st, plan, layer, k, main)
@@ -759,6 +787,8 @@ def _decode_chunk(st: _Stream, plan: _Plan, b: int) -> Tensor:
     for layer in reversed(plan.noise):
         ky = CODERS[type(layer)][1](st, plan, layer, ky, noise)
     _base_push(st, plan, ky.numpy())
+    if y is not None:
+        st.push_rows(y, _label_posterior(plan, xt))
     return xt
 
 

@@ -74,6 +74,13 @@ class _Stream:
     def categorical(self, probs: np.ndarray):
         return self._m.Categorical(probs, perfect=False)
 
+    def push_rows(self, v: np.ndarray, probs: np.ndarray) -> None:
+        """One symbol per row of ``probs`` (n, k), each under its own row's categorical."""
+        self.c.encode_reverse(v.ravel().astype(np.int32), self._m.Categorical(perfect=False), probs)
+
+    def pop_rows(self, probs: np.ndarray) -> np.ndarray:
+        return self.c.decode(self._m.Categorical(perfect=False), probs).astype(np.int64)
+
     def push_cat(self, v: np.ndarray, model) -> None:
         self.c.encode_reverse(v.ravel().astype(np.int32), model)
 
@@ -82,6 +89,20 @@ class _Stream:
 
     def words(self) -> np.ndarray:
         return self.c.get_compressed()
+
+
+class _NullStream:
+    """A stream that holds nothing: every pop gives zeros, every push is dropped. Running the layer coders on
+    it maps images to latents deterministically (every scale step's remainder 0), without coding."""
+
+    def pop_uniform(self, size, shape: tuple[int, ...], exact: bool = False) -> np.ndarray:
+        return np.zeros(shape, np.int64)
+
+    def push_uniform(self, v, size, exact: bool = False) -> None:
+        pass
+
+    def push_normal(self, v, per_unit: int) -> None:
+        pass
 
 
 _NORMAL_MODELS: dict = {}
