@@ -9,6 +9,8 @@ from pathlib import Path
 from ..config import FlowmnistError
 from .common import add_hidden_alias, out_file
 
+DEFAULT_MODEL = "multi-vardeq-glow-wide"  # the best shipped MNIST model: compress uses it unless told otherwise
+
 
 def _codec_input(paths: list[str]):
     """(uint8 images (N, 28, 28), original bytes, source): one IDX file (gzipped or not), else PNG files
@@ -45,12 +47,11 @@ def cmd_compress(a: argparse.Namespace) -> int:
     from ..config import atomic_write_bytes
     from ..runs import load_model, verify_pretrained
 
-    if a.pretrained:
-        run, name, paths = verify_pretrained(a.pretrained), f"pretrained:{a.pretrained}", a.paths
-    elif len(a.paths) >= 3:
+    if not a.pretrained and len(a.paths) >= 3 and (Path(a.paths[0]) / "config.json").is_file():
         run, name, paths = Path(a.paths[0]), f"run:{Path(a.paths[0]).resolve()}", a.paths[1:]
     else:
-        raise FlowmnistError("give RUN_DIR IN... OUT, or --pretrained NAME IN... OUT")
+        pretrained = a.pretrained or DEFAULT_MODEL
+        run, name, paths = verify_pretrained(pretrained), f"pretrained:{pretrained}", a.paths
     if len(paths) < 2:
         raise FlowmnistError("give the input (an IDX file, PNG files or a directory of them) and OUT")
     out = out_file(paths[-1], "OUT")
@@ -105,7 +106,7 @@ def add_codec_commands(sub) -> None:
     c.add_argument(
         "paths", nargs="+", metavar="PATH", help="[RUN_DIR] IN... OUT: an IDX file (gzipped or not) or PNGs, then OUT"
     )
-    c.add_argument("--pretrained", metavar="NAME", help="a shipped model instead of RUN_DIR")
+    c.add_argument("--pretrained", metavar="NAME", help=f"a shipped model (default {DEFAULT_MODEL}) instead of RUN_DIR")
     c.set_defaults(func=cmd_compress)
     d = sub.add_parser("decompress", help="restore the original IDX bytes of a compressed file exactly")
     d.add_argument(

@@ -29,182 +29,64 @@ between (values, stream) pairs, coded with ``constriction``'s ANS stack (Bamler 
   integer shifts z_i = x_i + round(sum_{j<i} L_ij x_j / delta), the permutation exactly.
 * **Squeeze and Split are free**; each split's half and the final latent are coded under their Gaussian
   on the grid 2^-prior_bits (the finer bits of the main grid uniformly).
+* **A class-conditional model** (class Gaussians N(mu_y, sigma_y) on the final latent) codes the label by
+  bits back: the encoder first decodes y from the stream under q(y | x), the model's own posterior at a
+  fixed noise (``_label_posterior``), then codes z' = (z - mu_y) / sigma_y by a shift and a scale step
+  and y under p(y); the decoder, once it knows x, encodes y again under q. A file then costs the marginal
+  bound -log p(x) plus the small KL(q || p(y | x, u)).
+
+Each layer type has one (encode, decode) pair in ``CODERS``; the ANS stack is ``ans``, the integer nets
+``intnet``, the portable functions ``exact``, the file ``fileformat``.
 
 The grids are parameters of the file (``CodecParams``). Encoder and decoder must compute bit-identical
-network outputs: the codec runs the nets in the model's dtype on one thread (set inside the codec, so the
-caller's thread count does not matter), in the same batches (a fixed schedule of chunk sizes), so a file
-decodes on the same build of flowmnist and PyTorch and the same kind of CPU that wrote it.
+numbers from the data, so format 2 computes nothing whose last bit depends on the machine:
 
-File layout (little-endian): magic ``FMNZ``, format version (u16), a header (model name, SHA-256 of the
-weights, numerics tag, codec parameters, image count, IDX header, CRC-32 of the original IDX bytes, source
-kind, initial-bits bookkeeping), the ANS words, and a CRC-32 of everything before it.
+* the coupling nets are integer networks (``intnet``: integer weights and activations in float64 tensors
+  whose sums cannot round, tables for ELU and sigmoid), evaluated in any batch size and thread count;
+* every elementwise function (the scale bound's tanh, e^s of the scales, the sigmoid and logit of the
+  dequantization's map, the logistic base's cells) comes from ``exact``: exp and log built of IEEE-754's
+  correctly rounded basic operations only, the same function on every machine;
+* the Gaussians are one categorical table made by ``exact`` (``exact.gaussian_cells``), the initial bits
+  a splitmix64 stream in integer arithmetic.
+
+Format 1 (float nets in the model's dtype on one thread, numpy's and libm's functions, constriction's
+QuantizedGaussian) is still read: such a file decodes where the CPU kind and PyTorch build compute its
+nets alike, and is otherwise refused in one line that says so.
+
+The file (``fileformat``): magic ``FMNZ``, format version, a header naming the model by the SHA-256 of
+what the codec computes with (format 2: the integer nets and the other coefficients, ``model_sha256``;
+format 1: the float weights), the ANS words, and a CRC-32 of everything before it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import struct
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .config import FlowmnistError
-from .data import IMAGE_SHAPE
-from .flows import ActNorm, AffineCoupling, Dequantization, InvConv1x1, Logit, Sigmoid, Split, Squeeze
+from ..config import FlowmnistError
+from ..data import IMAGE_SHAPE
+from ..flows import ActNorm, AffineCoupling, Dequantization, InvConv1x1, Logit, Sigmoid, Split, Squeeze
+from . import exact
+from .ans import PRIOR_RANGE as PRIOR_RANGE
+from .ans import _NullStream, _seed, _Stream
+from .fileformat import FORMAT_VERSION as FORMAT_VERSION
+from .fileformat import CodecParams, Header, _read_header, chunk_sizes, idx_bytes
+from .fileformat import read_header as read_header
+from .intnet import IntNet, IntSpec, fixed, image_condition, sha256_of
 
-MAGIC = b"FMNZ"
-FORMAT_VERSION = 1
 SIDE = IMAGE_SHAPE[-1]
 DIMS = math.prod(IMAGE_SHAPE)
 H_RANGE = 64.0  # |h| bound of the dequantization noise before its sigmoid: u within e^-64 of a bin edge
-PRIOR_RANGE = 2048  # Gaussian symbols -2048..2048 (|z| <= 128 on the 2^-4 grid): the leaky quantizer's floor
-# of 2^-24 per symbol costs 4097 * 2^-24 / ln 2 = 0.00035 bits per latent element
 MAX_SCALE = (1 << 23) - 1  # P < 2^24: constriction's uniform models need sizes below 2^24
-SEED = 0x5EED_F10E  # the initial bits are a fixed pseudo-random stream the decoder regenerates
-
-
-@dataclass(frozen=True)
-class CodecParams:
-    """Grids and schedule of a file, recorded in its header.
-
-    grid_bits:   the main flow's grid, delta_z = 2^-grid_bits (logit space and every coupling's output)
-    noise_bits:  the dequantization noise's grid below g_x, delta_y = 2^-noise_bits (h for a variational
-                 model, u itself for uniform dequantization)
-    prior_bits:  the Gaussians are coded on the grid 2^-prior_bits
-    base_bits:   the logistic base h0 of q is coded as a categorical over cells of 2^-base_bits
-    batch, ramp: chunk sizes min(batch, max(1, images_done // ramp)): the first images, with few bits on
-                 the stack to give back, go one by one, so the start-up cost is about one image's noise
-    seed_words:  length of the initial-bits stream (32-bit words)
-    """
-
-    grid_bits: int = 16
-    noise_bits: int = 20
-    prior_bits: int = 4
-    base_bits: int = 4
-    batch: int = 32
-    ramp: int = 32
-    seed_words: int = 1 << 14
-
-    def check(self) -> None:
-        ok = (
-            4 <= self.prior_bits < self.grid_bits <= 20
-            and 1 <= self.base_bits < self.noise_bits <= 30
-            and self.batch >= 1
-            and self.ramp >= 1
-            and 16 <= self.seed_words <= 1 << 24
-        )
-        if not ok:
-            raise FlowmnistError(f"codec parameters out of range: {self}")
-
-
-def chunk_sizes(n: int, batch: int, ramp: int) -> list[int]:
-    """The batch partition both sides use: min(batch, max(1, done // ramp)) images per chunk."""
-    sizes, done = [], 0
-    while done < n:
-        b = min(batch, max(1, done // ramp), n - done)
-        sizes.append(b)
-        done += b
-    return sizes
-
-
-# ----------------------------------------------------------------------------------------------
-# The ANS stack: uniform, Gaussian and categorical symbols, each pop the exact inverse of a push
-# ----------------------------------------------------------------------------------------------
-
-
-class _Stream:
-    """An ``constriction`` AnsCoder with vectorised uniform / Gaussian / categorical pushes and pops.
-
-    ``push_*`` encodes (adds about -log2 P bits), ``pop_*`` decodes (takes them back); ``pop_x(push_x(v))``
-    returns v and leaves the stack as it was, for any stack contents."""
-
-    def __init__(self, words: np.ndarray | None = None):
-        import constriction
-
-        ans = constriction.stream.stack.AnsCoder
-        self.c = ans(words) if words is not None else ans()
-        m = constriction.stream.model
-        self._uniform = m.Uniform()
-        self._gauss = m.QuantizedGaussian(-PRIOR_RANGE, PRIOR_RANGE)
-        self._m = m
-
-    def push_uniform(self, v: np.ndarray, size, exact: bool = False) -> None:
-        """v in [0, size), as two digits lo + r_lo * hi (see ``_radices``): lo first, then hi."""
-        size = np.broadcast_to(np.asarray(size, np.int64), np.shape(v)).ravel()
-        v = v.ravel().astype(np.int64)
-        r_lo, r_hi = _radices(size, exact)
-        if (v < 0).any() or (v >= r_lo * r_hi).any():
-            raise ValueError("uniform symbol out of range")
-        for digit, radix in ((v % r_lo, r_lo), (v // r_lo, r_hi)):
-            coded = radix >= 2
-            if coded.any():
-                self.c.encode_reverse(digit[coded].astype(np.int32), self._uniform, radix[coded].astype(np.int32))
-
-    def pop_uniform(self, size, shape: tuple[int, ...], exact: bool = False) -> np.ndarray:
-        """The inverse of ``push_uniform``: hi first, then lo."""
-        r_lo, r_hi = _radices(np.broadcast_to(np.asarray(size, np.int64), shape).ravel(), exact)
-        digits = []
-        for radix in (r_hi, r_lo):
-            d, coded = np.zeros(radix.shape, np.int64), radix >= 2
-            if coded.any():
-                d[coded] = self.c.decode(self._uniform, radix[coded].astype(np.int32))
-            digits.append(d)
-        return (digits[0] * r_lo + digits[1]).reshape(shape)
-
-    def push_gauss(self, v: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
-        v = v.ravel()
-        if (np.abs(v) > PRIOR_RANGE).any():
-            raise ValueError("latent outside the codec's range")
-        self.c.encode_reverse(v.astype(np.int32), self._gauss, mean.ravel(), std.ravel())
-
-    def pop_gauss(self, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-        return self.c.decode(self._gauss, mean.ravel(), std.ravel()).astype(np.int64)
-
-    def categorical(self, probs: np.ndarray):
-        return self._m.Categorical(probs, perfect=False)
-
-    def push_cat(self, v: np.ndarray, model) -> None:
-        self.c.encode_reverse(v.ravel().astype(np.int32), model)
-
-    def pop_cat(self, n: int, model) -> np.ndarray:
-        return self.c.decode(model, n).astype(np.int64)
-
-    def words(self) -> np.ndarray:
-        return self.c.get_compressed()
-
-
-def _radices(size: np.ndarray, exact: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Two radices (r_lo, r_hi) per uniform of ``size``, each a symbol constriction codes nearly exactly.
-
-    constriction quantises probabilities to multiples of 2^-24 and gives the remainder to the last symbol,
-    so U{0..N-1} costs about (2^24 mod N) / 2^24 bits more than log2 N unless N is a power of two: 0.02
-    bits at N ~ 2^16, 3e-6 at N ~ 2^10. Powers of two split into two exact digits (2^20 at most each);
-    another N below 2^11 is one digit; a larger one (only for what the encoder pushes, never pops:
-    ``exact`` False) is 2^s times U{0..H-1}, H = ceil(N / 2^s) in [2^10, 2^11], which wastes
-    log2(H 2^s / N) < 2^-10 / ln 2 bits of code space."""
-    pow2 = (size & (size - 1)) == 0
-    bits = np.floor(np.log2(np.maximum(size, 1))).astype(np.int64)
-    r_lo, r_hi = size.copy(), np.ones_like(size)
-    big = pow2 & (bits > 20)
-    r_lo[big], r_hi[big] = 1 << 20, size[big] >> 20
-    mixed = ~pow2 & (size >= 1 << 11) & (not exact)
-    s = bits[mixed] - 10
-    r_lo[mixed], r_hi[mixed] = np.int64(1) << s, (size[mixed] + (np.int64(1) << s) - 1) >> s
-    if (r_lo >= 1 << 24).any() or (r_hi >= 1 << 24).any():
-        raise ValueError("uniform size too large")
-    return r_lo, r_hi
-
-
-def _seed(n: int) -> np.ndarray:
-    """The initial bits: n pseudo-random nonzero words from a fixed seed, regenerated by the decoder."""
-    return np.random.Generator(np.random.PCG64(SEED)).integers(1, 1 << 32, n, dtype=np.uint32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,6 +108,17 @@ class _Plan:
     model_dtype: torch.dtype = torch.float32
     base_c0: int = 0
     extra: dict = field(default_factory=dict)
+    fmt: int = FORMAT_VERSION
+    nets: dict = field(default_factory=dict)  # id(coupling) -> its IntNet (format 2)
+
+    @property
+    def spec(self) -> IntSpec:
+        return self.params.spec
+
+    @property
+    def m(self):
+        """The elementwise maths: portable (format 2) or numpy's own (format 1)."""
+        return exact if self.fmt >= 2 else _NumpyMath
 
     @property
     def dz(self) -> float:
@@ -247,8 +140,9 @@ def _refuse(what: str) -> FlowmnistError:
     return FlowmnistError(f"codec: {what} has no local bits-back coding; this model cannot be compressed")
 
 
-def _plan(model: torch.nn.Module, params: CodecParams) -> _Plan:
-    """Check every layer of ``model`` against the kinds the codec codes; refuse the first other one."""
+def _plan(model: torch.nn.Module, params: CodecParams, fmt: int = FORMAT_VERSION) -> _Plan:
+    """Check every layer of ``model`` against the kinds the codec codes; refuse the first other one.
+    Format 2 builds each coupling's integer net."""
     dq = getattr(model, "dequant", None)
     if type(dq) is not Dequantization:
         raise _refuse(f"dequantization layer {type(dq).__name__}")
@@ -261,10 +155,11 @@ def _plan(model: torch.nn.Module, params: CodecParams) -> _Plan:
         if type(f) is not AffineCoupling:
             raise _refuse(f"layer {type(f).__name__} (dequant.noise_flows[{i}])")
     for i, f in enumerate(model.flows):
-        if type(f) not in (AffineCoupling, ActNorm, InvConv1x1, Squeeze, Split):
+        if type(f) not in CODERS:
             raise _refuse(f"layer {type(f).__name__} (flows[{i}])")
-    if not _standard_prior(getattr(model, "prior", None)):
-        raise _refuse(f"prior {type(model.prior).__name__}")
+    prior = getattr(model, "prior", None)
+    if not _standard_prior(prior) and not (fmt >= 2 and _top_class_prior(model)):
+        raise _refuse(f"prior {type(prior).__name__}" + (" (class means beyond the final latent)" if fmt >= 2 else ""))
     if tuple(getattr(model, "image_shape", ())) != IMAGE_SHAPE:
         raise FlowmnistError(f"codec: model image shape {getattr(model, 'image_shape', None)}, expected {IMAGE_SHAPE}")
     dtype = next(model.parameters(), torch.empty(0)).dtype
@@ -277,28 +172,79 @@ def _plan(model: torch.nn.Module, params: CodecParams) -> _Plan:
         dq.noise_logit.alpha,
         dq.variational,
         dtype,
+        fmt=fmt,
     )
+    if fmt >= 2:
+        for layer in plan.noise + [f for f in plan.flows if isinstance(f, AffineCoupling)]:
+            try:
+                plan.nets[id(layer)] = IntNet(_coupling_parts(layer)[0], plan.spec)
+            except ValueError as e:
+                raise FlowmnistError(f"codec: a coupling net has no exact integer form ({e})") from e
     if plan.variational:
         _base_model(plan)
     return plan
 
 
+def _coupling_parts(layer: AffineCoupling) -> tuple[torch.nn.Module, Tensor, Tensor]:
+    """What the codec reads of an affine coupling: (its net, its mask, its scale bound's log c), with
+    s <- tanh(s / e^c) e^c (flows.AffineCoupling)."""
+    return layer.net, layer.mask, layer.scale_factor
+
+
+def model_sha256(plan: _Plan) -> str:
+    """A format-2 file's model: SHA-256 of the integer nets' weights and every other number the codec
+    computes with (coupling scale bounds, actnorm, 1x1 convolutions, logit squeezes, the numerics)."""
+    arrays = []
+    for layer in plan.noise + plan.flows:
+        if isinstance(layer, AffineCoupling):
+            arrays += plan.nets[id(layer)].arrays() + [_bits(_coupling_parts(layer)[2])]
+        elif isinstance(layer, (ActNorm, InvConv1x1)):
+            arrays += [_bits(p) for p in layer.state_dict().values()]
+    arrays.append(_bits(torch.tensor([plan.alpha, plan.noise_alpha], dtype=torch.float64)))
+    if _conditional(plan):
+        arrays += [_bits(t) for t in plan.model.prior.state_dict().values()]
+    return sha256_of(arrays, plan.spec.tag())
+
+
+def _bits(t: Tensor) -> np.ndarray:
+    """A float tensor's float64 values as their bit patterns (int64), for hashing."""
+    return t.detach().cpu().double().contiguous().numpy().view(np.int64)
+
+
 def _standard_prior(prior) -> bool:
     """N(0, I) on the whole latent: no prior object, or the models' standard-normal one."""
-    from . import models
+    from .. import models
 
     standard = getattr(models, "StandardNormalPrior", None)
     return prior is None or (standard is not None and type(prior) is standard)
+
+
+def _top_class_prior(model) -> bool:
+    """A ``ClassPrior`` whose class Gaussians sit on the final latent alone (class means on "top"): the
+    split halves stay N(0, I), and the final latent is coded under N(mu_y, sigma_y) by an affine step."""
+    from .. import models
+
+    prior = model.prior
+    if type(prior) is not getattr(models, "ClassPrior", None):
+        return False
+    shape = IMAGE_SHAPE
+    for layer in model.flows:
+        shape = layer.out_shape(shape)
+    return prior.class_dims == math.prod(shape)
+
+
+def _conditional(plan: _Plan) -> bool:
+    return not _standard_prior(getattr(plan.model, "prior", None))
 
 
 def _base_model(plan: _Plan) -> None:
     """The categorical over coarse cells of the logistic base h0 = logit(a/2 + (1 - a) u0), u0 ~ U[0, 1):
     P(cell c) = F(hi_c) - F(lo_c), F(h) = (sigmoid(h) - a/2) / (1 - a); each cell then uniform."""
     a, w = plan.noise_alpha, 2.0**-plan.params.base_bits
-    lo, hi = _logit(a / 2), _logit(1 - a / 2)
+    lo, hi = float(plan.m.logit(a / 2)), float(plan.m.logit(1 - a / 2))
     c0, c1 = math.floor(lo / w), math.floor(hi / w)
     edges = np.clip(np.arange(c0, c1 + 2) * w, lo, hi)
-    cdf = (_sigmoid(edges) - a / 2) / (1 - a)
+    cdf = (plan.m.sigmoid(edges) - a / 2) / (1 - a)
     plan.base_c0 = c0
     plan.extra["base_probs"] = np.diff(cdf)
 
@@ -320,10 +266,11 @@ def numerics_tag(model: torch.nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """The nets run on one thread inside the codec: the same kernels, whatever the caller set."""
+def _nets_threads(fmt: int) -> Iterator[None]:
+    """Format 1's float nets run on one thread (the same kernels, whatever the caller set); format 2's
+    integer nets give the same integers on any number."""
     old = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1 if fmt < 2 else old)
     try:
         with torch.no_grad():
             yield
@@ -332,7 +279,7 @@ def _one_thread() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Elementwise maths (float64 numpy: the same on both sides)
+# Format 1's elementwise maths: numpy's functions (their last bits depend on the CPU kind)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -351,57 +298,90 @@ def _log_dsigmoid(h):
     return -(np.logaddexp(0, h) + np.logaddexp(0, -h))
 
 
+class _NumpyMath:
+    """Format 1's maths, with the names of ``exact``'s."""
+
+    exp = staticmethod(np.exp)
+    log = staticmethod(np.log)
+    log1p = staticmethod(np.log1p)
+    sigmoid = staticmethod(_sigmoid)
+    logit = staticmethod(_logit)
+    log_dsigmoid = staticmethod(_log_dsigmoid)
+
+
 # ----------------------------------------------------------------------------------------------
 # Affine coupling: local bits back in closed form (integer scale by uniform bits back)
 # ----------------------------------------------------------------------------------------------
 
 
-def _scale_shift(layer: AffineCoupling, k: Tensor, delta: float, cond: Tensor | None, dtype) -> tuple:
-    """The coupling's (s, t) on the free elements, from the grid values (k + 1/2) delta of the kept ones."""
-    v = ((k.to(torch.float64) + 0.5) * delta).to(dtype)
-    s, t = layer._scale_shift(v, cond)
-    free = (1 - layer.mask).bool().expand_as(k)
-    return s[free].double().numpy(), t[free].double().numpy(), free
+def _scale_shift(plan: _Plan, layer: AffineCoupling, k: Tensor, bits: int, cond: Tensor | None) -> tuple:
+    """The coupling's log-scale s (float64) and integer shift t' = t / 2^-bits on its free elements, and the
+    free elements' mask, from the grid values (k + 1/2) 2^-bits of the kept ones; ``cond``: the image
+    (uint8) for the dequantization's couplings.
+
+    Format 2: the integer net on the kept values in units 2^-A, then s <- tanh(s / e^c) e^c in ``exact``'s
+    maths and t' = t_int 2^(bits - A). Format 1: the float net in the model's dtype."""
+    net, mask, log_c = _coupling_parts(layer)
+    free = (1 - mask).bool().expand_as(k)
+    if plan.fmt >= 2:
+        fac = exact.exp(log_c.detach().double().numpy()).reshape(1, -1, 1, 1)
+        a = plan.spec.act_bits
+        h = fixed(k, bits, a).clamp(-plan.spec.amax, plan.spec.amax) * mask.long()
+        if cond is not None:
+            h = torch.cat([h, image_condition(cond, a)], dim=1)
+        s, t = plan.nets[id(layer)](h).chunk(2, dim=1)
+        s = np.ldexp(s.double().numpy(), -a)
+        s = (plan.m.tanh(s / fac) * fac)[free.numpy()]
+        return s, t[free].numpy() << (bits - a), free
+    v = ((k.to(torch.float64) + 0.5) * 2.0**-bits).to(plan.model_dtype)
+    h = v * mask
+    if cond is not None:
+        h = torch.cat([h, _cond(cond, plan.model_dtype)], dim=1)
+    s, t = net(h).chunk(2, dim=1)
+    fac = log_c.exp().view(1, -1, 1, 1)
+    s = torch.tanh(s / fac) * fac
+    shift = np.rint(t[free].double().numpy() * 2.0**bits).astype(np.int64)
+    return s[free].double().numpy(), shift, free
 
 
-def _scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _scales(s: np.ndarray, maths=exact) -> tuple[np.ndarray, np.ndarray]:
     """(P, q) with e^s ~ P / 2^q and P in [2^10, 2^11]: the scale to 11 bits, every uniform nearly exact."""
-    q = np.clip(10 - np.floor(s / math.log(2)), 0, 40).astype(np.int64)
-    p = np.clip(np.rint(np.exp(s) * np.exp2(q)), 1, MAX_SCALE).astype(np.int64)
+    q = np.clip(10 - np.floor(s / exact.LN2), 0, 40).astype(np.int64)
+    p = np.clip(np.rint(maths.exp(s) * np.exp2(q)), 1, MAX_SCALE).astype(np.int64)
     return p, q
 
 
-def _scale_fwd(st: _Stream, k: np.ndarray, shift: np.ndarray, s: np.ndarray) -> np.ndarray:
+def _scale_fwd(st: _Stream, k: np.ndarray, shift: np.ndarray, s: np.ndarray, maths=exact) -> np.ndarray:
     """Encoder: grid values of (x + t) e^s from x's indices ``k`` and t's integer ``shift``, elementwise:
     decode r ~ U{0..P-1}, encode (n mod Q) ~ U{0..Q-1}; costs -s nats per element."""
-    p, q = _scales(s)
+    p, q = _scales(s, maths)
     n = (k + shift) * p + st.pop_uniform(p, p.shape, exact=True)
     st.push_uniform(n & ((np.int64(1) << q) - 1), np.int64(1) << q)
     return n >> q
 
 
-def _scale_inv(st: _Stream, m: np.ndarray, shift: np.ndarray, s: np.ndarray) -> np.ndarray:
+def _scale_inv(st: _Stream, m: np.ndarray, shift: np.ndarray, s: np.ndarray, maths=exact) -> np.ndarray:
     """Decoder: the exact inverse of ``_scale_fwd``."""
-    p, q = _scales(s)
+    p, q = _scales(s, maths)
     n = (m << q) + st.pop_uniform(np.int64(1) << q, s.shape)
     st.push_uniform(n % p, p, exact=True)
     return n // p - shift
 
 
-def _coupling_fwd(st: _Stream, plan: _Plan, layer, k: Tensor, delta: float, cond, ideal: np.ndarray) -> Tensor:
-    """Encoder: z = (x + t) e^s on the free half (the kept half gives s and t)."""
-    s, t, free = _scale_shift(layer, k, delta, cond, plan.model_dtype)
+def _coupling_fwd(st: _Stream, plan: _Plan, layer, k: Tensor, bits: int, cond, ideal: np.ndarray) -> Tensor:
+    """Encoder: z = (x + t) e^s on the free half (the kept half gives s and t), on the grid 2^-bits."""
+    s, t, free = _scale_shift(plan, layer, k, bits, cond)
     out = k.clone()
-    out[free] = torch.from_numpy(_scale_fwd(st, k[free].numpy(), np.rint(t / delta).astype(np.int64), s))
+    out[free] = torch.from_numpy(_scale_fwd(st, k[free].numpy(), t, s, plan.m))
     ideal -= s.reshape(k.shape[0], -1).sum(1)
     return out
 
 
-def _coupling_inv(st: _Stream, plan: _Plan, layer, m: Tensor, delta: float, cond) -> Tensor:
+def _coupling_inv(st: _Stream, plan: _Plan, layer, m: Tensor, bits: int, cond) -> Tensor:
     """Decoder: the exact inverse of ``_coupling_fwd`` (the kept half is unchanged, so s and t are too)."""
-    s, t, free = _scale_shift(layer, m, delta, cond, plan.model_dtype)
+    s, t, free = _scale_shift(plan, layer, m, bits, cond)
     out = m.clone()
-    out[free] = torch.from_numpy(_scale_inv(st, m[free].numpy(), np.rint(t / delta).astype(np.int64), s))
+    out[free] = torch.from_numpy(_scale_inv(st, m[free].numpy(), t, s, plan.m))
     return out
 
 
@@ -412,15 +392,17 @@ def _actnorm_terms(layer: ActNorm, shape: tuple[int, ...], delta: float) -> tupl
     return s, t
 
 
-def _actnorm_fwd(layer: ActNorm, st: _Stream, k: np.ndarray, delta: float, ideal: np.ndarray) -> np.ndarray:
+def _actnorm_fwd(
+    layer: ActNorm, st: _Stream, k: np.ndarray, delta: float, ideal: np.ndarray, maths=exact
+) -> np.ndarray:
     s, t = _actnorm_terms(layer, k.shape, delta)
     ideal -= s.reshape(k.shape[0], -1).sum(1)
-    return _scale_fwd(st, k, t, s)
+    return _scale_fwd(st, k, t, s, maths)
 
 
-def _actnorm_inv(layer: ActNorm, st: _Stream, m: np.ndarray, delta: float) -> np.ndarray:
+def _actnorm_inv(layer: ActNorm, st: _Stream, m: np.ndarray, delta: float, maths=exact) -> np.ndarray:
     s, t = _actnorm_terms(layer, m.shape, delta)
-    return _scale_inv(st, m, t, s)
+    return _scale_inv(st, m, t, s, maths)
 
 
 def _lu(layer: InvConv1x1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -441,14 +423,16 @@ def _lin(coef: np.ndarray, k: np.ndarray, channels, delta: float) -> np.ndarray:
     return acc
 
 
-def _invconv_fwd(layer: InvConv1x1, st: _Stream, k: np.ndarray, delta: float, ideal: np.ndarray) -> np.ndarray:
+def _invconv_fwd(
+    layer: InvConv1x1, st: _Stream, k: np.ndarray, delta: float, ideal: np.ndarray, maths=exact
+) -> np.ndarray:
     """Encoder: z = P L U' x by lifting on the grid (module docstring)."""
     perm, lower, upper, sign, log_s = _lu(layer)
     k, c = k.copy(), k.shape[1]
     for i in range(c):  # U': channels above i still hold x
-        t = np.rint(_lin(upper[i], k, range(i + 1, c), delta) / (sign[i] * np.exp(log_s[i])) / delta)
+        t = np.rint(_lin(upper[i], k, range(i + 1, c), delta) / (sign[i] * maths.exp(log_s[i])) / delta)
         s = np.full(t.shape, log_s[i])
-        k[:, i] = _scale_fwd(st, k[:, i], t.astype(np.int64), s)
+        k[:, i] = _scale_fwd(st, k[:, i], t.astype(np.int64), s, maths)
         if sign[i] < 0:
             k[:, i] = -k[:, i] - 1  # the grid's mirror: -(k + 1/2) = (-k - 1) + 1/2
     for i in reversed(range(c)):  # L: channels below i still hold U' x
@@ -457,7 +441,7 @@ def _invconv_fwd(layer: InvConv1x1, st: _Stream, k: np.ndarray, delta: float, id
     return k[:, perm]
 
 
-def _invconv_inv(layer: InvConv1x1, st: _Stream, m: np.ndarray, delta: float) -> np.ndarray:
+def _invconv_inv(layer: InvConv1x1, st: _Stream, m: np.ndarray, delta: float, maths=exact) -> np.ndarray:
     """Decoder: the exact inverse of ``_invconv_fwd``, its steps in reverse."""
     perm, lower, upper, sign, log_s = _lu(layer)
     k, c = np.empty_like(m), m.shape[1]
@@ -467,8 +451,8 @@ def _invconv_inv(layer: InvConv1x1, st: _Stream, m: np.ndarray, delta: float) ->
     for i in reversed(range(c)):
         if sign[i] < 0:
             k[:, i] = -k[:, i] - 1
-        t = np.rint(_lin(upper[i], k, range(i + 1, c), delta) / (sign[i] * np.exp(log_s[i])) / delta)
-        k[:, i] = _scale_inv(st, k[:, i], t.astype(np.int64), np.full(t.shape, log_s[i]))
+        t = np.rint(_lin(upper[i], k, range(i + 1, c), delta) / (sign[i] * maths.exp(log_s[i])) / delta)
+        k[:, i] = _scale_inv(st, k[:, i], t.astype(np.int64), np.full(t.shape, log_s[i]), maths)
     return k
 
 
@@ -479,22 +463,22 @@ def _invconv_inv(layer: InvConv1x1, st: _Stream, m: np.ndarray, delta: float) ->
 
 def _w_of_z(plan: _Plan, z):
     """Pixel units w = x + u in [0, 256) of a logit-space value z = logit(a/2 + (1 - a) w / 256)."""
-    return 256.0 * (_sigmoid(z) - plan.alpha / 2) / (1 - plan.alpha)
+    return 256.0 * (plan.m.sigmoid(z) - plan.alpha / 2) / (1 - plan.alpha)
 
 
 def _z_of_w(plan: _Plan, w):
-    return _logit(plan.alpha / 2 + (1 - plan.alpha) * np.asarray(w, np.float64) / 256.0)
+    return plan.m.logit(plan.alpha / 2 + (1 - plan.alpha) * np.asarray(w, np.float64) / 256.0)
 
 
 def _u_of_y(plan: _Plan, y):
-    return _sigmoid(y) if plan.variational else y
+    return plan.m.sigmoid(y) if plan.variational else y
 
 
 def _y_of_u(plan: _Plan, u):
     if not plan.variational:
         return np.clip(u, 0.0, 1.0)
     u = np.clip(u, 1e-300, 1.0)
-    return np.clip(np.log(u) - np.log1p(-np.minimum(u, 1 - 1e-16)), -H_RANGE - 1, H_RANGE + 1)
+    return np.clip(plan.m.log(u) - plan.m.log1p(-np.minimum(u, 1 - 1e-16)), -H_RANGE - 1, H_RANGE + 1)
 
 
 def _pixel(plan: _Plan, m):
@@ -530,10 +514,10 @@ def _ymap_fwd(st: _Stream, plan: _Plan, ky: np.ndarray, x: np.ndarray, ideal: np
         raise FlowmnistError("codec: the noise-to-logit map did not converge (numerical trouble)")
     st.push_uniform(ky - lo, hi - lo)
     s = plan.alpha / 2 + (1 - plan.alpha) * w / 256.0
-    log_dz = math.log((1 - plan.alpha) / 256.0) - np.log(s) - np.log1p(-s)
+    log_dz = math.log((1 - plan.alpha) / 256.0) - plan.m.log(s) - plan.m.log1p(-s)
     ideal -= log_dz.reshape(len(ideal), -1).sum(1)
     if plan.variational:
-        ideal -= _log_dsigmoid(y).reshape(len(ideal), -1).sum(1)
+        ideal -= plan.m.log_dsigmoid(y).reshape(len(ideal), -1).sum(1)
     return m
 
 
@@ -563,7 +547,7 @@ def _base_pop(st: _Stream, plan: _Plan, shape: tuple[int, ...], ideal: np.ndarra
     fine = plan.params.noise_bits - plan.params.base_bits
     k = (c << fine) + st.pop_uniform(np.int64(1 << fine), (n,))
     h0 = (k + 0.5) * plan.dy
-    ideal += (_log_dsigmoid(h0) - math.log1p(-plan.noise_alpha)).reshape(len(ideal), -1).sum(1)
+    ideal += (plan.m.log_dsigmoid(h0) - math.log1p(-plan.noise_alpha)).reshape(len(ideal), -1).sum(1)
     return k.reshape(shape)
 
 
@@ -588,7 +572,10 @@ def _prior_push(st: _Stream, plan: _Plan, k: np.ndarray, ideal: np.ndarray) -> N
     k = k.ravel()
     st.push_uniform(k & ((1 << shift) - 1), np.int64(1 << shift))
     scale = float(1 << plan.params.prior_bits)
-    st.push_gauss(k >> shift, np.full(k.shape, -0.5), np.full(k.shape, scale))
+    if plan.fmt >= 2:
+        st.push_normal(k >> shift, 1 << plan.params.prior_bits)
+    else:
+        st.push_gauss(k >> shift, np.full(k.shape, -0.5), np.full(k.shape, scale))
     z = (k + 0.5) * plan.dz
     ideal += (0.5 * (z * z + math.log(2 * math.pi))).reshape(len(ideal), -1).sum(1)
 
@@ -597,7 +584,10 @@ def _prior_pop(st: _Stream, plan: _Plan, shape: tuple[int, ...]) -> np.ndarray:
     shift = plan.params.grid_bits - plan.params.prior_bits
     n = math.prod(shape)
     scale = float(1 << plan.params.prior_bits)
-    hi = st.pop_gauss(np.full(n, -0.5), np.full(n, scale))
+    if plan.fmt >= 2:
+        hi = st.pop_normal(n, 1 << plan.params.prior_bits)
+    else:
+        hi = st.pop_gauss(np.full(n, -0.5), np.full(n, scale))
     return ((hi << shift) + st.pop_uniform(np.int64(1 << shift), (n,))).reshape(shape)
 
 
@@ -610,135 +600,201 @@ def _cond(x: Tensor, dtype) -> Tensor:
     return (x.to(dtype) / 255 * 2 - 1).contiguous()  # as Dequantization.noise conditions its couplings
 
 
+@dataclass
+class _Site:
+    """Where a layer is coded: on the grid 2^-bits, its nets conditioned on the image ``cond`` (the
+    dequantization's couplings), each image's bound summed into ``ideal`` (the encoder's)."""
+
+    bits: int
+    cond: Tensor | None = None
+    ideal: np.ndarray | None = None
+
+
+# A layer coder: (stream, plan, layer, grid indices k, site) -> the layer's output indices; the decoder's
+# is the exact inverse of the encoder's, values and stream alike.
+Coder = Callable[["_Stream", _Plan, torch.nn.Module, Tensor, _Site], Tensor]
+
+
+def _coupling_enc(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return _coupling_fwd(st, plan, layer, k, site.bits, site.cond, site.ideal)
+
+
+def _coupling_dec(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return _coupling_inv(st, plan, layer, k, site.bits, site.cond)
+
+
+def _actnorm_enc(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return torch.from_numpy(_actnorm_fwd(layer, st, k.numpy(), 2.0**-site.bits, site.ideal, plan.m))
+
+
+def _actnorm_dec(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return torch.from_numpy(_actnorm_inv(layer, st, k.numpy(), 2.0**-site.bits, plan.m))
+
+
+def _invconv_enc(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return torch.from_numpy(_invconv_fwd(layer, st, k.numpy(), 2.0**-site.bits, site.ideal, plan.m))
+
+
+def _invconv_dec(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return torch.from_numpy(_invconv_inv(layer, st, k.numpy(), 2.0**-site.bits, plan.m))
+
+
+def _squeeze_enc(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return layer(k)[0]
+
+
+def _squeeze_dec(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return layer.inverse(k)
+
+
+def _split_enc(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    """The second half of the channels goes to the prior; the first half flows on."""
+    kept, out = k.chunk(2, dim=1)
+    _prior_push(st, plan, out.contiguous().numpy(), site.ideal)
+    return kept
+
+
+def _split_dec(st: _Stream, plan: _Plan, layer, k: Tensor, site: _Site) -> Tensor:
+    return torch.cat([k, torch.from_numpy(_prior_pop(st, plan, tuple(k.shape)))], dim=1)
+
+
+CODERS: dict[type, tuple[Coder, Coder]] = {
+    AffineCoupling: (_coupling_enc, _coupling_dec),
+    ActNorm: (_actnorm_enc, _actnorm_dec),
+    InvConv1x1: (_invconv_enc, _invconv_dec),
+    Squeeze: (_squeeze_enc, _squeeze_dec),
+    Split: (_split_enc, _split_dec),
+}
+
+
 def _encode_chunk(st: _Stream, plan: _Plan, x: Tensor) -> np.ndarray:
     """Encode images x (B, 1, 28, 28) uint8; returns each one's single-sample bound in nats at the noise
     the codec drew (the cost the codec realises, up to its grids)."""
     ideal = np.zeros(x.shape[0])
+    y = None
+    if _conditional(plan):  # bits back on the label: decode y from the stream under q(y | x)
+        q = _label_posterior(plan, x)
+        y = st.pop_rows(q)
+        ideal += np.log(q[np.arange(len(y)), y] / q.sum(1))
     ky = torch.from_numpy(_base_pop(st, plan, tuple(x.shape), ideal))
-    cond = _cond(x, plan.model_dtype)
+    noise = _Site(plan.params.noise_bits, x, ideal)
     for layer in plan.noise:
-        ky = _coupling_fwd(st, plan, layer, ky, plan.dy, cond, ideal)
+        ky = CODERS[type(layer)][0](st, plan, layer, ky, noise)
     kmin, kmax = plan.y_range
     if (ky < kmin).any() or (ky > kmax).any():
         raise FlowmnistError(f"codec: dequantization noise outside the codec's range (|h| > {H_RANGE:g})")
     k = torch.from_numpy(_ymap_fwd(st, plan, ky.numpy(), x.numpy().astype(np.int64), ideal))
+    main = _Site(plan.params.grid_bits, None, ideal)
     for layer in plan.flows:
-        if isinstance(layer, AffineCoupling):
-            k = _coupling_fwd(st, plan, layer, k, plan.dz, None, ideal)
-        elif isinstance(layer, ActNorm):
-            k = torch.from_numpy(_actnorm_fwd(layer, st, k.numpy(), plan.dz, ideal))
-        elif isinstance(layer, InvConv1x1):
-            k = torch.from_numpy(_invconv_fwd(layer, st, k.numpy(), plan.dz, ideal))
-        elif isinstance(layer, Squeeze):
-            k = layer(k)[0]
-        else:
-            k, out = k.chunk(2, dim=1)
-            _prior_push(st, plan, out.contiguous().numpy(), ideal)
-    _prior_push(st, plan, k.contiguous().numpy(), ideal)
+        k = CODERS[type(layer)][0](st, plan, layer, k, main)
+    _final_push(st, plan, k.contiguous().numpy(), y, ideal)
     return ideal
 
 
-def _latent_shapes(plan: _Plan, b: int) -> tuple[list[tuple[int, ...]], tuple[int, ...]]:
-    """The split halves' shapes (in flow order) and the final latent's, for a chunk of b images."""
-    shape, outs = IMAGE_SHAPE, []
+# ----------------------------------------------------------------------------------------------
+# The final latent, and a class-conditional model's label
+# ----------------------------------------------------------------------------------------------
+
+
+def _final_push(st: _Stream, plan: _Plan, k: np.ndarray, y: np.ndarray | None, ideal: np.ndarray) -> None:
+    """The final latent under the prior; for a class-conditional model under N(mu_y, sigma_y), as
+    z' = (z - mu_y) / sigma_y by a shift and a scale step (cost log sigma_y), and then the label y under
+    p(y)."""
+    if y is None:
+        _prior_push(st, plan, k, ideal)
+        return
+    s, t = _class_terms(plan, y, k.shape)
+    ideal -= s.reshape(len(y), -1).sum(1)
+    _prior_push(st, plan, _scale_fwd(st, k, t, s, plan.m), ideal)
+    probs, log_py = _label_model(plan)
+    st.push_cat(y, st.categorical(probs))
+    ideal -= log_py[y]
+
+
+def _final_pop(st: _Stream, plan: _Plan, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The inverse of ``_final_push``: (final latent, label or None)."""
+    if not _conditional(plan):
+        return _prior_pop(st, plan, shape), None
+    y = st.pop_cat(shape[0], st.categorical(_label_model(plan)[0]))
+    s, t = _class_terms(plan, y, shape)
+    return _scale_inv(st, _prior_pop(st, plan, shape), t, s, plan.m), y
+
+
+def _label_posterior(plan: _Plan, x: Tensor) -> np.ndarray:
+    """q(y | x) (B, classes), unnormalised: p(z | y) p(y) at the latent z of images x with the noise at its
+    centre and every scale step's remainder 0 (the layer coders on a ``_NullStream``), in ``exact``'s
+    maths with sums in a fixed order: the same numbers for the encoder, which decodes y under it (bits
+    back), and the decoder, which encodes y again once it knows x."""
+    null, ideal = _NullStream(), np.zeros(len(x))
+    centre = 0 if plan.variational else (plan.y_range[1] + 1) // 2
+    ky = torch.full(tuple(x.shape), centre, dtype=torch.int64)
+    noise = _Site(plan.params.noise_bits, x, ideal)
+    for layer in plan.noise:
+        ky = CODERS[type(layer)][0](null, plan, layer, ky, noise)
+    k = torch.from_numpy(_ymap_fwd(null, plan, ky.numpy(), x.numpy().astype(np.int64), ideal))
+    main = _Site(plan.params.grid_bits, None, ideal)
+    for layer in plan.flows:
+        k = CODERS[type(layer)][0](null, plan, layer, k, main)
+    z = (k.reshape(len(x), -1).numpy() + 0.5) * plan.dz
+    prior = plan.model.prior
+    mean, log_scale = prior.mean.detach().double().numpy(), prior.log_scale.detach().double().numpy()
+    ll = (
+        np.stack(
+            [
+                np.cumsum(-0.5 * np.square((z - mean[c]) * exact.exp(-log_scale[c])) - log_scale[c], axis=1)[:, -1]
+                for c in range(len(mean))
+            ],
+            axis=1,
+        )
+        + _label_model(plan)[1]
+    )
+    return exact.exp(ll - ll.max(axis=1, keepdims=True))
+
+
+def _class_terms(plan: _Plan, y: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Per element of the final latent: the scale step's log-scale -log sigma_y and the integer shift
+    -mu_y / delta (the codec's z' = (z + t) e^s)."""
+    prior = plan.model.prior
+    mean = prior.mean.detach().double().numpy()[y]
+    log_scale = prior.log_scale.detach().double().numpy()[y]
+    return (-log_scale).reshape(shape), np.rint(-mean / plan.dz).astype(np.int64).reshape(shape)
+
+
+def _label_model(plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
+    """p(y) as the probabilities the coder quantises (``exact.exp`` of log p(y)), and log p(y)."""
+    log_py = plan.model.prior.log_py.detach().double().numpy()
+    return exact.exp(log_py), log_py
+
+
+def _final_shape(plan: _Plan, b: int) -> tuple[int, ...]:
+    shape = IMAGE_SHAPE
     for layer in plan.flows:
         shape = layer.out_shape(shape)
-        if isinstance(layer, Split):
-            outs.append((b, *shape))
-    return outs, (b, *shape)
+    return (b, *shape)
 
 
 def _decode_chunk(st: _Stream, plan: _Plan, b: int) -> Tensor:
     """The exact inverse of ``_encode_chunk``: b images as uint8 (b, 1, 28, 28)."""
-    outs, final = _latent_shapes(plan, b)
-    k = torch.from_numpy(_prior_pop(st, plan, final))
+    k, y = _final_pop(st, plan, _final_shape(plan, b))
+    k = torch.from_numpy(k)
+    main = _Site(plan.params.grid_bits)
     for layer in reversed(plan.flows):
-        if isinstance(layer, AffineCoupling):
-            k = _coupling_inv(st, plan, layer, k, plan.dz, None)
-        elif isinstance(layer, ActNorm):
-            k = torch.from_numpy(_actnorm_inv(layer, st, k.numpy(), plan.dz))
-        elif isinstance(layer, InvConv1x1):
-            k = torch.from_numpy(_invconv_inv(layer, st, k.numpy(), plan.dz))
-        elif isinstance(layer, Squeeze):
-            k = layer.inverse(k)
-        else:
-            k = torch.cat([k, torch.from_numpy(_prior_pop(st, plan, outs.pop()))], dim=1)
+        k = CODERS[type(layer)][1](st, plan, layer, k, main)
     x, ky = _ymap_inv(st, plan, k.numpy())
     xt = torch.from_numpy(x.astype(np.uint8))
-    cond = _cond(xt, plan.model_dtype)
     ky = torch.from_numpy(ky)
+    noise = _Site(plan.params.noise_bits, xt)
     for layer in reversed(plan.noise):
-        ky = _coupling_inv(st, plan, layer, ky, plan.dy, cond)
+        ky = CODERS[type(layer)][1](st, plan, layer, ky, noise)
     _base_push(st, plan, ky.numpy())
+    if y is not None:
+        st.push_rows(y, _label_posterior(plan, xt))
     return xt
 
 
 # ----------------------------------------------------------------------------------------------
 # The file
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Header:
-    """Everything before the ANS words. ``kept`` is how many of the initial-bits words stay at the bottom
-    of the stack untouched (the decoder regenerates them), ``words`` how many words follow."""
-
-    model_name: str
-    weights_sha256: str
-    numerics: str
-    params: CodecParams
-    count: int
-    idx_header: bytes
-    crc32: int
-    source: str
-    kept: int
-    words: int
-
-    def pack(self) -> bytes:
-        meta = {
-            "model": self.model_name,
-            "sha256": self.weights_sha256,
-            "numerics": self.numerics,
-            "params": asdict(self.params),
-            "count": self.count,
-            "idx_header": self.idx_header.hex(),
-            "crc32": self.crc32,
-            "source": self.source,
-            "kept": self.kept,
-            "words": self.words,
-        }
-        blob = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-        return MAGIC + struct.pack("<HI", FORMAT_VERSION, len(blob)) + blob
-
-
-def _read_header(data: bytes, name: str) -> tuple[Header, int]:
-    """Parse and check the fixed part; returns the header and the offset of the ANS words."""
-    if len(data) < 10 or data[:4] != MAGIC:
-        raise FlowmnistError(f"{name}: not a flowmnist compressed file (no FMNZ magic)")
-    version, n = struct.unpack("<HI", data[4:10])
-    if version != FORMAT_VERSION:
-        newer = "; a newer flowmnist wrote it" if version > FORMAT_VERSION else ""
-        raise FlowmnistError(f"{name}: format version {version}, this flowmnist reads version {FORMAT_VERSION}{newer}")
-    if len(data) < 10 + n + 4:
-        raise FlowmnistError(f"{name}: truncated ({len(data)} bytes, shorter than its header)")
-    try:
-        m = json.loads(data[10 : 10 + n])
-        h = Header(
-            *(m["model"], m["sha256"], m["numerics"], CodecParams(**m["params"]), int(m["count"])),
-            *(bytes.fromhex(m["idx_header"]), int(m["crc32"]), m["source"], int(m["kept"]), int(m["words"])),
-        )
-    except (ValueError, KeyError, TypeError) as e:
-        raise FlowmnistError(f"{name}: damaged header ({type(e).__name__})") from e
-    want = 10 + n + 4 * h.words + 4
-    if zlib.crc32(data[:-4]) != struct.unpack("<I", data[-4:])[0] or len(data) != want:
-        what = "truncated" if len(data) < want else "damaged (CRC-32 mismatch)"
-        raise FlowmnistError(f"{name}: {what} ({len(data)} bytes, its header says {want})")
-    return h, 10 + n
-
-
-def idx_bytes(images: np.ndarray) -> bytes:
-    """The IDX file of uint8 images (N, 28, 28): magic 0x00000803, three big-endian sizes, the pixels."""
-    return bytes([0, 0, 8, 3]) + struct.pack(">3I", *images.shape) + images.tobytes()
 
 
 def _as_images(images) -> np.ndarray:
@@ -782,17 +838,19 @@ def compress_images(
     original: bytes | None = None,
     source: str = "idx",
     progress: Callable[[int], None] | None = None,
+    version: int = FORMAT_VERSION,
 ) -> tuple[bytes, Stats]:
     """Compress uint8 images (N, 28, 28) or (N, 1, 28, 28); ``original``: the bytes decompression restores
-    (an IDX file of exactly these pixels; default the IDX file of the images). Returns (file, stats)."""
+    (an IDX file of exactly these pixels; default the IDX file of the images); ``version`` 1 writes the
+    float-net format (for tests and measurements). Returns (file, stats)."""
     params = params or CodecParams()
     params.check()
     arr = _as_images(images)
     original = idx_bytes(arr) if original is None else original
-    plan = _plan(model, params)
-    st = _Stream(_seed(params.seed_words))
+    plan = _plan(model, params, version)
+    st = _Stream(_seed(params.seed_words, version))
     bound, start = 0.0, 0
-    with _one_thread():
+    with _nets_threads(plan.fmt):
         for b in chunk_sizes(len(arr), params.batch, params.ramp):
             x = torch.from_numpy(arr[start : start + b].copy()).unsqueeze(1)
             try:
@@ -802,12 +860,13 @@ def compress_images(
             start += b
             if progress:
                 progress(b)
-    words, seed = st.words(), _seed(params.seed_words)
+    words, seed = st.words(), _seed(params.seed_words, version)
     kept = _common_prefix(words, seed)
+    v1 = version < 2
     header = Header(
         name,
-        weights_sha256(model),
-        numerics_tag(model),
+        weights_sha256(model) if v1 else model_sha256(plan),
+        numerics_tag(model) if v1 else plan.spec.tag(),
         params,
         len(arr),
         original[: len(original) - arr.size],
@@ -815,6 +874,7 @@ def compress_images(
         source,
         kept,
         len(words) - kept,
+        version,
     )
     body = header.pack() + words[kept:].astype("<u4").tobytes()
     data = body + struct.pack("<I", zlib.crc32(body))
@@ -827,24 +887,19 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if len(diff) else n
 
 
-def read_header(data: bytes, name: str = "<bytes>") -> Header:
-    """The header of a compressed file, checked (magic, version, CRC-32, length)."""
-    return _read_header(data, name)[0]
-
-
 def decompress_bytes(
     data: bytes, model: torch.nn.Module, *, name: str = "<bytes>", progress: Callable[[int], None] | None = None
 ) -> tuple[bytes, Header]:
     """The original bytes (an IDX file) of a compressed file, and its header; every check names ``name``."""
     header, offset = _read_header(data, name)
-    sha = weights_sha256(model)
+    plan = _plan(model, header.params, header.version)
+    sha = model_sha256(plan) if header.version >= 2 else weights_sha256(model)
     if sha != header.weights_sha256:
         raise FlowmnistError(
             f"{name}: made with model {header.model_name or '?'} (weights {header.weights_sha256[:12]}), "
             f"not the one given (weights {sha[:12]})"
         )
-    plan = _plan(model, header.params)
-    seed = _seed(header.params.seed_words)
+    seed = _seed(header.params.seed_words, header.version)
     words = np.concatenate([seed[: header.kept], np.frombuffer(data, "<u4", header.words, offset).astype(np.uint32)])
     images = _decode_all(_Stream(words), plan, header, name, progress)
     if not np.array_equal(images.words, seed):
@@ -865,7 +920,7 @@ def _decode_all(st: _Stream, plan: _Plan, header: Header, name: str, progress) -
     sizes = chunk_sizes(header.count, header.params.batch, header.params.ramp)
     out = np.zeros((header.count, SIDE, SIDE), np.uint8)
     end = header.count
-    with _one_thread():
+    with _nets_threads(plan.fmt):
         for b in reversed(sizes):
             try:
                 out[end - b : end] = _decode_chunk(st, plan, b)[:, 0].numpy()
@@ -878,9 +933,18 @@ def _decode_all(st: _Stream, plan: _Plan, header: Header, name: str, progress) -
 
 
 def _undecodable(name: str, header: Header, model, err: Exception | None = None) -> FlowmnistError:
-    here = numerics_tag(model)
-    why = f"written with {header.numerics}, decoding with {here}" if here != header.numerics else "damaged"
-    return FlowmnistError(f"{name}: does not decode to its checksum ({why})")
+    """The file's own CRC-32 held, so its bytes are as written: the model was computed differently here."""
+    if header.version < 2:
+        here = numerics_tag(model)
+        differs = f", this machine {here}" if here != header.numerics else ""
+        return FlowmnistError(
+            f"{name}: does not decode to its checksum: a format-1 file (float nets) decodes only on the CPU kind "
+            f"and PyTorch build that wrote it (it names {header.numerics}{differs})"
+        )
+    return FlowmnistError(
+        f"{name}: does not decode to its checksum though the file's own CRC-32 holds: this machine computed "
+        f"the model differently from the one that wrote it (the file names {header.numerics})"
+    )
 
 
 def compress(model: torch.nn.Module, images, *, name: str = "", params: CodecParams | None = None) -> bytes:

@@ -1,0 +1,242 @@
+"""The coupling nets in exact integer arithmetic (integer networks, Ballé, Johnston & Minnen 2019,
+https://arxiv.org/abs/1810.12766): the same outputs on every CPU kind, thread count and PyTorch build.
+
+A ``GatedConvNet`` (nets.py) becomes an ``IntNet`` whose every value is an integer:
+
+* activations in units of 2^-A (``IntSpec.act_bits``), clamped to |a| <= 2^(A+R) (``range_bits``);
+* each convolution's weights as integers of ``weight_bits`` bits w_q = rint(w 2^f), with f per
+  convolution chosen so that max |w_q| < 2^(weight_bits - 1), its bias b_q = rint(b 2^(A+f));
+  output = floor((sum w_q a + b_q) / 2^f), clamped;
+* ELU(x) = round(2^A (e^(x 2^-A) - 1)) for x <= 0 and sigmoid(b) = round(2^A sigmoid(b 2^-A)) by
+  lookup tables over the integers where they are not yet saturated (``exact.exp`` makes them, the same
+  everywhere);
+* the gate x + floor(a sigmoid(b) / 2^A); the channel layer norm in integers (below).
+
+The default widths (A = 12, 12-bit weights, R = 10) were chosen by ``benchmarks/codec_numerics.py``: they
+cost 0.0001 bits/dim against the float nets on multi-vardeq.
+
+**Why the convolutions are exact.** They run as ``F.conv2d`` on float64 tensors holding integers. Every
+product w_q a and every partial sum of them (in whatever order a kernel adds them) is an integer of
+magnitude at most  sum_i |w_q,i| 2^(A+R) + |b_q| , which ``IConv`` checks to be below 2^53 when it is
+built; an integer below 2^53 is a float64 exactly, so no product or sum rounds and every CPU kernel
+(default, AVX2, AVX-512; one thread or many; any BLAS) returns the same integers. The inputs are bounded
+by 2^(A+R) because every conv output, gate and norm output is clamped, and ELU (|ELU(x)| <= |x| or
+<= 2^A) keeps the bound.
+
+**Layer norm in integers.** Over the n channels of a pixel, with S1 = sum x, S2 = sum x^2 (int64):
+n^2 var = V = n S2 - S1^2 and n (x - mean) = d = n x - S1 exactly;
+(x - mean) / sqrt(var + eps) 2^A = floor(d 2^(A+G) / isqrt((V + E) 4^G)),  E = rint(n^2 eps 4^A), G guard
+bits, isqrt the exact integer square root (a float sqrt corrected by one step each way). ``INorm``
+takes the largest G <= 5 with n^2 4^(A+R) + E < 2^(62 - 2G) (V <= n S2 <= n^2 4^(A+R)), so nothing
+overflows int64 (|d| 2^(A+G) < 2^(A+R+1) n 2^(A+G) is far smaller). Then floor(y gamma_q / 2^g) + beta_q.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import exact
+
+EXACT = 1 << 53  # integers below this are float64 exactly
+NORM_GUARD = 5  # G: extra bits of the layer norm's integer square root, fewer where int64 has no room
+
+
+@dataclass(frozen=True)
+class IntSpec:
+    """Bit widths of the integer nets (recorded in a file's header as its numerics)."""
+
+    act_bits: int = 12
+    weight_bits: int = 12
+    range_bits: int = 10
+
+    def tag(self) -> str:
+        return f"int nets A{self.act_bits} W{self.weight_bits} R{self.range_bits}, exact maths v1"
+
+    @property
+    def amax(self) -> int:
+        return 1 << (self.act_bits + self.range_bits)
+
+
+@lru_cache(maxsize=4)
+def elu_table(a: int) -> np.ndarray:
+    """ELU on x = -j 2^-a, j = 0..J, in units 2^-a: round(2^a (e^(-j 2^-a) - 1)); the last entry is -2^a
+    (saturated: e^x 2^a < 1/2 for every j >= J)."""
+    j_max = math.ceil((a + 1) * exact.LN2 * (1 << a)) + 2
+    j = np.arange(j_max + 1, dtype=np.float64)
+    t = np.floor((exact.exp(-j * 2.0**-a) - 1.0) * 2.0**a + 0.5).astype(np.int64)
+    assert t[-1] == -(1 << a)
+    return t
+
+
+@lru_cache(maxsize=4)
+def sigmoid_table(a: int) -> np.ndarray:
+    """sigmoid on b = j 2^-a, j = -J..J, in units 2^-a; saturated (0 and 2^a) at both ends."""
+    j_max = math.ceil((a + 1) * exact.LN2 * (1 << a)) + 2
+    j = np.arange(-j_max, j_max + 1, dtype=np.float64)
+    t = np.floor(exact.sigmoid(j * 2.0**-a) * 2.0**a + 0.5).astype(np.int64)
+    assert t[0] == 0 and t[-1] == 1 << a
+    return t
+
+
+@lru_cache(maxsize=4)
+def _tables(a: int) -> tuple[Tensor, Tensor]:
+    return torch.from_numpy(elu_table(a).astype(np.float64)), torch.from_numpy(sigmoid_table(a).astype(np.float64))
+
+
+def concat_elu(x: Tensor, a: int) -> Tensor:
+    """[ELU(x), ELU(-x)] along channels in units 2^-a: of x and -x only the one <= 0 needs the table, at
+    -|x|, so one lookup serves both."""
+    table = _tables(a)[0]
+    e = torch.take(table, x.abs().clamp(max=len(table) - 1).long())
+    pos = x > 0
+    return torch.cat([torch.where(pos, x, e), torch.where(pos, e, -x)], dim=1)
+
+
+def sigmoid(b: Tensor, a: int) -> Tensor:
+    table = _tables(a)[1]
+    j = (len(table) - 1) // 2
+    return torch.take(table, (b.clamp(-j, j) + j).long())
+
+
+def isqrt(v: Tensor) -> Tensor:
+    """floor(sqrt(v)) of int64 v in [0, 2^62], exactly: the float root is within one of it."""
+    r = torch.sqrt(v.double()).floor().long()
+    r = r - (r * r > v).long()
+    return r + ((r + 1) * (r + 1) <= v).long()
+
+
+def _quantize(w: Tensor, bits: int) -> tuple[np.ndarray, int]:
+    """(rint(w 2^f) as float64 integers, f) with max |w| 2^f < 2^(bits - 1): f from the float's exponent."""
+    w = w.detach().cpu().double().numpy()
+    top = float(np.abs(w).max()) if w.size else 0.0
+    f = bits - 1 - (math.frexp(top)[1] if top > 0 else 0)
+    return np.rint(np.ldexp(w, f)), f
+
+
+class IConv:
+    """A convolution (padding keeps the size) on int64 activations in units 2^-A."""
+
+    def __init__(self, conv: nn.Conv2d, spec: IntSpec):
+        self.spec = spec
+        w, self.f = _quantize(conv.weight, spec.weight_bits)
+        b = conv.bias.detach().cpu().double().numpy() if conv.bias is not None else np.zeros(w.shape[0])
+        bq = np.rint(np.ldexp(b, spec.act_bits + self.f))
+        self.pad = conv.padding[0] if isinstance(conv.padding, tuple) else conv.padding
+        bound = np.abs(w).reshape(len(w), -1).sum(1) * spec.amax + np.abs(bq)
+        if bound.max(initial=0) >= EXACT:
+            raise ValueError(f"a convolution's integer sums reach {bound.max():.3g} >= 2^53")
+        self.weight, self.bias = torch.from_numpy(w), torch.from_numpy(bq)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        acc = F.conv2d(x, self.weight, self.bias, padding=self.pad)
+        out = torch.floor(acc * 2.0**-self.f)  # a power-of-two scaling and floor: exact
+        return out.clamp(-self.spec.amax, self.spec.amax)
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.weight.numpy().astype(np.int64), self.bias.numpy().astype(np.int64), np.array([self.f])]
+
+
+class INorm:
+    """LayerNormChannels in integers (module docstring)."""
+
+    def __init__(self, norm: nn.Module, spec: IntSpec):
+        self.spec = spec
+        n = norm.gamma.numel()
+        g, self.g = _quantize(norm.gamma.reshape(-1), spec.weight_bits)
+        beta = np.rint(np.ldexp(norm.beta.detach().cpu().double().numpy().reshape(-1), spec.act_bits))
+        self.eps = int(np.rint(n * n * float(norm.eps) * 4.0**spec.act_bits))
+        top = n * n * spec.amax**2 + self.eps
+        self.guard = next((g for g in range(NORM_GUARD, -1, -1) if top < 1 << (62 - 2 * g)), None)
+        if self.guard is None:
+            raise ValueError(f"layer norm over {n} channels overflows int64")
+        self.gamma = torch.from_numpy(g.astype(np.int64)).view(1, -1, 1, 1)
+        self.beta = torch.from_numpy(beta.astype(np.int64)).view(1, -1, 1, 1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        a, n = self.spec.act_bits, x.shape[1]
+        x = x.long()
+        s1 = x.sum(1, keepdim=True)
+        v = n * (x * x).sum(1, keepdim=True) - s1 * s1
+        r = isqrt((v + self.eps) << (2 * self.guard))
+        y = torch.div((n * x - s1) << (a + self.guard), r, rounding_mode="floor")
+        y = torch.div(y * self.gamma, 1 << self.g, rounding_mode="floor") + self.beta
+        return y.clamp(-self.spec.amax, self.spec.amax).double()
+
+    def arrays(self) -> list[np.ndarray]:
+        return [self.gamma.numpy().ravel(), self.beta.numpy().ravel(), np.array([self.g, self.eps, self.guard])]
+
+
+class IGate:
+    """x + a sigmoid(b),  [a, b] = conv1x1(ConcatELU(conv3x3(ConcatELU(x)))), in integers."""
+
+    def __init__(self, block: nn.Module, spec: IntSpec):
+        convs = [m for m in block.net if isinstance(m, nn.Conv2d)]
+        self.spec, self.c1, self.c2 = spec, IConv(convs[0], spec), IConv(convs[1], spec)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        a = self.spec.act_bits
+        h = self.c2(concat_elu(self.c1(concat_elu(x, a)), a))
+        p, q = h.chunk(2, dim=1)
+        y = x + torch.floor(p * sigmoid(q, a) * 2.0**-a)  # |p sigmoid| < 2^(2A+R) < 2^53: exact
+        return y.clamp(-self.spec.amax, self.spec.amax)
+
+    def arrays(self) -> list[np.ndarray]:
+        return self.c1.arrays() + self.c2.arrays()
+
+
+class IntNet:
+    """A ``GatedConvNet`` in integers: conv3x3, [gate, layer norm] x L, ConcatELU, conv3x3; integers in and
+    out (units 2^-A), held in float64 tensors (exact below 2^53; int64 inside the layer norm). Refuses a
+    net with other blocks (self-attention)."""
+
+    def __init__(self, net: nn.Module, spec: IntSpec):
+        from ..nets import ConcatELU, GatedConv, LayerNormChannels
+
+        self.spec = spec
+        layers = list(net.net)
+        self.stages: list = [IConv(layers[0], spec)]
+        for m in layers[1:-2]:
+            if isinstance(m, GatedConv):
+                self.stages.append(IGate(m, spec))
+            elif isinstance(m, LayerNormChannels):
+                self.stages.append(INorm(m, spec))
+            else:
+                raise ValueError(f"{type(m).__name__} in a coupling net has no integer form")
+        if not isinstance(layers[-2], ConcatELU) or not isinstance(layers[-1], nn.Conv2d):
+            raise ValueError("a coupling net must end in ConcatELU and a convolution")
+        self.out = IConv(layers[-1], spec)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        x = x.double()
+        for stage in self.stages:
+            x = stage(x)
+        return self.out(concat_elu(x, self.spec.act_bits)).long()
+
+    def arrays(self) -> list[np.ndarray]:
+        return [a for s in [*self.stages, self.out] for a in s.arrays()]
+
+
+def fixed(k: Tensor, grid_bits: int, a: int) -> Tensor:
+    """Grid values (k + 1/2) 2^-grid_bits in units 2^-a, floored: (2k + 1) >> (grid_bits + 1 - a)."""
+    return torch.div(2 * k + 1, 1 << (grid_bits + 1 - a), rounding_mode="floor")
+
+
+def image_condition(x: Tensor, a: int) -> Tensor:
+    """The image as the dequantization's nets see it, x / 255 * 2 - 1, in units 2^-a (floored)."""
+    return torch.div((2 * x.long() - 255) << a, 255, rounding_mode="floor")
+
+
+def sha256_of(arrays: list[np.ndarray], tag: str) -> str:
+    """SHA-256 over the numerics tag and every integer (int64, little-endian) the codec computes with."""
+    h = hashlib.sha256(tag.encode())
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype="<i8").tobytes())
+    return h.hexdigest()
