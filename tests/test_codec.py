@@ -32,7 +32,7 @@ from flowmnist.codec import (
     intnet,
     read_header,
 )
-from flowmnist.config import FlowmnistError
+from flowmnist.config import FlowmnistError, PriorSpec
 from flowmnist.data import FILES, read_idx, write_idx
 from flowmnist.models import build_model
 from flowmnist.runs import load_pretrained
@@ -612,7 +612,7 @@ def test_conditional_model_roundtrip_and_rate_near_its_marginal_bound(real_digit
 
 def test_refuses_class_means_beyond_the_final_latent():
     """A conditional model with class Gaussians on every latent dimension is refused in one line."""
-    model = perturb(build_model("multi-simple", conditional=True), 0.02).eval()
+    model = perturb(build_model("multi-simple", prior=PriorSpec("class")), 0.02).eval()
     with pytest.raises(FlowmnistError, match="ClassPrior"):
         compress(model, synthetic_digits(1)[0])
 

@@ -145,6 +145,16 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         raise FlowmnistError(f"{run_dir}: already holds a run; pass --resume to continue it or --force to replace it")
 
 
+def check_creatable(run_dir: Path) -> None:
+    """Before any work: ``run_dir`` can be made where it is (its nearest existing ancestor is a directory),
+    without making it, so that bad data found afterwards leaves nothing behind."""
+    parent = run_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FlowmnistError(f"{run_dir}: cannot write to the run directory (Not a directory)")
+
+
 def check_writable(run_dir: Path) -> None:
     """Make ``run_dir`` and prove it writable; remove temporary files a kill -9 left behind."""
     try:

@@ -36,6 +36,7 @@ from .dist import Dist, process_group
 from .models import NUM_CLASSES, FlowModel
 from .nets import compile_nets, set_autocast
 from .runs import (
+    check_creatable,
     check_run_dir,
     check_writable,
     initial_weights,
@@ -307,6 +308,7 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
         # Saved resolved: the run's actual recipe. (A copy: the caller's Config is left as it was.)
         cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
         check_run_dir(run_dir, resume, force)
+        check_creatable(run_dir)
         data = load_data(cfg)  # before the run directory is made: bad data leaves nothing behind
         if cfg.conditional:
             check_classes(data, NUM_CLASSES)
