@@ -179,7 +179,10 @@ def evaluate_run(
     ordered, its first half the easier one), then at most ``max_images`` of those."""
     from .data import check_classes, load_data
     from .nets import compile_nets
+    from .runtime import set_tf32
 
+    if str(device).startswith("cuda"):
+        set_tf32(False)  # true float32, where PyTorch's default lets convolutions run in TF32
     model, cfg = load_model(run, device)
     if compile:
         compile_nets(model)
