@@ -11,7 +11,8 @@
 #
 # NAME: a model (simple, vardeq, multi-simple, multi-vardeq, multi-vardeq-glow-wide), MODEL-cond for its
 # class-conditional variant, or fashion-MODEL for one trained on Fashion-MNIST (DATA_DIR then
-# holds Fashion-MNIST).
+# holds Fashion-MNIST); the long-run candidates (docs/cpu-minutes.md): multi-vardeq-glow-deep and
+# multi-vardeq-glow-wide-long (multi-vardeq-glow-wide for the long budget).
 # DATA_DIR: the official training files (60,000 images: 50,000 train / 10,000 val). CORE=N pins a
 # training, evaluation or OOD run to CPU core N with one thread, so that two runs share a 2-core machine
 # without slowing each other (a 2-thread run stalls whenever anything else takes one of its cores).
@@ -26,6 +27,10 @@ budget() {  # the original four: epochs fixed from their one-core step rate (3,1
     multi-vardeq | multi-vardeq-cond | fashion-multi-vardeq | vardeq) echo --epochs 6 ;;  # 3.3 (vardeq 2.3) steps/s
     multi-simple | simple) echo --epochs 7 ;;                                               # 4.5 (simple 2.8) steps/s
     multi-vardeq-glow-wide) echo --minutes 135 --epochs 1000 --val-minutes 15 --val-images 2000 ;;  # 2.8 steps/s
+    # The long runs: a step budget of about 585 CPU-minutes on the development machine of 2026-12 (1.54 and
+    # 1.19 steps per CPU-second), so the schedule does not depend on the clock; val about every 15 of them.
+    multi-vardeq-glow-wide-long) echo --steps 54000 --epochs 1000 --val-every 1350 --val-images 2000 ;;
+    multi-vardeq-glow-deep) echo --steps 42000 --epochs 1000 --val-every 1000 --val-images 2000 ;;
     *) echo "no budget fixed for $1" >&2; exit 2 ;;
   esac
 }
@@ -39,6 +44,7 @@ case ${1:-} in
     data=$2 name=$3 run=$RUNS/$3
     model=${name#fashion-} flags=()
     [ "$model" != "$name" ] && flags+=(--dataset fashion-mnist)
+    model=${model%-long}  # MODEL-long: the same architecture for a longer budget
     # MODEL-cond: a fixed Gaussian per digit on the final latent (docs/conditional.md chose it)
     [ "${model%-cond}" != "$model" ] && model=${model%-cond} &&
       flags+=(--conditional --class-latent top --class-spread 0.5 --class-fixed)
