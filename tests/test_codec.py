@@ -296,11 +296,15 @@ GOLDEN_SHA256 = "58fe4ccaffc4eb302d28b92bf3f1c3d617991baa494805e898b0e0643c95606
 
 
 def test_golden_file_decodes_byte_for_byte():
-    """A file written once (on an AMD EPYC with AVX-512) decodes here to the very bytes it was made from:
-    wherever the suite runs, this is a cross-machine test."""
-    original, header = decompress_bytes(GOLDEN.read_bytes(), load_pretrained("multi-vardeq"), name=str(GOLDEN))
+    """A file written once (on an AMD EPYC with AVX-512) decodes here to the very bytes it was made from, and
+    its images encode here to the very same file: wherever the suite runs, this is a cross-machine test."""
+    model, golden = load_pretrained("multi-vardeq"), GOLDEN.read_bytes()
+    original, header = decompress_bytes(golden, model, name=str(GOLDEN))
     assert header.version == 2 and header.count == GOLDEN_COUNT
     assert hashlib.sha256(original).hexdigest() == GOLDEN_SHA256
+    pixels = np.frombuffer(original, np.uint8, offset=16).reshape(-1, 28, 28)
+    again, _ = compress_images(model, pixels, name=header.model_name, params=header.params, version=2)
+    assert again == golden  # and this machine's encoder writes the very same file
     if has_real_data():
         images = read_idx(REAL_DATA / (FILES["train-images"][0] + ".gz"))[:GOLDEN_COUNT]
         assert original == idx_bytes(images)
@@ -461,6 +465,11 @@ def _py_conv(x, w, b, f, pad, amax):
     return out
 
 
+def _nchw(layer, x: torch.Tensor) -> torch.Tensor:
+    """An integer layer (channels last) applied to an NCHW tensor, its result NCHW."""
+    return layer(x.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
+
+
 def _ints(draw_seed: int, shape, bound: int) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(draw_seed).integers(-bound, bound + 1, shape))
 
@@ -477,7 +486,7 @@ def test_integer_conv_equals_python_integers(seed, ksize, ci, co, scale):
     x = _ints(seed, (2, ci, 3, 4), SPEC.amax)
     w = ic.weight.long().tolist()
     ref = _py_conv(x.tolist(), w, ic.bias.long().tolist(), ic.f, ksize // 2, SPEC.amax)
-    assert ic(x.double()).long().tolist() == ref
+    assert _nchw(ic, x.double()).long().tolist() == ref
     assert np.abs(w).max() < 2 ** (SPEC.weight_bits - 1)
 
 
@@ -492,7 +501,7 @@ def test_concat_elu_and_gate_equal_python_integers(seed):
         return v if v > 0 else elu_t[min(-v, len(elu_t) - 1)]
 
     x = _ints(seed, (1, 2, 2, 3), amax)
-    got = intnet.concat_elu(x.double(), a).long()
+    got = _nchw(lambda v: intnet.concat_elu(v, a), x.double()).long()
     xs = x.flatten().tolist()
     assert got[:, :2].flatten().tolist() == [elu(v) for v in xs]
     assert got[:, 2:].flatten().tolist() == [elu(-v) for v in xs]
@@ -503,9 +512,9 @@ def test_concat_elu_and_gate_equal_python_integers(seed):
     perturb(block, 0.3, seed % 1000)
     gate = intnet.IGate(block, SPEC)
     x = _ints(seed + 2, (1, 32, 2, 2), amax)
-    h = gate.c2(intnet.concat_elu(gate.c1(intnet.concat_elu(x.double(), a)), a)).long()
+    h = _nchw(lambda v: gate.c2(intnet.concat_elu(gate.c1(intnet.concat_elu(v, a)), a)), x.double()).long()
     p, q = h[:, :32].tolist(), h[:, 32:].tolist()
-    got = gate(x.double()).long().tolist()
+    got = _nchw(gate, x.double()).long().tolist()
     xs = x.tolist()
     for c in range(32):
         for y in range(2):
@@ -523,7 +532,7 @@ def test_layer_norm_equals_python_integers(seed, n, magnitude_bits):
     perturb(norm, 0.5, seed % 1000)
     inorm = intnet.INorm(norm, SPEC)
     x = _ints(seed, (1, n, 1, 3), min(SPEC.amax, 1 << magnitude_bits))
-    got = inorm(x.double()).long()
+    got = _nchw(inorm, x.double()).long()
     g, beta = inorm.gamma.flatten().tolist(), inorm.beta.flatten().tolist()
     for p in range(3):
         col = [int(x[0, c, 0, p]) for c in range(n)]

@@ -15,7 +15,10 @@ A ``GatedConvNet`` (nets.py) becomes an ``IntNet`` whose every value is an integ
 The default widths (A = 12, 12-bit weights, R = 10) were chosen by ``benchmarks/codec_numerics.py``: they
 cost 0.0001 bits/dim against the float nets on multi-vardeq.
 
-**Why the convolutions are exact.** They run as ``F.conv2d`` on float64 tensors holding integers. Every
+**Why the convolutions are exact.** They run as float64 matrix products on tensors holding integers
+(channels last: a 1x1 convolution is one product, a k x k one is one product with the k^2 taps' weights
+side by side, whose k^2 outputs are summed at their shifted positions, which avoids ``F.conv2d``'s slow
+float64 path). Every
 product w_q a and every partial sum of them (in whatever order a kernel adds them) is an integer of
 magnitude at most  sum_i |w_q,i| 2^(A+R) + |b_q| , which ``IConv`` checks to be below 2^53 when it is
 built; an integer below 2^53 is a float64 exactly, so no product or sum rounds and every CPU kernel
@@ -91,19 +94,28 @@ def _tables(a: int) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(elu_table(a).astype(np.float64)), torch.from_numpy(sigmoid_table(a).astype(np.float64))
 
 
+def _lookup(table: Tensor, index: Tensor) -> Tensor:
+    """table[index] for an int64 index of any shape (``index_select`` on the flat index: the fast gather)."""
+    return torch.index_select(table, 0, index.reshape(-1)).view(index.shape)
+
+
 def concat_elu(x: Tensor, a: int) -> Tensor:
-    """[ELU(x), ELU(-x)] along channels in units 2^-a: of x and -x only the one <= 0 needs the table, at
-    -|x|, so one lookup serves both."""
+    """[ELU(x), ELU(-x)] along the last (channel) axis in units 2^-a, as ELU(v) = max(v, 0) + T[max(-v, 0)]
+    with T the table (T[0] = 0), its index clamped to the table's saturated end."""
     table = _tables(a)[0]
-    e = torch.take(table, x.abs().clamp(max=len(table) - 1).long())
-    pos = x > 0
-    return torch.cat([torch.where(pos, x, e), torch.where(pos, e, -x)], dim=1)
+    top = len(table) - 1
+    pos, neg = x.clamp(min=0), (-x).clamp(min=0)
+    out = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+    c = x.shape[-1]
+    torch.add(pos, _lookup(table, neg.clamp(max=top).long()), out=out[..., :c])
+    torch.add(neg, _lookup(table, pos.clamp(max=top).long()), out=out[..., c:])
+    return out
 
 
 def sigmoid(b: Tensor, a: int) -> Tensor:
     table = _tables(a)[1]
     j = (len(table) - 1) // 2
-    return torch.take(table, (b.clamp(-j, j) + j).long())
+    return _lookup(table, (b.clamp(-j, j) + j).long())
 
 
 def isqrt(v: Tensor) -> Tensor:
@@ -122,7 +134,7 @@ def _quantize(w: Tensor, bits: int) -> tuple[np.ndarray, int]:
 
 
 class IConv:
-    """A convolution (padding keeps the size) on int64 activations in units 2^-A."""
+    """A convolution (padding keeps the size) on activations in units 2^-A, channels last (B, H, W, C)."""
 
     def __init__(self, conv: nn.Conv2d, spec: IntSpec):
         self.spec = spec
@@ -134,9 +146,24 @@ class IConv:
         if bound.max(initial=0) >= EXACT:
             raise ValueError(f"a convolution's integer sums reach {bound.max():.3g} >= 2^53")
         self.weight, self.bias = torch.from_numpy(w), torch.from_numpy(bq)
+        co, ci, self.k, _ = w.shape
+        # (ci, k*k*co): tap (dy, dx)'s weights in columns (dy k + dx) co ... + co
+        self.taps = self.weight.permute(1, 2, 3, 0).reshape(ci, -1).contiguous()
 
     def __call__(self, x: Tensor) -> Tensor:
-        acc = F.conv2d(x, self.weight, self.bias, padding=self.pad)
+        b, h, w, ci = x.shape
+        k, p, co = self.k, self.pad, len(self.bias)
+        if k == 1:
+            acc = (x.reshape(-1, ci) @ self.taps).view(b, h, w, co)
+        else:
+            xp = F.pad(x, (0, 0, p, p, p, p))
+            hp, wp = h + 2 * p - k + 1, w + 2 * p - k + 1
+            y = (xp.reshape(-1, ci) @ self.taps).view(b, h + 2 * p, w + 2 * p, k * k, co)
+            acc = y[:, :hp, :wp, 0].clone()
+            for tap in range(1, k * k):
+                dy, dx = divmod(tap, k)
+                acc += y[:, dy : dy + hp, dx : dx + wp, tap]
+        acc += self.bias
         out = torch.floor(acc * 2.0**-self.f)  # a power-of-two scaling and floor: exact
         return out.clamp(-self.spec.amax, self.spec.amax)
 
@@ -157,14 +184,14 @@ class INorm:
         self.guard = next((g for g in range(NORM_GUARD, -1, -1) if top < 1 << (62 - 2 * g)), None)
         if self.guard is None:
             raise ValueError(f"layer norm over {n} channels overflows int64")
-        self.gamma = torch.from_numpy(g.astype(np.int64)).view(1, -1, 1, 1)
-        self.beta = torch.from_numpy(beta.astype(np.int64)).view(1, -1, 1, 1)
+        self.gamma = torch.from_numpy(g.astype(np.int64))
+        self.beta = torch.from_numpy(beta.astype(np.int64))
 
     def __call__(self, x: Tensor) -> Tensor:
-        a, n = self.spec.act_bits, x.shape[1]
+        a, n = self.spec.act_bits, x.shape[-1]
         x = x.long()
-        s1 = x.sum(1, keepdim=True)
-        v = n * (x * x).sum(1, keepdim=True) - s1 * s1
+        s1 = x.sum(-1, keepdim=True)
+        v = n * (x * x).sum(-1, keepdim=True) - s1 * s1
         r = isqrt((v + self.eps) << (2 * self.guard))
         y = torch.div((n * x - s1) << (a + self.guard), r, rounding_mode="floor")
         y = torch.div(y * self.gamma, 1 << self.g, rounding_mode="floor") + self.beta
@@ -184,7 +211,7 @@ class IGate:
     def __call__(self, x: Tensor) -> Tensor:
         a = self.spec.act_bits
         h = self.c2(concat_elu(self.c1(concat_elu(x, a)), a))
-        p, q = h.chunk(2, dim=1)
+        p, q = h.chunk(2, dim=-1)
         y = x + torch.floor(p * sigmoid(q, a) * 2.0**-a)  # |p sigmoid| < 2^(2A+R) < 2^53: exact
         return y.clamp(-self.spec.amax, self.spec.amax)
 
@@ -215,10 +242,11 @@ class IntNet:
         self.out = IConv(layers[-1], spec)
 
     def __call__(self, x: Tensor) -> Tensor:
-        x = x.double()
+        """Integers (B, C, H, W) in, integers (B, C', H, W) out; channels last inside."""
+        x = x.double().permute(0, 2, 3, 1).contiguous()
         for stage in self.stages:
             x = stage(x)
-        return self.out(concat_elu(x, self.spec.act_bits)).long()
+        return self.out(concat_elu(x, self.spec.act_bits)).long().permute(0, 3, 1, 2)
 
     def arrays(self) -> list[np.ndarray]:
         return [a for s in [*self.stages, self.out] for a in s.arrays()]
