@@ -1,14 +1,20 @@
 """The flow codec (`flowmnist compress`) against the classical lossless codecs, on the same digits.
 
-    python benchmarks/codec.py --data-dir DIR [--model multi-vardeq] [--n 10000]
+    python benchmarks/codec.py --data-dir DIR [--models multi-vardeq | all | A,B] [--n 10000] [--every 1]
+                               [--workers W] [--streams S] [--sizes 100,1]
 
-On the first N official test digits (t10k-images in DIR; default all 10,000), and on the first 100 and 1:
-the file's bits/dim beside the model's single-sample (K = 1) and importance-weighted (K = 8) bpd on the
-same images, encode and decode images/s, and the classical codecs on the same images: gzip -9,
-bzip2 -9, xz -9e and zstd -22 --ultra on the IDX file; PNG (optipng -o5), WebP lossless (cwebp -lossless
--z 9) and JPEG XL lossless at effort 9 (cjxl -d 0 -e 9), each on the digits tiled into one image and on
-each digit alone (summed; --per-digit caps how many). A codec whose tool is missing is skipped with a
-note. Writes docs/results/codec.json and docs/results/codec.md.
+The digits: every E-th of the first N official test digits (t10k-images in DIR; default all 10,000).
+For each model (``all``: every shipped MNIST model): the file's bits/dim, the float model's single-sample
+(K = 1) bpd on the same digits, the integer cost (the codec's own single-sample bound minus the float
+model's at the same noise, as ``codec_numerics.py`` measures it, with its standard error; ``--no-cost``
+skips it), and encode and decode images/s (wall clock) and CPU ms per image (all processes) with W
+worker processes (default 1) on a file of S streams (default: the codec's, by image count), the CPU kind
+stated. For the first model also K = 8 and the first 100 and 1 digits (``--sizes``). Then the classical
+codecs on the same digits: gzip -9, bzip2 -9, xz -9e and zstd -22 --ultra on the IDX file; PNG (optipng
+-o5), WebP lossless (cwebp -lossless -z 9), JPEG XL lossless at effort 9 (cjxl -d 0 -e 9) and at its
+strongest (cjxl -d 0 -e 9 -E 3 -I 100 -g 3), each on the digits tiled into one image and on each digit
+alone (summed; --per-digit caps how many). A codec whose tool is missing is skipped with a note. Writes
+docs/results/codec.json and docs/results/codec.md (``--out``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import resource
 import shutil
 import subprocess
 import sys
@@ -26,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowmnist.codec import DIMS, compress_images, decompress_bytes, idx_bytes
+from flowmnist.codec import DIMS, FORMAT_VERSION, CodecParams, compress_images, decompress_bytes, idx_bytes, read_header
 from flowmnist.data import read_idx
-from flowmnist.runs import load_pretrained
+from flowmnist.runs import PRETRAINED_ROOT, load_pretrained, pretrained_names
 
 ROOT = Path(__file__).resolve().parents[1]
 STREAM = {  # codec: command reading the IDX file on stdin, writing the compressed file to stdout
@@ -41,6 +48,10 @@ IMAGE = {  # codec: (tool, command from an input PNG to an output file)
     "PNG (optipng -o5)": ("optipng", lambda i, o: ["optipng", "-o5", "-quiet", "-out", o, i]),
     "WebP lossless": ("cwebp", lambda i, o: ["cwebp", "-quiet", "-lossless", "-z", "9", i, "-o", o]),
     "JPEG XL lossless e9": ("cjxl", lambda i, o: ["cjxl", "--quiet", "-d", "0", "-e", "9", i, o]),
+    "JPEG XL lossless e9 -E 3 -I 100 -g 3": (
+        "cjxl",
+        lambda i, o: ["cjxl", "--quiet", "-d", "0", "-e", "9", "-E", "3", "-I", "100", "-g", "3", i, o],
+    ),
 }
 
 
@@ -48,23 +59,54 @@ def bpd(nbytes: int, n: int) -> float:
     return round(8 * nbytes / (n * DIMS), 4)
 
 
-def flow_codec(model, images: np.ndarray) -> dict:
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the codec's worker processes)."""
+    return sum(
+        u.ru_utime + u.ru_stime
+        for u in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
+
+
+def flow_codec(model, images: np.ndarray, workers: int = 1, streams: int | None = None) -> dict:
     """The flow codec's file on ``images``: bits/dim, bound at its own noise, initial bits, speeds."""
-    t = time.perf_counter()
-    data, st = compress_images(model, images, name="pretrained")
-    enc = time.perf_counter() - t
-    t = time.perf_counter()
-    original, _ = decompress_bytes(data, model)
-    dec = time.perf_counter() - t
+    t, c = time.perf_counter(), cpu_seconds()
+    data, st = compress_images(model, images, name="pretrained", workers=workers, streams=streams)
+    enc, enc_cpu = time.perf_counter() - t, cpu_seconds() - c
+    t, c = time.perf_counter(), cpu_seconds()
+    original, _ = decompress_bytes(data, model, workers=workers)
+    dec, dec_cpu = time.perf_counter() - t, cpu_seconds() - c
     assert original == idx_bytes(images), "round trip failed"
+    n = len(images)
     return {
         "bytes": len(data),
-        "bpd": bpd(len(data), len(images)),
+        "bpd": bpd(len(data), n),
         "bound_bpd_at_codec_noise": round(st.bound_bpd, 4),
         "initial_bits": st.initial_bits,
-        "encode_images_per_s": round(len(images) / enc, 1),
-        "decode_images_per_s": round(len(images) / dec, 1),
+        "streams": len(read_header(data).parts()),
+        "workers": workers,
+        "encode_images_per_s": round(n / enc, 1),
+        "decode_images_per_s": round(n / dec, 1),
+        "encode_cpu_ms_per_image": round(1000 * enc_cpu / n, 1),
+        "decode_cpu_ms_per_image": round(1000 * dec_cpu / n, 1),
     }
+
+
+def integer_cost(model, images: np.ndarray) -> dict:
+    """The integer model's single-sample bound minus the float model's at the same noise (bits/dim)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from codec_numerics import measure
+
+    r = measure(model, images, CodecParams(), FORMAT_VERSION, decode=False)
+    return {"integer_cost_bpd": round(r["cost"], 4), "integer_cost_se": round(r["cost_se"], 4)}
+
+
+def mnist_models() -> list[str]:
+    """The shipped models of MNIST digits (not Fashion-MNIST)."""
+    return [
+        m
+        for m in pretrained_names()
+        if json.loads((PRETRAINED_ROOT / m / "config.json").read_text()).get("dataset", "mnist") == "mnist"
+    ]
 
 
 def model_bpd(model, images: np.ndarray, k: int) -> float:
@@ -127,38 +169,62 @@ def cpu_name() -> str:
 
 
 def markdown(r: dict) -> str:
-    sizes = [str(s) for s in r["sizes"]]
+    d = r["digits"]
     lines = [
-        f"Flow codec ({r['model']}) and classical lossless codecs on the first N official MNIST test digits "
-        f"(bits/dim; CPU: {r['cpu']}).",
+        f"Flow codec (format {r['format']}) and classical lossless codecs on {d['count']} official MNIST test digits "
+        f"(every {d['every']}th of the first {d['first']}; bits/dim; CPU: {r['cpu']}, {r['workers']} worker "
+        f"process(es), torch {r['torch']}).",
         "",
-        "| codec | " + " | ".join(f"N = {s}" for s in sizes) + " |",
-        "|---|" + "---:|" * len(sizes),
+        "| model | file | float bound K = 1 | integer cost | streams | encode img/s | decode img/s "
+        "| CPU ms/img enc / dec |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    flow = r["results"]
-    rows = [
-        ("**flow codec (bits-back)**", [flow[s]["flow"]["bpd"] for s in sizes]),
-        ("model bound, K = 1", [flow[s]["model_bpd_k1"] for s in sizes]),
-        ("model bound, K = 8", [flow[s]["model_bpd_k8"] for s in sizes]),
-    ]
-    for name in flow[sizes[0]]["classical"]:
-        rows.append((name, [flow[s]["classical"].get(name) for s in sizes]))
-    lines += [f"| {name} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in vals) + " |" for name, vals in rows]
-    big = flow[sizes[0]]["flow"]
-    lines += [
-        "",
-        f"Flow codec speed on N = {sizes[0]}: encode {big['encode_images_per_s']} images/s, decode "
-        f"{big['decode_images_per_s']} images/s (one thread, the codec's fixed setting).",
-    ]
-    lines += [f"- {note}" for note in r["notes"]]
+    for name, m in r["models"].items():
+        cost = f"{m['integer_cost_bpd']:+.4f} ± {m['integer_cost_se']:.4f}" if "integer_cost_bpd" in m else "–"
+        f = m["flow"]
+        lines.append(
+            f"| {name} | {f['bpd']:.4f} | {m['model_bpd_k1']:.4f} | {cost} | {f['streams']} | "
+            f"{f['encode_images_per_s']} | {f['decode_images_per_s']} | "
+            f"{f['encode_cpu_ms_per_image']} / {f['decode_cpu_ms_per_image']} |"
+        )
+    lines += ["", "| classical codec | bits/dim |", "|---|---:|"]
+    lines += [f"| {name} | {v:.4f} |" for name, v in r["classical"].items()]
+    if r["sizes"]:
+        first = next(iter(r["models"]))
+        lines += [
+            "",
+            f"{first} on the first N test digits:",
+            "",
+            "| | " + " | ".join(f"N = {s}" for s in r["sizes"]) + " |",
+        ]
+        lines.append("|---|" + "---:|" * len(r["sizes"]))
+        res = [r["results"][str(s)] for s in r["sizes"]]
+        rows = [
+            ("**flow codec (bits-back)**", [x["flow"]["bpd"] for x in res]),
+            ("model bound, K = 1", [x["model_bpd_k1"] for x in res]),
+            ("model bound, K = 8", [x["model_bpd_k8"] for x in res]),
+        ]
+        rows += [(name, [x["classical"].get(name) for x in res]) for name in res[0]["classical"]]
+        lines += [f"| {n} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in vals) + " |" for n, vals in rows]
+    lines += [""] + [f"- {note}" for note in r["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def classical(images: np.ndarray, per_digit: int, notes: list[str]) -> dict:
+    return {**stream_codecs(idx_bytes(images), len(images), notes), **image_codecs(images, per_digit, notes)}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", required=True, help="directory with t10k-images-idx3-ubyte[.gz]")
-    p.add_argument("--model", default="multi-vardeq", help="shipped model (default multi-vardeq)")
-    p.add_argument("--n", type=int, default=10000, help="test digits for the large set (default all 10,000)")
+    p.add_argument("--models", default="multi-vardeq", help="shipped models, comma-separated, or all (MNIST ones)")
+    p.add_argument("--model", dest="models", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, default=10000, help="the first N test digits (default all 10,000)")
+    p.add_argument("--every", type=int, default=1, help="every E-th of them (default 1: all)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes coding the streams (default 1)")
+    p.add_argument("--streams", type=int, help="streams per file (default the codec's, by image count)")
+    p.add_argument("--sizes", default="100,1", help="also the first model on the first N digits (default 100,1)")
+    p.add_argument("--no-cost", action="store_true", help="skip the integer cost (one more encode per model)")
     p.add_argument("--per-digit", type=int, default=10**9, help="digits for the per-digit image codecs (default all)")
     p.add_argument("--out", default=str(ROOT / "docs/results/codec.json"), help="JSON file (a .md beside it)")
     a = p.parse_args()
@@ -166,21 +232,42 @@ def main() -> int:
     path = next((Path(a.data_dir) / f for f in (stem, stem + ".gz") if (Path(a.data_dir) / f).is_file()), None)
     if path is None:
         sys.exit(f"{a.data_dir}: no {stem}[.gz]")
+    if a.every < 1 or a.n < 1 or a.workers < 1:
+        sys.exit("--n, --every and --workers must be 1 or more")
     all_images = read_idx(path)
-    model = load_pretrained(a.model)
-    sizes = sorted({min(a.n, len(all_images)), 100, 1}, reverse=True)
-    r = {"model": a.model, "cpu": cpu_name(), "data": str(path), "sizes": sizes, "results": {}, "notes": []}
+    images = np.ascontiguousarray(all_images[: a.n : a.every])
+    names = mnist_models() if a.models == "all" else [m.strip() for m in a.models.split(",") if m.strip()]
+    sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
+    r = {
+        "cpu": cpu_name(),
+        "torch": torch.__version__,
+        "format": FORMAT_VERSION,
+        "data": str(path),
+        "digits": {"first": min(a.n, len(all_images)), "every": a.every, "count": len(images)},
+        "workers": a.workers,
+        "models": {},
+        "classical": {},
+        "sizes": sizes,
+        "results": {},
+        "notes": [],
+    }
+    for name in names:
+        print(f"{name} on {len(images)} digits ...", file=sys.stderr, flush=True)
+        model = load_pretrained(name)
+        m = {"flow": flow_codec(model, images, a.workers, a.streams), "model_bpd_k1": model_bpd(model, images, 1)}
+        if not a.no_cost:
+            m.update(integer_cost(model, images))
+        r["models"][name] = m
+    r["classical"] = classical(images, a.per_digit, r["notes"])
+    model = load_pretrained(names[0])
     for n in sizes:
-        images = np.ascontiguousarray(all_images[:n])
-        print(f"N = {n} ...", file=sys.stderr, flush=True)
+        first = np.ascontiguousarray(all_images[:n])
+        print(f"{names[0]} on the first {n} ...", file=sys.stderr, flush=True)
         r["results"][str(n)] = {
-            "flow": flow_codec(model, images),
-            "model_bpd_k1": model_bpd(model, images, 1),
-            "model_bpd_k8": model_bpd(model, images, 8),
-            "classical": {
-                **stream_codecs(idx_bytes(images), n, r["notes"]),
-                **image_codecs(images, a.per_digit, r["notes"]),
-            },
+            "flow": flow_codec(model, first, a.workers, a.streams if a.streams and a.streams <= n else None),
+            "model_bpd_k1": model_bpd(model, first, 1),
+            "model_bpd_k8": model_bpd(model, first, 8),
+            "classical": classical(first, a.per_digit, r["notes"]),
         }
     r["notes"] = sorted(set(r["notes"]))
     out = Path(a.out)

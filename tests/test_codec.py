@@ -28,9 +28,11 @@ from flowmnist.codec import (
     chunk_sizes,
     compress_images,
     decompress_bytes,
+    default_streams,
     idx_bytes,
     intnet,
     read_header,
+    stream_sizes,
 )
 from flowmnist.config import FlowmnistError, PriorSpec
 from flowmnist.data import FILES, read_idx, write_idx
@@ -92,6 +94,81 @@ def test_property_random_images_roundtrip(simple, n, seed, dark):
     images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
     images[rng.random((n, 28, 28)) < dark] = 0
     _roundtrip(simple, images)
+
+
+# --------------------------------------------------------------------------------------------------
+# Format 3: independent streams, coded side by side
+# --------------------------------------------------------------------------------------------------
+
+
+def test_default_streams_depend_on_the_image_count_alone():
+    assert [default_streams(n) for n in (0, 1, 1999, 2000, 10000, 10**6)] == [1, 1, 1, 2, 2, 2]
+    assert stream_sizes(7, 3) == [3, 2, 2] and stream_sizes(0, 1) == [0]
+
+
+@pytest.fixture(scope="module")
+def two_streams(simple) -> tuple[np.ndarray, bytes]:
+    images = synthetic_digits(25, seed=21)[0]
+    return images, compress_images(simple, images, params=SMALL, streams=2)[0]
+
+
+@pytest.mark.parametrize("streams", [2, 3])
+def test_streams_roundtrip_with_one_worker(simple, streams, two_streams):
+    """A file of S streams: each stream's images and words in the header, and one worker decodes it."""
+    images = two_streams[0]
+    data = two_streams[1] if streams == 2 else compress_images(simple, images, params=SMALL, streams=streams)[0]
+    header = read_header(data)
+    assert header.version == 3 and [p[0] for p in header.parts()] == stream_sizes(25, streams)
+    assert sum(p[2] for p in header.parts()) == header.words
+    original, _ = decompress_bytes(data, simple, workers=1)
+    assert original == idx_bytes(images)
+
+
+def test_streams_coded_by_worker_processes_give_the_same_file(simple, two_streams):
+    """Two worker processes write the very file one process wrote, and decode it; progress counts every
+    image."""
+    images, data = two_streams
+    done = []
+    again, _ = compress_images(simple, images, params=SMALL, streams=2, workers=2, progress=done.append)
+    assert again == data and sum(done) == len(images)
+    original, _ = decompress_bytes(data, simple, workers=2)
+    assert original == idx_bytes(images)
+
+
+def _edit_meta(data: bytes, edit) -> bytes:
+    """The file with its JSON header edited by ``edit(meta)`` and its CRC-32 made to hold again."""
+    import json
+
+    n = struct.unpack("<I", data[6:10])[0]
+    meta = json.loads(data[10 : 10 + n])
+    edit(meta)
+    blob = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    body = data[:6] + struct.pack("<I", len(blob)) + blob + data[10 + n : -4]
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d, h: d[: len(d) - 4 * h.parts()[1][2] // 2], "truncated"),
+        (lambda d, h: _edit_meta(d, lambda m: m["streams"][0].__setitem__(2, m["streams"][0][2] - 1)), "streams"),
+        (lambda d, h: _edit_meta(d, lambda m: m["streams"].pop()), "streams"),
+        (lambda d, h: _edit_meta(d, lambda m: m["streams"][0].__setitem__(0, 14)), "streams"),
+    ],
+    ids=["truncated-in-stream-2", "words-disagree", "a-stream-missing", "images-disagree"],
+)
+def test_format_3_damage_refused_in_one_line(simple, two_streams, damage, message):
+    data = two_streams[1]
+    with pytest.raises(FlowmnistError, match=message) as e:
+        decompress_bytes(damage(data, read_header(data)), simple, name="f.fmz")
+    assert "\n" not in str(e.value) and str(e.value).startswith("f.fmz: ")
+
+
+def test_more_streams_than_format_or_images_allow(simple):
+    images = synthetic_digits(3, seed=2)[0]
+    for streams, version in ((4, 3), (0, 3), (2, 2)):
+        with pytest.raises(FlowmnistError, match="streams"):
+            compress_images(simple, images, params=SMALL, streams=streams, version=version)
 
 
 @pytest.mark.slow
@@ -397,7 +474,10 @@ def test_a_format_1_file_still_decodes_here(simple):
     assert header.version == 1 and original == idx_bytes(images)
 
 
-@pytest.mark.parametrize("version, message", [(1, "a format-1 file"), (2, "computed the model differently")])
+@pytest.mark.parametrize(
+    "version, message",
+    [(1, "a format-1 file"), (2, "computed the model differently"), (3, "computed the model differently")],
+)
 def test_undecodable_file_with_its_own_crc_says_why(simple, version, message):
     """A file whose own CRC-32 holds but that decodes to other bytes: format 1 says it decodes only where it
     was written, format 2 that this machine computed the model differently, naming the file's numerics."""
@@ -405,7 +485,7 @@ def test_undecodable_file_with_its_own_crc_says_why(simple, version, message):
     with pytest.raises(FlowmnistError, match=message) as e:
         decompress_bytes(_flip_payload_fix_crc(data), simple)
     assert "\n" not in str(e.value)
-    if version == 2:
+    if version >= 2:
         assert read_header(data).numerics in str(e.value)
 
 
@@ -594,6 +674,16 @@ def test_cli_compress_bad_input_one_line_nothing_written(tmp_path, capsys, make,
     assert main(["compress", "--pretrained", "simple", str(tmp_path / "in-idx3-ubyte"), str(tmp_path / "o.fmz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o.fmz").exists()
+
+
+@pytest.mark.parametrize("option", [["--streams", "3"], ["--streams", "0"], ["--workers", "0"]])
+def test_cli_bad_streams_or_workers_one_line_nothing_written(tmp_path, capsys, option):
+    write_idx(tmp_path / "in-idx3-ubyte", synthetic_digits(2)[0])
+    args = ["compress", "--pretrained", "simple", *option, str(tmp_path / "in-idx3-ubyte"), str(tmp_path / "o.fmz")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and option[0] in err[0], err
     assert not (tmp_path / "o.fmz").exists()
 
 

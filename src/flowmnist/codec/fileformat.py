@@ -4,6 +4,11 @@ Layout (little-endian): magic ``FMNZ``, format version (u16), the header's lengt
 (JSON: model name, SHA-256 of what the codec computes with, numerics tag, ``CodecParams``, image count,
 IDX header, CRC-32 of the original IDX bytes, source kind, initial-bits bookkeeping), the ANS words
 (u32 each), and a CRC-32 of everything before it.
+
+Format 3 codes the images as S independent streams (the first n_1 images, the next n_2, ...), each its
+own ANS stack on its own initial bits, so that S processes encode and decode them side by side; the
+header's ``streams`` lists each one's [images, kept, words] and the words follow stream after stream.
+Formats 1 and 2 hold one stream (``kept`` and ``words`` in the header).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from ..config import FlowmnistError
 from .intnet import IntSpec
 
 MAGIC = b"FMNZ"
-FORMAT_VERSION = 2  # 2: integer nets and portable maths; 1: float nets (decoded where they compute alike)
+FORMAT_VERSION = 3  # 3: S streams; 2: integer nets and portable maths; 1: float nets (decoded where they compute alike)
+READS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -77,10 +83,16 @@ def chunk_sizes(n: int, batch: int, ramp: int) -> list[int]:
     return sizes
 
 
+def stream_sizes(n: int, streams: int) -> list[int]:
+    """Images per stream: n split into ``streams`` runs of consecutive images, the first ones a image longer."""
+    return [n // streams + (i < n % streams) for i in range(streams)]
+
+
 @dataclass
 class Header:
     """Everything before the ANS words. ``kept`` is how many of the initial-bits words stay at the bottom
-    of the stack untouched (the decoder regenerates them), ``words`` how many words follow."""
+    of the stack untouched (the decoder regenerates them), ``words`` how many words follow; format 3:
+    ``streams`` holds (images, kept, words) of each stream and ``kept`` and ``words`` are their sums."""
 
     model_name: str
     weights_sha256: str
@@ -93,6 +105,11 @@ class Header:
     kept: int
     words: int
     version: int = FORMAT_VERSION
+    streams: tuple[tuple[int, int, int], ...] = ()
+
+    def parts(self) -> list[tuple[int, int, int]]:
+        """(images, kept, words) of each stream, in file order."""
+        return [tuple(p) for p in self.streams] if self.version >= 3 else [(self.count, self.kept, self.words)]
 
     def pack(self) -> bytes:
         meta = {
@@ -107,6 +124,8 @@ class Header:
             "kept": self.kept,
             "words": self.words,
         }
+        if self.version >= 3:
+            meta["streams"] = [list(p) for p in self.streams]
         blob = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
         return MAGIC + struct.pack("<HI", self.version, len(blob)) + blob
 
@@ -116,9 +135,10 @@ def _read_header(data: bytes, name: str) -> tuple[Header, int]:
     if len(data) < 10 or data[:4] != MAGIC:
         raise FlowmnistError(f"{name}: not a flowmnist compressed file (no FMNZ magic)")
     version, n = struct.unpack("<HI", data[4:10])
-    if version not in (1, FORMAT_VERSION):
+    if version not in READS:
         newer = "; a newer flowmnist wrote it" if version > FORMAT_VERSION else ""
-        raise FlowmnistError(f"{name}: format version {version}, this flowmnist reads version {FORMAT_VERSION}{newer}")
+        reads = f"this flowmnist reads versions 1 to {FORMAT_VERSION}"
+        raise FlowmnistError(f"{name}: format version {version}, {reads}{newer}")
     if len(data) < 10 + n + 4:
         raise FlowmnistError(f"{name}: truncated ({len(data)} bytes, shorter than its header)")
     try:
@@ -127,14 +147,34 @@ def _read_header(data: bytes, name: str) -> tuple[Header, int]:
             *(m["model"], m["sha256"], m["numerics"], CodecParams(**m["params"]), int(m["count"])),
             *(bytes.fromhex(m["idx_header"]), int(m["crc32"]), m["source"], int(m["kept"]), int(m["words"])),
             version,
+            tuple(tuple(int(v) for v in p) for p in m["streams"]) if version >= 3 else (),
         )
     except (ValueError, KeyError, TypeError) as e:
         raise FlowmnistError(f"{name}: damaged header ({type(e).__name__})") from e
+    if version >= 3:
+        _check_streams(h, name)
     want = 10 + n + 4 * h.words + 4
     if zlib.crc32(data[:-4]) != struct.unpack("<I", data[-4:])[0] or len(data) != want:
         what = "truncated" if len(data) < want else "damaged (CRC-32 mismatch)"
         raise FlowmnistError(f"{name}: {what} ({len(data)} bytes, its header says {want})")
     return h, 10 + n
+
+
+def _check_streams(h: Header, name: str) -> None:
+    """A format-3 header's streams: triples of counts that add up to its image count and word count."""
+    parts = h.streams
+    bad = (
+        not parts
+        or any(len(p) != 3 or min(p) < 0 or p[1] > h.params.seed_words for p in parts)
+        or sum(p[0] for p in parts) != h.count
+        or sum(p[1] for p in parts) != h.kept
+        or sum(p[2] for p in parts) != h.words
+    )
+    if bad:
+        raise FlowmnistError(
+            f"{name}: damaged header (its {len(parts)} streams do not add up to its {h.count} images "
+            f"and {h.words} words)"
+        )
 
 
 def idx_bytes(images: np.ndarray) -> bytes:
