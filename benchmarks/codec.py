@@ -33,7 +33,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowmnist.codec import DIMS, FORMAT_VERSION, CodecParams, compress_images, decompress_bytes, idx_bytes, read_header
+from flowmnist.codec import (
+    DIMS,
+    FORMAT_VERSION,
+    CodecParams,
+    compress_images,
+    decompress_bytes,
+    idx_bytes,
+    read_header,
+    usable_cores,
+)
 from flowmnist.data import read_idx
 from flowmnist.runs import PRETRAINED_ROOT, load_pretrained, pretrained_names
 
@@ -168,11 +177,21 @@ def cpu_name() -> str:
     return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Model name")), "unknown")
 
 
+def cpu_flags() -> list[str]:
+    """The vector extensions the codec's kernels may use, of those this CPU has (Linux /proc/cpuinfo)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+
+
 def markdown(r: dict) -> str:
     d = r["digits"]
     lines = [
         f"Flow codec (format {r['format']}) and classical lossless codecs on {d['count']} official MNIST test digits "
-        f"(every {d['every']}th of the first {d['first']}; bits/dim; CPU: {r['cpu']}, {r['workers']} worker "
+        f"(every {d['every']}-th of the first {d['first']}; bits/dim; CPU: {r['cpu']} ({' '.join(r['cpu_flags'])}; "
+        f"{r['usable_cores']} usable cores), {r['workers']} worker "
         f"process(es), torch {r['torch']}).",
         "",
         "| model | file | float bound K = 1 | integer cost | streams | encode img/s | decode img/s "
@@ -240,6 +259,8 @@ def main() -> int:
     sizes = [int(s) for s in a.sizes.split(",") if s.strip()]
     r = {
         "cpu": cpu_name(),
+        "cpu_flags": cpu_flags(),
+        "usable_cores": usable_cores(),
         "torch": torch.__version__,
         "format": FORMAT_VERSION,
         "data": str(path),

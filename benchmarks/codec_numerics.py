@@ -2,19 +2,25 @@
 at the same dequantization noise, on the same digits.
 
     python benchmarks/codec_numerics.py --data-dir DIR [--model multi-vardeq ...] [--n 300] [--bits 12,12 ...]
+                                        [--ramp 32] [--profile]
 
 For each model and each (act_bits, weight_bits) setting, the codec compresses the first N official test
 digits (t10k-images in DIR) and records the base noise it decoded from the stream for each pixel; the
 float model's single-sample bound log p(x + u) - log q(u | x) (float32, as trained) is evaluated at that
 same noise. Their difference per image, in bits/dim, is the cost of the integer nets (and of the codec's
 scale and shift precision); printed with its standard error, with the file's rate, the float bound and
-the CPU time per image (process time: a fair figure on a machine shared with other work).
+the CPU time per image (process time: a fair figure on a machine shared with other work). ``--ramp 1``
+codes every chunk at the full batch of 32 (the steady state of a large file); ``--profile`` prints where
+the time went (cProfile, the 15 functions with the most time of their own).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import math
+import pstats
 import time
 
 import numpy as np
@@ -92,14 +98,20 @@ def main() -> None:
     p.add_argument("--bits", action="append", help="ACT,WEIGHT[,RANGE] bit widths (default the codec's)")
     p.add_argument("--no-decode", action="store_true", help="skip decoding back (faster)")
     p.add_argument("--format", type=int, default=codec.FORMAT_VERSION, help="1: the float nets, for reference")
+    p.add_argument("--ramp", type=int, default=CodecParams.ramp, help="the chunk schedule's ramp (1: full batches)")
+    p.add_argument("--profile", action="store_true", help="print a cProfile summary of each measurement")
     a = p.parse_args()
     images = read_idx(f"{a.data_dir}/t10k-images-idx3-ubyte.gz")[: a.n]
     for name in a.model or ["multi-vardeq"]:
         model = load_pretrained(name)
         for bits in a.bits or [f"{CodecParams.act_bits},{CodecParams.weight_bits}"]:
             act, weight, rng = ([int(b) for b in bits.split(",")] + [CodecParams.range_bits])[:3]
-            params = CodecParams(act_bits=act, weight_bits=weight, range_bits=rng)
-            r = measure(model, images, params, a.format, not a.no_decode)
+            params = CodecParams(act_bits=act, weight_bits=weight, range_bits=rng, ramp=a.ramp)
+            prof = cProfile.Profile() if a.profile else None
+            with prof or contextlib.nullcontext():
+                r = measure(model, images, params, a.format, not a.no_decode)
+            if prof:
+                pstats.Stats(prof).sort_stats("tottime").print_stats(15)
             print(
                 f"{name} format {a.format} A{act} W{weight} R{rng} n={len(images)}: "
                 f"codec's bound {r['int_bound']:.4f}, "

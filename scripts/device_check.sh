@@ -32,7 +32,7 @@ original, header = decompress_bytes(golden, model, name="codec-golden.fmz")
 decode_s = time.perf_counter() - t
 images = read_idx(data / (FILES["train-images"][0] + ".gz"))[: header.count]
 t = time.perf_counter()
-here, _ = compress_images(model, images, name="pretrained:multi-vardeq")
+here, _ = compress_images(model, images, name=header.model_name, params=header.params, version=header.version)
 encode_s = time.perf_counter() - t
 (out / "codec-here.fmz").write_bytes(here)
 cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")

@@ -387,6 +387,24 @@ def test_golden_file_decodes_byte_for_byte():
         assert original == idx_bytes(images)
 
 
+GOLDEN3 = Path(__file__).parent / "data" / "codec-format3.fmz"
+# Format 3, two streams of 12: images 210..233 of the MNIST training file, as written by
+# compress_images(load_pretrained("multi-vardeq"), images, name="pretrained:multi-vardeq", streams=2).
+GOLDEN3_SHA256 = "94608824f9835b47cea1986b5dd85209099fac5d4c5fb2d4bae3d25115c36595"
+
+
+def test_golden_format_3_file_decodes_and_reencodes_byte_for_byte():
+    """The streams' layout is pinned too: a committed two-stream file decodes with one worker to its
+    original, and its images encode to the very same file."""
+    model, golden = load_pretrained("multi-vardeq"), GOLDEN3.read_bytes()
+    original, header = decompress_bytes(golden, model, name=str(GOLDEN3), workers=1)
+    assert header.version == 3 and [p[0] for p in header.parts()] == [12, 12]
+    assert hashlib.sha256(original).hexdigest() == GOLDEN3_SHA256
+    pixels = np.frombuffer(original, np.uint8, offset=16).reshape(-1, 28, 28)
+    again, _ = compress_images(model, pixels, name=header.model_name, streams=2)
+    assert again == golden
+
+
 def _capabilities() -> list[str]:
     """ATEN_CPU_CAPABILITY values this CPU can run: default always, avx2 and avx512 where it has them."""
     try:
