@@ -15,6 +15,7 @@ alone writes files. A checkpoint holds the unwrapped model, so it resumes on any
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -22,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -408,22 +410,37 @@ def save_last(run: Run) -> None:
 
 
 @torch.inference_mode()
+@contextlib.contextmanager
+def evaluating(run: Run) -> Iterator[None]:
+    """The model as validation sees it: eval mode, float32 nets and the EMA's weights where kept; the
+    training state (train mode, the run's autocast dtype, the raw weights) comes back afterwards."""
+    model = run.model
+    model.eval()
+    set_autocast(model, None)
+    if run.ema is not None:
+        run.ema.swap()
+    try:
+        yield
+    finally:
+        if run.ema is not None:
+            run.ema.swap()
+        set_autocast(model, run.train_dtype)
+        model.train()
+
+
 def estimate_val_seconds(run: Run, batch_size: int = 256) -> float:
     """Seconds a validation will take, measured once before a --minutes run's first step, so that the
     budget's end leaves room for the final validation: two tiny batches first (compiled nets compile
     here for any batch size, not in the final validation), then one validation batch is timed and scaled
     to the split. Every rank makes the same calls (each holds a collective)."""
     model, x, u, env = run.model, run.val_x, run.val_u, run.env
-    model.eval()
-    set_autocast(model, None)
-    for n in (1, 2):  # two shapes: torch.compile then makes the batch dimension dynamic
-        sharded_bpd(model, x[:n], u[:n], env, batch_size)
-    head = min(batch_size, len(x))
-    t = time.perf_counter()
-    sharded_bpd(model, x[:head], u[:head], env, batch_size)
-    per_image = (time.perf_counter() - t) / max(head, 1)
-    set_autocast(model, run.train_dtype)
-    model.train()
+    with evaluating(run):
+        for n in (1, 2):  # two shapes: torch.compile then makes the batch dimension dynamic
+            sharded_bpd(model, x[:n], u[:n], env, batch_size)
+        head = min(batch_size, len(x))
+        t = time.perf_counter()
+        sharded_bpd(model, x[:head], u[:head], env, batch_size)
+        per_image = (time.perf_counter() - t) / max(head, 1)
     return per_image * len(x)
 
 
@@ -432,23 +449,16 @@ def validate(run: Run) -> float:
     best.pt when it is the best so far. Its duration is the estimate of the next one's."""
     model, st = run.model, run.st
     run.validated_at = started = run.elapsed()
-    model.eval()
-    set_autocast(model, None)
-    if run.ema is not None:
-        run.ema.swap()
-    val = sharded_bpd(model, run.val_x, run.val_u, run.env)
-    log(run, "val", val)
-    if val < st.best_val:
-        st.best_val = val
-        if run.env.is_main:
-            best = {"step": st.step, "epoch": st.epoch, "val_bpd": val}
-            save_checkpoint(
-                run.run_dir / "best.pt", {"config": run.cfg.to_dict(), "model": model.state_dict(), "state": best}
-            )
-    if run.ema is not None:
-        run.ema.swap()
-    set_autocast(model, run.train_dtype)
-    model.train()
+    with evaluating(run):
+        val = sharded_bpd(model, run.val_x, run.val_u, run.env)
+        log(run, "val", val)
+        if val < st.best_val:
+            st.best_val = val
+            if run.env.is_main:
+                best = {"step": st.step, "epoch": st.epoch, "val_bpd": val}
+                save_checkpoint(
+                    run.run_dir / "best.pt", {"config": run.cfg.to_dict(), "model": model.state_dict(), "state": best}
+                )
     run.val_seconds = run.elapsed() - started
     return val
 
