@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from flowmnist import compress, decompress, flows
 from flowmnist.cli import main
 from flowmnist.codec import (
-    DIMS,
     PRIOR_RANGE,
     CodecParams,
     chunk_sizes,
@@ -112,7 +111,7 @@ def test_rate_within_derived_margin_of_the_bound():
     model = load_pretrained("multi-vardeq")
     data, stats = compress_images(model, images)
     header_bits = 8 * (len(data) - 4 * read_header(data).words)
-    excess = (8 * len(data) - header_bits - stats.initial_bits - stats.bound_bits) / (len(images) * DIMS)
+    excess = (8 * len(data) - header_bits - stats.initial_bits - stats.bound_bits) / (len(images) * stats.dims)
     n_couplings = 12
     margin = (2 * PRIOR_RANGE + 1) * 2**-24 / math.log(2) + 2**-10 / math.log(2) + n_couplings * 2e-5 + 0.003
     assert -margin < excess < margin, (excess, margin)
@@ -575,10 +574,14 @@ def _idx_claiming_more(path: Path) -> None:
     [
         (lambda p: p.write_bytes(b""), "too short"),
         (_idx_claiming_more, "truncated"),
-        (lambda p: write_idx(p, synthetic_digits(4)[1]), "expected N x 28 x 28"),
+        (lambda p: write_idx(p, synthetic_digits(4)[1]), "expected N x H x W images"),
         (lambda p: p.write_bytes(np.random.default_rng(1).bytes(900)), "IDX"),
+        (
+            lambda p: write_idx(p, np.pad(synthetic_digits(2)[0], ((0, 0), (2, 2), (2, 2)))),
+            "in-idx3-ubyte: images of 32x32 pixels, the model's are 28x28",
+        ),
     ],
-    ids=["empty", "header-claims-more-images", "labels-file", "random-bytes"],
+    ids=["empty", "header-claims-more-images", "labels-file", "random-bytes", "other-size"],
 )
 def test_cli_compress_bad_input_one_line_nothing_written(tmp_path, capsys, make, message):
     make(tmp_path / "in-idx3-ubyte")
