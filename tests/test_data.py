@@ -358,6 +358,22 @@ def test_png_class_folders_read_as_the_idx_of_the_same_digits(digits, tmp_path):
     assert data.label_files == {"train": tmp_path / "png" / "train", "test": tmp_path / "png" / "test"}
 
 
+def test_png_class_folders_give_the_bpd_of_the_idx_of_the_same_digits(digits, tmp_path, capsys):
+    """`flowmnist evaluate` of a shipped model on the digits as PNG class folders and as IDX files: the same
+    bpd for every split (the same images in the same splits, the same noise)."""
+    import json
+
+    from flowmnist.cli import main
+
+    ordered = {split: _by_class(*pair) for split, pair in digits.items()}
+    bpd = {}
+    for kind, root in (("idx", _idx_dir(tmp_path / "idx", ordered)), ("png", _png_dir(tmp_path / "png", digits))):
+        args = ["--data-dir", str(root), "--max-images", "16", "--importance-samples", "2", "--timing-reps", "1"]
+        assert main(["evaluate", "--pretrained", "simple", *args, "--json"]) == 0
+        bpd[kind] = json.loads(capsys.readouterr().out)["bpd"]
+    assert bpd["png"] == bpd["idx"] and set(bpd["png"]) == {"train", "val", "test"} and 0.5 < bpd["png"]["val"] < 2
+
+
 def test_npz_npy_and_renamed_idx_read_as_the_idx_of_the_same_digits(digits, tmp_path):
     reference = load_dir(_idx_dir(tmp_path / "idx", digits))
     emnist = {f"{k}-{p}": f"emnist-digits-{k}-{p}-idx{3 if p == 'images' else 1}-ubyte" for k in ("train", "test")
