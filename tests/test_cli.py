@@ -222,6 +222,8 @@ def test_a_run_on_mnist_padded_to_32x32_end_to_end(tmp_path, capsys, monkeypatch
     refusals = [
         (["train", *recipe, "--data-dir", mnist28, "--out", run, "--resume"],
          f"{run}: cannot resume with image_shape=(1, 28, 28); the run has (1, 32, 32)"),
+        (["train", *recipe, "--data-dir", str(data), "--out", str(tmp_path / "tuned"), "--init-from", "simple"],
+         "--init-from simple: its model is 'simple' with image_shape=(1, 28, 28), this run's has image_shape=(1, 32"),
         ([*evaluate, "1", "--data-dir", mnist28], f"{mnist28}: images of 28x28 pixels, the model's are 32x32; use a"),
         (["evaluate", "--pretrained", "simple", "--data-dir", str(data), "--timing-reps", "1"],
          f"{data}: images of 32x32 pixels, the model's are 28x28; use a model trained on images of this size"),
