@@ -78,6 +78,22 @@ def test_roundtrip_uniform_dequantization_and_api(simple):
     assert torch.equal(back[:, 0], torch.from_numpy(images))
 
 
+def test_the_header_records_the_image_shape_which_decompress_checks(simple):
+    """A model of 32x32 images codes 32x32 images and the file says so; a model of another size is refused
+    in one line before decoding; a file written before the shape was recorded (the golden file) holds 28x28."""
+    torch.manual_seed(2)
+    model = perturb(build_model("vardeq", image_shape=(1, 32, 32)), 0.02).eval()
+    images = np.pad(synthetic_digits(3, seed=15)[0], ((0, 0), (2, 2), (2, 2)))
+    data = compress(model, images, params=SMALL)
+    assert read_header(data).shape == (1, 32, 32)
+    assert torch.equal(decompress(data, model), torch.from_numpy(images).unsqueeze(1))
+    with pytest.raises(FlowmnistError, match=r"^<bytes>: holds images of 32x32 pixels, the model given codes 28x28$"):
+        decompress(data, simple)
+    with pytest.raises(FlowmnistError, match=r"^codec: expected N x 32 x 32 images \(the model's size\), got shape"):
+        compress(model, images[:, 2:-2, 2:-2])
+    assert b'"shape"' not in GOLDEN.read_bytes() and read_header(GOLDEN.read_bytes()).shape == (1, 28, 28)
+
+
 def test_roundtrip_real_digits_shipped_model(real_digits):
     model = load_pretrained("multi-vardeq")
     _roundtrip(model, real_digits[:24, 0].numpy(), CodecParams())
