@@ -15,7 +15,7 @@ from conftest import fashion_data_or_skip, real_data_or_skip, synthetic_digits, 
 from helpers import write_png
 
 from flowmnist import data as D
-from flowmnist.config import Config
+from flowmnist.config import MNIST_SHAPE, Config
 from flowmnist.data import (
     FILES,
     DataError,
@@ -214,17 +214,17 @@ def test_png_reading_gray_rgb_and_alpha(tmp_path):
     digit = synthetic_digits(1, seed=2)[0][0]
     rgb = write_png(tmp_path / "rgb.png", np.stack([digit] * 3, axis=-1))  # gray in RGB: luma = the value
     opaque = write_png(tmp_path / "opaque.png", np.dstack([digit] * 3 + [np.full_like(digit, 255)]))
-    x = read_png_digits([rgb, opaque])
+    x = read_png_digits([rgb, opaque], MNIST_SHAPE)
     assert x.dtype == torch.uint8 and x.shape == (2, 1, 28, 28)
     assert np.array_equal(x[0, 0].numpy(), digit) and np.array_equal(x[1, 0].numpy(), digit)
     colour = np.zeros((28, 28, 3), np.uint8)
     colour[..., 0] = 200  # pure red -> 0.299 · 200
-    assert read_png_digits([write_png(tmp_path / "red.png", colour)])[0, 0, 0, 0] == 60
+    assert read_png_digits([write_png(tmp_path / "red.png", colour)], MNIST_SHAPE)[0, 0, 0, 0] == 60
     see_through = np.dstack([digit] * 3 + [np.where(digit > 0, 255, 0).astype(np.uint8)])
     with pytest.raises(DataError, match="see.png: has transparent pixels"):
-        read_png_digits([write_png(tmp_path / "see.png", see_through)])
+        read_png_digits([write_png(tmp_path / "see.png", see_through)], MNIST_SHAPE)
     with pytest.raises(DataError, match="no PNG files given"):
-        read_png_digits([])
+        read_png_digits([], MNIST_SHAPE)
 
 
 # ----------------------------------------------------------------------------------------------

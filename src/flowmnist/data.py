@@ -608,15 +608,14 @@ def _read_png(path: Path, colour: bool = True) -> np.ndarray:
         raise DataError(f"{path}: cannot read as a PNG ({str(e).strip() or type(e).__name__})") from e
 
 
-def read_png_digits(paths: Iterable[str | Path], shape: tuple[int, ...] | None = None) -> Tensor:
+def read_png_digits(paths: Iterable[str | Path], shape: tuple[int, ...]) -> Tensor:
     """Digits from PNG files (directories expand as in ``png_files``) as uint8 (N, 1, H, W), in order.
-    Each must be a PNG of the model's ``shape`` (..., H, W) (``check_fit``; None: the first file's);
-    gray, palette and RGB are accepted (see ``_gray``). Like MNIST, digits should be light on a dark
-    background; nothing is inverted. Errors name the file."""
+    Each must be a PNG of the model's ``shape`` (..., H, W) (``check_fit``); gray, palette and RGB are
+    accepted (see ``_gray``). Like MNIST, digits should be light on a dark background; nothing is
+    inverted. Errors name the file."""
     images = []
     for f in png_files(paths):
         x = _read_png(f)
-        shape = x.shape if shape is None else shape
         check_fit(x.shape, shape, f)
         images.append(x)
     if not images:
