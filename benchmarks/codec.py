@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowmnist.codec import DIMS, compress_images, decompress_bytes, idx_bytes
+from flowmnist.codec import compress_images, decompress_bytes, idx_bytes
+from flowmnist.config import MNIST_SHAPE
 from flowmnist.data import read_idx
 from flowmnist.runs import load_pretrained
 
@@ -45,7 +46,7 @@ IMAGE = {  # codec: (tool, command from an input PNG to an output file)
 
 
 def bpd(nbytes: int, n: int) -> float:
-    return round(8 * nbytes / (n * DIMS), 4)
+    return round(8 * nbytes / (n * math.prod(MNIST_SHAPE)), 4)  # the benchmark's images are MNIST digits
 
 
 def flow_codec(model, images: np.ndarray) -> dict:
@@ -88,9 +89,10 @@ def tile(images: np.ndarray) -> np.ndarray:
     n = len(images)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    grid = np.zeros((rows * cols, 28, 28), np.uint8)
+    h, w = images.shape[1:]
+    grid = np.zeros((rows * cols, h, w), np.uint8)
     grid[:n] = images
-    return grid.reshape(rows, cols, 28, 28).transpose(0, 2, 1, 3).reshape(rows * 28, cols * 28)
+    return grid.reshape(rows, cols, h, w).transpose(0, 2, 1, 3).reshape(rows * h, cols * w)
 
 
 def image_size(tool_cmd, pixels: np.ndarray, tmp: Path) -> int:

@@ -85,7 +85,7 @@ def sharded_bpd(model: FlowModel, images: Tensor, noise: Tensor, env: Dist, batc
     world, ...). Sums and counts are all-reduced, not per-rank means, so unequal shards weigh right.
     For a conditional model this is the marginal bpd, -log2 sum_y p(x | y) p(y) / D: the number
     `evaluate` reports as bpd, comparable with unconditional runs' validations. (It exceeds the
-    conditional bpd that the train rows log by at most -log2 p(y) / 784, 0.004 for balanced digits.)"""
+    conditional bpd that the train rows log by at most -log2 p(y) / D, 0.004 for balanced digits at 28x28.)"""
     total = torch.zeros(2, dtype=torch.float64, device=model.device)
     for i in range(0, len(images), batch_size):
         x, u = images[i : i + batch_size], noise[i : i + batch_size]
@@ -311,7 +311,8 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
         cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
         check_run_dir(run_dir, resume, force)
         check_creatable(run_dir)
-        data = load_data(cfg)  # before the run directory is made: bad data leaves nothing behind
+        data = load_data(cfg, fit=False)  # before the run directory is made: bad data leaves nothing behind
+        cfg = dataclasses.replace(cfg, image_shape=data.shape)  # the model is built for the data's size
         if cfg.conditional:
             check_classes(data, NUM_CLASSES)
         if env.is_main:
