@@ -156,6 +156,44 @@ def test_figure_digits_come_from_each_runs_own_dataset(tmp_path, monkeypatch):
     assert figure_data(given) == str(Path("d").resolve())
 
 
+def test_a_conditional_run_takes_its_classes_from_the_data(tmp_path, capsys):
+    """A folder of three class folders trains a conditional model of three classes (saved in its config,
+    a prior of three Gaussians) that evaluate scores as a 3-way classifier; one class is refused."""
+    import json
+
+    from conftest import real_data_or_skip
+    from helpers import write_png
+
+    from flowmnist.data import read_idx
+    from flowmnist.runs import load_model, run_config
+
+    root = real_data_or_skip()
+    images, labels = (
+        read_idx(root / "train-images-idx3-ubyte.gz")[:300],
+        read_idx(root / "train-labels-idx1-ubyte.gz")[:300],
+    )
+    data = tmp_path / "three"
+    for name, digit in (("zero", 0), ("one", 1), ("seven", 7)):
+        (data / name).mkdir(parents=True)
+        for i, image in enumerate(images[labels == digit][:12]):
+            write_png(data / name / f"{i:02d}.png", image)
+    run = str(tmp_path / "run")
+    recipe = ["--model", "simple", "--steps", "2", "--batch-size", "8", "--no-compile", "--conditional"]
+    assert main(["train", *recipe, "--data-dir", str(data), "--out", run]) == 0
+    assert run_config(run).num_classes == 3 and load_model(run)[0].prior.num_classes == 3
+    capsys.readouterr()
+    assert main(["evaluate", run, "--split", "val", "--importance-samples", "1", "--timing-reps", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert len(r["confusion"]["val"]) == 3 and 0 <= r["accuracy"]["val"] <= 1
+
+    for extra in ("one", "seven"):  # a single class left
+        (data / extra).rename(tmp_path / extra)
+    assert main(["train", *recipe, "--data-dir", str(data), "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "one class (zero); a conditional model needs two or more" in err, err
+    assert not (tmp_path / "no").exists()
+
+
 def test_a_run_on_mnist_padded_to_32x32_end_to_end(tmp_path, capsys, monkeypatch):
     """MNIST digits padded to 32x32 (as Bit-Swap trains on them) in a NumPy .npz: training records the
     size, evaluate, sample, interpolate and score work at it, compress records it in the file's header and

@@ -67,9 +67,11 @@ def test_an_architecture_is_the_fields_that_fix_its_weights():
     assert cond.architecture() == {
         **Config().architecture(),
         "conditional": True,
+        "num_classes": 10,  # unset: MNIST's digits
         "class_latent": "top",
         "class_fixed": True,
     }
+    assert Config(conditional=True, num_classes=3).architecture()["num_classes"] == 3
     assert Config(conditional=True, class_spread=2.0).architecture() == Config(conditional=True).architecture()
     have, want = Config(conditional=True).architecture(), cond.architecture()
     assert first_difference(have, want) == "class_latent" and first_difference(want, want) is None

@@ -103,6 +103,9 @@ class Config:
     # (channels, height, width) of the images the model is built for: training sets it from its data;
     # MNIST's by default, so a model named without data (build, hubconf) is an MNIST model.
     image_shape: tuple[int, int, int] = MNIST_SHAPE
+    # A conditional model's number of classes: training sets it from its data's labels (0: not yet set,
+    # which a model named without data reads as MNIST's ten digits).
+    num_classes: int = 0
 
     def __post_init__(self) -> None:
         self.image_shape = tuple(int(n) for n in self.image_shape)  # JSON gives back a list
@@ -139,23 +142,28 @@ class Config:
             raise FlowmnistError(f"class_spread must be a finite number >= 0, got {self.class_spread}")
         if self.steps < 0:
             raise FlowmnistError(f"steps must be >= 0 (0: no step budget), got {self.steps}")
+        if self.num_classes < 0 or self.num_classes == 1:
+            raise FlowmnistError(f"num_classes must be 0 (from the data) or >= 2, got {self.num_classes}")
         check_shape(self.image_shape, "image_shape")
 
     def prior_spec(self) -> PriorSpec:
         """The run's prior: the class prior for a conditional run, else N(0, I)."""
         if not self.conditional:
             return PriorSpec()
-        return PriorSpec("class", latent=self.class_latent, spread=self.class_spread, fixed=self.class_fixed)
+        return PriorSpec(
+            "class", self.num_classes or NUM_CLASSES, self.class_latent, self.class_spread, self.class_fixed
+        )
 
     def architecture(self) -> dict[str, Any]:
         """The fields that fix the weights' shapes and meaning, in the order a mismatch is named: the flows
         (``model``, ``alpha``: the logit squeeze the flows were trained behind, ``image_shape``: the size a
         class prior and self-attention are built for), then the prior (its kind,
-        and a class prior's latent and whether its means are trained). ``--resume``, ``--init-from`` and
+        and a class prior's classes, latent and whether its means are trained). ``--resume``, ``--init-from`` and
         loading a model compare these; ``class_spread`` only draws the start, so it is not among them."""
         arch: dict[str, Any] = {k: getattr(self, k) for k in FLOW_FIELDS} | {"conditional": self.conditional}
         if self.conditional:
-            arch |= {"class_latent": self.class_latent, "class_fixed": self.class_fixed}
+            classes = self.num_classes or NUM_CLASSES
+            arch |= {"num_classes": classes, "class_latent": self.class_latent, "class_fixed": self.class_fixed}
         return arch
 
     def resume_identity(self) -> dict[str, Any]:
@@ -189,6 +197,7 @@ BEFORE_FIELD: dict[str, Any] = {
     "conditional": False,
     "hybrid_weight": 0.0,
     "image_shape": MNIST_SHAPE,
+    "num_classes": NUM_CLASSES,
 }
 
 

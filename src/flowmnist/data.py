@@ -525,9 +525,12 @@ def check_fit(shape: tuple[int, ...], model_shape: tuple[int, ...], source: str 
 
 
 def check_classes(data: ImageSplits, num_classes: int) -> None:
-    """A conditional model's data: labelled, every label below the model's ``num_classes``."""
+    """A conditional model's data: labelled, two or more classes, every label below the model's
+    ``num_classes``, every class in the training split."""
     if not data.classes:
         raise DataError(f"{data.root}: unlabelled images; a conditional model needs labels (a folder per class)")
+    if len(data.classes) < 2:
+        raise DataError(f"{data.root}: one class ({data.classes[0]}); a conditional model needs two or more")
     every = {"train": torch.cat([data.labels["train"], data.labels["val"]]), "test": data.labels.get("test")}
     for split, labels in every.items():
         if labels is not None and int(labels.max()) >= num_classes:
@@ -535,6 +538,13 @@ def check_classes(data: ImageSplits, num_classes: int) -> None:
             raise DataError(
                 f"{where}: label {int(labels.max())} is outside 0-{num_classes - 1}, the classes of a conditional model"
             )
+    counts = torch.bincount(data.labels["train"].long(), minlength=num_classes)
+    if not bool(counts.all()):  # p(y) = 0 for a class the model never sees
+        empty = data.classes[int((counts == 0).nonzero()[0])]
+        raise DataError(
+            f"{data.label_files['train']}: no training images of class {empty} (of {num_classes}); "
+            "a conditional model needs every class in its training set"
+        )
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .config import Config, FlowmnistError, first_difference
 from .data import check_classes, load_data
 from .dist import Dist, process_group
-from .models import NUM_CLASSES, FlowModel
+from .models import FlowModel
 from .nets import compile_nets, set_autocast
 from .runs import (
     check_creatable,
@@ -313,8 +313,9 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
         check_creatable(run_dir)
         data = load_data(cfg, fit=False)  # before the run directory is made: bad data leaves nothing behind
         cfg = dataclasses.replace(cfg, image_shape=data.shape)  # the model is built for the data's size
-        if cfg.conditional:
-            check_classes(data, NUM_CLASSES)
+        if cfg.conditional:  # as many classes as the data names (MNIST: the ten digits), saved resolved
+            cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or len(data.classes))
+            check_classes(data, cfg.num_classes)
         if env.is_main:
             check_writable(run_dir)
         _check_batch_size(cfg.batch_size, len(data.images["train"]), env.world)
