@@ -243,6 +243,17 @@ def test_fashion_mnist_debian_files():
     assert mean == pytest.approx(0.2860, abs=5e-4)
 
 
+def test_fashion_mnist_under_renamed_files_reads_as_under_its_own(tmp_path):
+    """The Debian files linked under another prefix (as a user's download might name them) give the same
+    splits: the files are found by their IDX kind and split, not by their names."""
+    source = fashion_data_or_skip()
+    renamed = tmp_path / "fashion"
+    renamed.mkdir()
+    for f in source.iterdir():
+        (renamed / f"fashion-mnist-{f.name.replace('t10k', 'test')}").symlink_to(f)
+    _same(load_dir(renamed), load_dir(source))
+
+
 def _gz_idx_dir(root: Path, seed: int) -> dict[str, bytes]:
     """Small synthetic .gz IDX files under the official names; returns their bytes by key."""
     root.mkdir(parents=True)
