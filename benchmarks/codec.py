@@ -34,7 +34,6 @@ import numpy as np
 import torch
 
 from flowmnist.codec import (
-    DIMS,
     FORMAT_VERSION,
     CodecParams,
     compress_images,
@@ -43,6 +42,7 @@ from flowmnist.codec import (
     read_header,
     usable_cores,
 )
+from flowmnist.config import MNIST_SHAPE
 from flowmnist.data import read_idx
 from flowmnist.runs import PRETRAINED_ROOT, load_pretrained, pretrained_names
 
@@ -65,7 +65,7 @@ IMAGE = {  # codec: (tool, command from an input PNG to an output file)
 
 
 def bpd(nbytes: int, n: int) -> float:
-    return round(8 * nbytes / (n * DIMS), 4)
+    return round(8 * nbytes / (n * math.prod(MNIST_SHAPE)), 4)  # the benchmark's images are MNIST digits
 
 
 def cpu_seconds() -> float:
@@ -139,9 +139,10 @@ def tile(images: np.ndarray) -> np.ndarray:
     n = len(images)
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    grid = np.zeros((rows * cols, 28, 28), np.uint8)
+    h, w = images.shape[1:]
+    grid = np.zeros((rows * cols, h, w), np.uint8)
     grid[:n] = images
-    return grid.reshape(rows, cols, 28, 28).transpose(0, 2, 1, 3).reshape(rows * 28, cols * 28)
+    return grid.reshape(rows, cols, h, w).transpose(0, 2, 1, 3).reshape(rows * h, cols * w)
 
 
 def image_size(tool_cmd, pixels: np.ndarray, tmp: Path) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from flowmnist import codec
-from flowmnist.codec import DIMS, CodecParams, compress_images, decompress_bytes, idx_bytes
+from flowmnist.codec import CodecParams, compress_images, decompress_bytes, idx_bytes
 from flowmnist.data import read_idx
 from flowmnist.runs import load_pretrained
 
@@ -77,8 +77,8 @@ def measure(model, images: np.ndarray, params: CodecParams, version: int, decode
                 for i in range(0, len(x), 50)
             ]
         )
-    float_bpd = (-lp.double().numpy()) / (DIMS * math.log(2))
-    diff = np.concatenate(bounds) / (DIMS * math.log(2)) - float_bpd
+    float_bpd = (-lp.double().numpy()) / (model.dims * math.log(2))
+    diff = np.concatenate(bounds) / (model.dims * math.log(2)) - float_bpd
     return {
         "rate": stats.rate_bpd,
         "int_bound": stats.bound_bpd,

@@ -154,3 +154,124 @@ def test_figure_digits_come_from_each_runs_own_dataset(tmp_path, monkeypatch):
     assert figure_data(parse(["interpolate", "runs/a", "--out", "o"])) == {"mnist": str(tmp_path.resolve())}
     given = parse(["interpolate", "--pretrained", "simple", "--out", "o", "--data-dir", "d"])
     assert figure_data(given) == str(Path("d").resolve())
+
+
+def test_a_conditional_run_takes_its_classes_from_the_data(tmp_path, capsys):
+    """A folder of three class folders trains a conditional model of three classes (saved in its config,
+    a prior of three Gaussians) that evaluate scores as a 3-way classifier; one class is refused."""
+    import json
+
+    from conftest import real_data_or_skip
+    from helpers import write_png
+
+    from flowmnist.data import read_idx
+    from flowmnist.runs import load_model, run_config
+
+    root = real_data_or_skip()
+    images, labels = (
+        read_idx(root / "train-images-idx3-ubyte.gz")[:300],
+        read_idx(root / "train-labels-idx1-ubyte.gz")[:300],
+    )
+    data = tmp_path / "three"
+    for name, digit in (("zero", 0), ("one", 1), ("seven", 7)):
+        (data / name).mkdir(parents=True)
+        for i, image in enumerate(images[labels == digit][:12]):
+            write_png(data / name / f"{i:02d}.png", image)
+    run = str(tmp_path / "run")
+    recipe = ["--model", "simple", "--steps", "2", "--batch-size", "8", "--no-compile", "--conditional"]
+    assert main(["train", *recipe, "--data-dir", str(data), "--out", run]) == 0
+    assert run_config(run).num_classes == 3 and load_model(run)[0].prior.num_classes == 3
+    capsys.readouterr()
+    assert main(["evaluate", run, "--split", "val", "--importance-samples", "1", "--timing-reps", "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert len(r["confusion"]["val"]) == 3 and 0 <= r["accuracy"]["val"] <= 1
+
+    for extra in ("one", "seven"):  # a single class left
+        (data / extra).rename(tmp_path / extra)
+    assert main(["train", *recipe, "--data-dir", str(data), "--out", str(tmp_path / "no")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "one class (zero); a conditional model needs two or more" in err, err
+    assert not (tmp_path / "no").exists()
+
+
+def test_a_run_on_mnist_padded_to_32x32_end_to_end(tmp_path, capsys, monkeypatch):
+    """MNIST digits padded to 32x32 (as Bit-Swap trains on them) in a NumPy .npz: training records the
+    size, evaluate, sample, interpolate and score work at it, compress records it in the file's header and
+    decompress restores the bytes exactly. A run cannot resume on data of another size, and a model of
+    one size refuses data of another in one line naming both."""
+    import json
+
+    import numpy as np
+    from conftest import real_data_or_skip, write_mnist_dir
+    from helpers import write_png
+
+    import flowmnist.plots
+    from flowmnist.codec import read_header
+    from flowmnist.data import read_idx, write_idx
+    from flowmnist.runs import run_config
+
+    root = real_data_or_skip()
+    padded = np.pad(read_idx(root / "train-images-idx3-ubyte.gz")[:96], ((0, 0), (2, 2), (2, 2)))
+    data = tmp_path / "mnist32"
+    data.mkdir()
+    np.savez(data / "mnist32.npz", x_train=padded, y_train=read_idx(root / "train-labels-idx1-ubyte.gz")[:96])
+    run = str(tmp_path / "run")
+    recipe = ["--model", "simple", "--steps", "2", "--batch-size", "8", "--val-images", "8", "--no-compile"]
+    assert main(["train", *recipe, "--data-dir", str(data), "--out", run]) == 0
+    assert run_config(run).image_shape == (1, 32, 32)
+    assert json.loads((Path(run) / "config.json").read_text())["image_shape"] == [1, 32, 32]
+    capsys.readouterr()
+
+    evaluate = ["evaluate", run, "--split", "val", "--max-images", "4", "--importance-samples", "1", "--timing-reps"]
+    assert main([*evaluate, "1", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["images"] == {"val": 4} and 0 < r["bpd"]["val"] < 64 and r["roundtrip_exact"] == {"val": 1.0}
+
+    drawn = []
+    save_grid = flowmnist.plots.save_grid
+    monkeypatch.setattr(flowmnist.plots, "save_grid", lambda x, *a, **k: drawn.append(x.shape) or save_grid(x, *a, **k))
+    assert main(["sample", run, "--n", "4", "--out", str(tmp_path / "samples.png")]) == 0
+    assert drawn == [(4, 1, 32, 32)] and (tmp_path / "samples.png").is_file()
+
+    flat = tmp_path / "flat"  # unlabelled: a flat folder of PNGs
+    flat.mkdir()
+    for i, image in enumerate(padded[:12]):
+        write_png(flat / f"{i:02d}.png", image)
+    out = tmp_path / "walks"
+    assert (
+        main(["interpolate", run, "--data-dir", str(flat), "--pairs", "1", "--walk-images", "3", "--out", str(out)])
+        == 0
+    )
+    assert (out / "interpolation.png").is_file()
+    capsys.readouterr()
+    assert main(["score", run, "--data-dir", str(flat), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert len(rows) == 2 and [row["label"] for row in rows] == [None, None] and all(row["bpd"] > 0 for row in rows)
+
+    idx, packed, back = tmp_path / "four-idx3-ubyte", tmp_path / "four.fmz", tmp_path / "back-idx3-ubyte"
+    write_idx(idx, padded[:2])
+    assert main(["compress", run, str(idx), str(packed)]) == 0
+    assert read_header(packed.read_bytes()).shape == (1, 32, 32) and b'"shape":[1,32,32]' in packed.read_bytes()
+    assert main(["decompress", run, str(packed), str(back)]) == 0
+    assert back.read_bytes() == idx.read_bytes()
+    capsys.readouterr()
+
+    mnist28 = str(write_mnist_dir(tmp_path / "mnist28", 24))
+    refusals = [
+        (["train", *recipe, "--data-dir", mnist28, "--out", run, "--resume"],
+         f"{run}: cannot resume with image_shape=(1, 28, 28); the run has (1, 32, 32)"),
+        (["train", *recipe, "--data-dir", str(data), "--out", str(tmp_path / "tuned"), "--init-from", "simple"],
+         "--init-from simple: its model is 'simple' with image_shape=(1, 28, 28), this run's has image_shape=(1, 32"),
+        ([*evaluate, "1", "--data-dir", mnist28], f"{mnist28}: images of 28x28 pixels, the model's are 32x32; use a"),
+        (["evaluate", "--pretrained", "simple", "--data-dir", str(data), "--timing-reps", "1"],
+         f"{data}: images of 32x32 pixels, the model's are 28x28; use a model trained on images of this size"),
+        (["compress", "--pretrained", "simple", str(idx), str(tmp_path / "no.fmz")],
+         f"{idx}: images of 32x32 pixels, the model's are 28x28"),
+        (["decompress", "--pretrained", "simple", str(packed), str(tmp_path / "no-idx3-ubyte")],
+         f"{packed}: holds images of 32x32 pixels, the model given codes 28x28"),
+    ]  # fmt: skip
+    for args, message in refusals:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
+    assert not (tmp_path / "no.fmz").exists() and not (tmp_path / "no-idx3-ubyte").exists()

@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from flowmnist import compress, decompress, flows
 from flowmnist.cli import main
 from flowmnist.codec import (
-    DIMS,
     PRIOR_RANGE,
     CodecParams,
     chunk_sizes,
@@ -79,6 +78,22 @@ def test_roundtrip_uniform_dequantization_and_api(simple):
     back = decompress(compress(simple, images, params=SMALL), simple)
     assert back.dtype == torch.uint8 and back.shape == (9, 1, 28, 28)
     assert torch.equal(back[:, 0], torch.from_numpy(images))
+
+
+def test_the_header_records_the_image_shape_which_decompress_checks(simple):
+    """A model of 32x32 images codes 32x32 images and the file says so; a model of another size is refused
+    in one line before decoding; a file written before the shape was recorded (the golden file) holds 28x28."""
+    torch.manual_seed(2)
+    model = perturb(build_model("vardeq", image_shape=(1, 32, 32)), 0.02).eval()
+    images = np.pad(synthetic_digits(3, seed=15)[0], ((0, 0), (2, 2), (2, 2)))
+    data = compress(model, images, params=SMALL)
+    assert read_header(data).shape == (1, 32, 32)
+    assert torch.equal(decompress(data, model), torch.from_numpy(images).unsqueeze(1))
+    with pytest.raises(FlowmnistError, match=r"^<bytes>: holds images of 32x32 pixels, the model given codes 28x28$"):
+        decompress(data, simple)
+    with pytest.raises(FlowmnistError, match=r"^codec: expected N x 32 x 32 images \(the model's size\), got shape"):
+        compress(model, images[:, 2:-2, 2:-2])
+    assert b'"shape"' not in GOLDEN.read_bytes() and read_header(GOLDEN.read_bytes()).shape == (1, 28, 28)
 
 
 def test_roundtrip_real_digits_shipped_model(real_digits):
@@ -189,7 +204,7 @@ def test_rate_within_derived_margin_of_the_bound():
     model = load_pretrained("multi-vardeq")
     data, stats = compress_images(model, images)
     header_bits = 8 * (len(data) - 4 * read_header(data).words)
-    excess = (8 * len(data) - header_bits - stats.initial_bits - stats.bound_bits) / (len(images) * DIMS)
+    excess = (8 * len(data) - header_bits - stats.initial_bits - stats.bound_bits) / (len(images) * stats.dims)
     n_couplings = 12
     margin = (2 * PRIOR_RANGE + 1) * 2**-24 / math.log(2) + 2**-10 / math.log(2) + n_couplings * 2e-5 + 0.003
     assert -margin < excess < margin, (excess, margin)
@@ -682,10 +697,14 @@ def _idx_claiming_more(path: Path) -> None:
     [
         (lambda p: p.write_bytes(b""), "too short"),
         (_idx_claiming_more, "truncated"),
-        (lambda p: write_idx(p, synthetic_digits(4)[1]), "expected N x 28 x 28"),
+        (lambda p: write_idx(p, synthetic_digits(4)[1]), "expected N x H x W images"),
         (lambda p: p.write_bytes(np.random.default_rng(1).bytes(900)), "IDX"),
+        (
+            lambda p: write_idx(p, np.pad(synthetic_digits(2)[0], ((0, 0), (2, 2), (2, 2)))),
+            "in-idx3-ubyte: images of 32x32 pixels, the model's are 28x28",
+        ),
     ],
-    ids=["empty", "header-claims-more-images", "labels-file", "random-bytes"],
+    ids=["empty", "header-claims-more-images", "labels-file", "random-bytes", "other-size"],
 )
 def test_cli_compress_bad_input_one_line_nothing_written(tmp_path, capsys, make, message):
     make(tmp_path / "in-idx3-ubyte")

@@ -57,15 +57,41 @@ def test_unknown_fields_are_refused_by_name():
 def test_an_architecture_is_the_fields_that_fix_its_weights():
     """Model, alpha and the prior's layout; a class prior's latent and fixedness only where there is one;
     the recipe (lr, spread, seed) never. The first field that differs is the one a refusal names."""
-    assert Config().architecture() == {"model": "multi-vardeq", "alpha": 1e-5, "conditional": False}
+    assert Config().architecture() == {
+        "model": "multi-vardeq",
+        "alpha": 1e-5,
+        "image_shape": (1, 28, 28),
+        "conditional": False,
+    }
     cond = Config(conditional=True, class_latent="top", class_spread=0.5, class_fixed=True, lr=0.1)
     assert cond.architecture() == {
         **Config().architecture(),
         "conditional": True,
+        "num_classes": 10,  # unset: MNIST's digits
         "class_latent": "top",
         "class_fixed": True,
     }
+    assert Config(conditional=True, num_classes=3).architecture()["num_classes"] == 3
     assert Config(conditional=True, class_spread=2.0).architecture() == Config(conditional=True).architecture()
     have, want = Config(conditional=True).architecture(), cond.architecture()
     assert first_difference(have, want) == "class_latent" and first_difference(want, want) is None
     assert first_difference(Config().resume_identity(), Config(seed=1).resume_identity()) == "seed"
+
+
+def test_image_shape_round_trips_as_a_tuple_and_old_configs_are_mnist_sized():
+    """JSON gives back a list; the config keeps a tuple, so comparing architectures works. A config saved
+    before the field existed (every shipped model's) ran on 28x28 MNIST-sized images."""
+    import json
+
+    cfg = Config(image_shape=(1, 32, 32))
+    back = Config.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back.image_shape == (1, 32, 32) and isinstance(back.image_shape, tuple) and back == cfg
+    old = {k: v for k, v in Config().to_dict().items() if k != "image_shape"}
+    assert Config.from_dict(old).image_shape == (1, 28, 28)
+    assert first_difference(Config().architecture(), back.architecture()) == "image_shape"
+
+
+@pytest.mark.parametrize("shape", [(1, 30, 32), (3, 32, 32), (1, 28), (1, 0, 28)])
+def test_an_image_shape_no_architecture_fits_is_refused_in_one_line(shape):
+    with pytest.raises(FlowmnistError, match=r"^image_shape [0-9x]+: expected 1 x H x W \(grayscale\), height and"):
+        Config(image_shape=shape).check()

@@ -20,6 +20,7 @@ from flowmnist.figures import (
     flatness_z,
     interpolate,
     interpolate_latents,
+    label_text,
     pick_pairs,
     plot_curves,
     run_labels,
@@ -121,6 +122,14 @@ def test_pick_pairs_are_distinct_different_labels_and_seeded():
     assert pick_pairs(labels, 3, seed=5) == pairs
     with pytest.raises(FlowmnistError, match="interpolation pairs"):
         pick_pairs(labels, 6, seed=0)
+
+
+def test_unlabelled_images_show_no_label_and_still_pair_up():
+    """An unlabelled set (a flat folder of PNGs: every label data.NO_LABEL) shows "?", not -1, and its images
+    pair up as a single-class set's do."""
+    assert [label_text(y) for y in torch.tensor([3, -1, 0])] == ["3", "?", "0"]
+    pairs = pick_pairs(torch.full((6,), -1), 3, seed=1)
+    assert len({i for p in pairs for i in p}) == 6
 
 
 def test_interpolation_endpoints_decode_to_the_inputs(tiny_run):

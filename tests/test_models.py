@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import PARAMS, perturb
 
-from flowmnist.config import Config
+from flowmnist.config import Config, FlowmnistError
 from flowmnist.evaluate import dataset_bpd, image_bpd
 from flowmnist.flows import (
     AffineCoupling,
@@ -161,6 +161,35 @@ def test_new_architectures_change_of_variables_in_float64(name):
         assert torch.equal(model.decode(model.encode(x)), x.to(torch.uint8))
         s = model.sample(2, generator=torch.Generator().manual_seed(1))
     assert s.shape == (2, 1, 28, 28) and s.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("name", ["multi-vardeq", "flowpp"])
+def test_a_model_of_another_size_has_the_same_stages_and_a_prior_of_its_size(name):
+    """At 32x36 the flows' weights are the same tensors as at 28x28 except where the size is built in
+    (checkerboard masks, self-attention's position embeddings, a class prior); the latent has 32 x 36 dimensions,
+    the change of variables holds, and samples come out at that size."""
+    from flowmnist.config import PriorSpec
+
+    small, big = build_model(name), build_model(name, image_shape=(1, 32, 36), prior=PriorSpec("class"))
+    assert big.image_shape == (1, 32, 36) and big.dims == 32 * 36 and big.prior.dims == 32 * 36
+    before = small.state_dict()
+    sized = {k for k, v in big.state_dict().items() if k not in before or v.shape != before[k].shape}
+    assert all(k.startswith("prior.") or k.endswith((".pos", ".mask")) for k in sized)
+    assert {"prior.mean", "flows.0.mask"} <= sized
+    model = perturb(big, 0.01).double().eval()
+    x = torch.randint(0, 256, (2, 1, 32, 36)).double()
+    with torch.no_grad():
+        model.initialize(x)
+        assert torch.equal(model.decode(model.encode(x)), x.to(torch.uint8))
+        assert torch.isfinite(model.log_prob_single(x)).all()
+        s = model.sample(2, generator=torch.Generator().manual_seed(1), y=torch.tensor([0, 1]))
+    assert s.shape == (2, 1, 32, 36) and s.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("shape", [(1, 30, 32), (1, 28, 26), (3, 28, 28)])
+def test_a_size_the_squeezes_do_not_fit_is_refused_in_one_line_naming_it(shape):
+    with pytest.raises(FlowmnistError, match=r"^image shape " + "x".join(map(str, shape)) + ": expected 1 x H x W"):
+        build_model("simple", image_shape=shape)
 
 
 def test_unknown_model_is_refused():

@@ -259,7 +259,9 @@ def test_score_bad_png_is_one_line_without_traceback(ood_run, tmp_path):
 def test_score_input_errors_name_the_file(ood_run, tiny_data, tmp_path, capsys):
     run = str(ood_run)
     small = write_png(tmp_path / "small.png", np.zeros((28, 27), np.uint8))  # 27 wide, 28 high
-    _one_line_error(capsys, main(["score", run, "--png", str(small)]), "small.png: 27x28 pixels, expected 28x28")
+    _one_line_error(
+        capsys, main(["score", run, "--png", str(small)]), "small.png: images of 27x28 pixels, the model's are 28x28"
+    )
     jpeg = tmp_path / "photo.png"
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(jpeg, format="JPEG")
     _one_line_error(capsys, main(["score", run, "--png", str(jpeg)]), "photo.png: a JPEG image, not a PNG")

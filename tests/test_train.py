@@ -82,20 +82,29 @@ def test_a_png_folder_trains_as_the_idx_of_the_same_digits(tmp_path):
     assert a["val_bpd"] == b["val_bpd"] and math.isfinite(a["val_bpd"])
 
 
+def _sigint_at(step: int | None, real, before=lambda: None):
+    """``real`` (train's per-step noise_seed) wrapped to call ``before`` at every step and send this
+    process SIGINT (a user's Ctrl-C) during step ``step``."""
+    calls = 0
+
+    def seed(*args):
+        nonlocal calls
+        before()
+        calls += 1
+        if calls == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    return seed
+
+
 def _train_until(cfg: Config, run, steps: int) -> dict:
     """Train in this process and stop it with SIGINT (a user's Ctrl-C) during step ``steps``: the loop
     finishes that step, checkpoints and returns."""
     import flowmnist.train as T
 
-    real, calls = T.noise_seed, []
-
-    def seed(*args):
-        calls.append(args)
-        if len(calls) == steps:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args)
-
-    T.noise_seed = seed
+    real = T.noise_seed
+    T.noise_seed = _sigint_at(steps, real)
     try:
         s = train(cfg, run)
     finally:
@@ -139,20 +148,16 @@ class _StepClock:
     --minutes run's schedule is deterministic; ``at`` restarts it elsewhere, as a new process's clock."""
 
     def __init__(self, stop_at: int | None = None):
-        self.now, self.calls, self.stop_at = 0.0, 0, stop_at
+        self.now, self.stop_at = 0.0, stop_at
 
     def perf_counter(self) -> float:
         return self.now
 
     def tick(self, real):
-        def seed(*args):
-            self.now += 1.0
-            self.calls += 1
-            if self.calls == self.stop_at:
-                os.kill(os.getpid(), signal.SIGINT)
-            return real(*args)
+        return _sigint_at(self.stop_at, real, self._advance)
 
-        return seed
+    def _advance(self) -> None:
+        self.now += 1.0
 
 
 def test_a_minutes_budget_resumed_continues_its_schedule(tiny_data, tmp_path, monkeypatch):

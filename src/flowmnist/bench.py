@@ -40,7 +40,6 @@ from typing import Any
 
 import torch
 
-from .data import IMAGE_SHAPE
 from .models import MODELS, FlowModel, build_model
 from .nets import compile_nets, set_autocast
 from .runtime import cpu_kind, native_bf16
@@ -75,8 +74,10 @@ def _models(name: str, seed: int = 0) -> dict[str, FlowModel]:
     return models
 
 
-def _images(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (n, *IMAGE_SHAPE), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+def _images(model: FlowModel, n: int, seed: int = 0) -> torch.Tensor:
+    """n random uint8 images of the model's shape."""
+    shape = (n, *model.image_shape)
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
 def _train_step(model: FlowModel, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
@@ -110,12 +111,12 @@ def time_model(
     ``reps``, timed on batches of ``eval_batch`` and scaled to 64), for each path of model ``name``."""
     models = _models(name)
     opts = {k: make_optimizer(m, 1e-4, fused=k == "default") for k, m in models.items()}
-    x = _images(batch_size).float()
+    x = _images(models["plain"], batch_size).float()
     for k, m in models.items():
         m.train()
         set_autocast(m, _train_dtype(k))
     train, train_first = _interleaved({k: (lambda k=k: _train_step(models[k], opts[k], x)) for k in PATHS}, steps)
-    xe = _images(eval_batch, seed=1)
+    xe = _images(models["plain"], eval_batch, seed=1)
     for m in models.values():
         m.eval()
         set_autocast(m, None)
@@ -162,7 +163,7 @@ def peak_memory_child(name: str, path: str, batch_size: int, steps: int = 2) -> 
     model = _build(name, path)
     set_autocast(model, _train_dtype(path))
     opt = make_optimizer(model, 1e-4, fused=path == "default")
-    x = _images(batch_size).float()
+    x = _images(model, batch_size).float()
     for _ in range(steps):
         _train_step(model, opt, x)
     print(json.dumps({"peak_rss_mb": round(_peak_rss_mb(), 1)}))

@@ -13,7 +13,8 @@ SCHEDULES = ("cosine", "step")
 PRECISIONS = ("auto", "float32", "bfloat16")
 CLASS_LATENTS = ("all", "top")  # where a conditional model's class means sit (priors.ClassPrior)
 NUM_CLASSES = 10  # the digits 0-9: the labels of a conditional model
-FLOW_FIELDS = ("model", "alpha")  # the part of ``Config.architecture`` the flows' weights depend on
+FLOW_FIELDS = ("model", "alpha", "image_shape")  # the part of ``Config.architecture`` the flows' weights depend on
+MNIST_SHAPE = (1, 28, 28)  # (channels, height, width) of MNIST and Fashion-MNIST: the shipped models' images
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,15 @@ class Config:
     class_spread: float = 0.0  # std of the initial class means (0: all at 0, the unconditional twin's start)
     class_fixed: bool = False  # keep those means and unit scales fixed (FlowGMM): the flow alone separates the digits
     steps: int = 0  # optimizer-step budget (0: none): equal budgets that a busy CPU does not shorten
+    # (channels, height, width) of the images the model is built for: training sets it from its data;
+    # MNIST's by default, so a model named without data (build, hubconf) is an MNIST model.
+    image_shape: tuple[int, int, int] = MNIST_SHAPE
+    # A conditional model's number of classes: training sets it from its data's labels (0: not yet set,
+    # which a model named without data reads as MNIST's ten digits).
+    num_classes: int = 0
+
+    def __post_init__(self) -> None:
+        self.image_shape = tuple(int(n) for n in self.image_shape)  # JSON gives back a list
 
     def check(self) -> None:
         """Refuse values no run can use, naming the option (the CLI checks types and signs itself)."""
@@ -132,21 +142,28 @@ class Config:
             raise FlowmnistError(f"class_spread must be a finite number >= 0, got {self.class_spread}")
         if self.steps < 0:
             raise FlowmnistError(f"steps must be >= 0 (0: no step budget), got {self.steps}")
+        if self.num_classes < 0 or self.num_classes == 1:
+            raise FlowmnistError(f"num_classes must be 0 (from the data) or >= 2, got {self.num_classes}")
+        check_shape(self.image_shape, "image_shape")
 
     def prior_spec(self) -> PriorSpec:
         """The run's prior: the class prior for a conditional run, else N(0, I)."""
         if not self.conditional:
             return PriorSpec()
-        return PriorSpec("class", latent=self.class_latent, spread=self.class_spread, fixed=self.class_fixed)
+        return PriorSpec(
+            "class", self.num_classes or NUM_CLASSES, self.class_latent, self.class_spread, self.class_fixed
+        )
 
     def architecture(self) -> dict[str, Any]:
         """The fields that fix the weights' shapes and meaning, in the order a mismatch is named: the flows
-        (``model``, ``alpha``: the logit squeeze the flows were trained behind), then the prior (its kind,
-        and a class prior's latent and whether its means are trained). ``--resume``, ``--init-from`` and
+        (``model``, ``alpha``: the logit squeeze the flows were trained behind, ``image_shape``: the size a
+        class prior and self-attention are built for), then the prior (its kind,
+        and a class prior's classes, latent and whether its means are trained). ``--resume``, ``--init-from`` and
         loading a model compare these; ``class_spread`` only draws the start, so it is not among them."""
         arch: dict[str, Any] = {k: getattr(self, k) for k in FLOW_FIELDS} | {"conditional": self.conditional}
         if self.conditional:
-            arch |= {"class_latent": self.class_latent, "class_fixed": self.class_fixed}
+            classes = self.num_classes or NUM_CLASSES
+            arch |= {"num_classes": classes, "class_latent": self.class_latent, "class_fixed": self.class_fixed}
         return arch
 
     def resume_identity(self) -> dict[str, Any]:
@@ -179,7 +196,20 @@ BEFORE_FIELD: dict[str, Any] = {
     "dataset": "mnist",
     "conditional": False,
     "hybrid_weight": 0.0,
+    "image_shape": MNIST_SHAPE,
+    "num_classes": NUM_CLASSES,
 }
+
+
+def check_shape(shape: tuple[int, ...], what: str) -> tuple[int, int, int]:
+    """``shape`` as (channels, height, width) that every architecture fits: one channel, height and width
+    positive multiples of 4 (each architecture squeezes 2 x 2 twice); else one line naming ``what``."""
+    shape = tuple(shape)
+    if len(shape) != 3 or shape[0] != 1 or min(shape) < 1 or shape[1] % 4 or shape[2] % 4:
+        raise FlowmnistError(
+            f"{what} {'x'.join(map(str, shape))}: expected 1 x H x W (grayscale), height and width multiples of 4"
+        )
+    return shape  # type: ignore[return-value]
 
 
 def first_difference(have: dict[str, Any], want: dict[str, Any]) -> str | None:

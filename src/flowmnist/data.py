@@ -31,8 +31,6 @@ from .config import FlowmnistError, atomic_write_bytes
 if TYPE_CHECKING:
     from .config import Config
 
-IMAGE_SHAPE = (1, 28, 28)  # (channels, height, width) of the images every model is built for: MNIST's
-
 
 class DataError(FlowmnistError):
     """A missing, damaged or inconsistent data file."""
@@ -283,10 +281,10 @@ def _load_array(a: _Array) -> np.ndarray:
         raise DataError(f"{a.name}: cannot read as a NumPy array ({e})") from e
 
 
-def check_images(images: np.ndarray, path: str | Path, size: tuple[int, int] | None = IMAGE_SHAPE[1:]) -> np.ndarray:
+def check_images(images: np.ndarray, path: str | Path) -> np.ndarray:
     """``images`` as uint8 N x H x W (a single channel, N x 1 x H x W or N x H x W x 1, is dropped), else a
-    DataError naming ``path``: 8-bit grayscale, N >= 1, H x W = ``size``, or with ``size=None`` any height
-    and width divisible by 4 (every architecture squeezes 2 x 2 twice)."""
+    DataError naming ``path``: 8-bit grayscale, N >= 1, height and width multiples of 4 (every
+    architecture squeezes 2 x 2 twice)."""
     shape = "x".join(map(str, images.shape))
     if images.ndim == 4 and images.shape[1] == 1:
         images = images[:, 0]
@@ -295,13 +293,10 @@ def check_images(images: np.ndarray, path: str | Path, size: tuple[int, int] | N
     elif images.ndim == 4 and (images.shape[1] in (3, 4) or images.shape[3] in (3, 4)):
         raise DataError(f"{path}: colour images ({shape}); flowmnist reads 8-bit grayscale")
     if images.ndim != 3:
-        want = " x ".join(map(str, ("N", *(size or ("H", "W")))))
-        raise DataError(f"{path}: expected {want} images, header says {shape}")
+        raise DataError(f"{path}: expected N x H x W images, header says {shape}")
     if images.dtype != np.uint8:
         raise DataError(f"{path}: pixels of type {images.dtype}; flowmnist reads 8-bit grayscale (uint8, 0-255)")
     h, w = images.shape[1:]
-    if size is not None and (h, w) != tuple(size):
-        raise DataError(f"{path}: expected N x {size[0]} x {size[1]} images, header says {shape}")
     if h == 0 or w == 0 or h % 4 or w % 4:
         raise DataError(f"{path}: images of {w}x{h} pixels; height and width must be multiples of 4 (two 2x2 squeezes)")
     if len(images) == 0:
@@ -332,7 +327,7 @@ def _read_arrays(root: Path, arrays: list[_Array]) -> dict[str, ImageSet]:
         if img is None or lab is None:
             have = Path((img or lab).name).name
             raise DataError(f"{root}: {_partner(have)} is missing (its pair {have} is present)")
-        images = check_images(_load_array(img), img.name, size=None)
+        images = check_images(_load_array(img), img.name)
         labels = _check_labels(_load_array(lab), lab.name, len(images), img.name)
         sets[split] = ImageSet(images, labels, (), img.path, lab.path)
     top = max((int(s.labels.max()) for s in sets.values()), default=-1)
@@ -356,7 +351,7 @@ def _png_stack(files: list[Path]) -> np.ndarray:
             (h, w), (h0, w0) = x.shape, images[0].shape
             raise DataError(f"{f}: {w}x{h} pixels, but {files[0].name} is {w0}x{h0}; every image needs the same size")
         images.append(x)
-    return check_images(np.stack(images), files[0], size=None)
+    return check_images(np.stack(images), files[0])
 
 
 def _png_folder(folder: Path) -> ImageSet:
@@ -502,22 +497,40 @@ def load_dir(
     return data
 
 
-def load_data(cfg: Config, data_dir: str | Path | None = None) -> ImageSplits:
+def load_data(cfg: Config, data_dir: str | Path | None = None, *, fit: bool = True) -> ImageSplits:
     """A run's data: ``data_dir`` if given, else the run's own (``cfg.data_dir``, else the download cache
-    of ``cfg.dataset``), split by the run's seed and fraction. Images of another size than the models'
-    (IMAGE_SHAPE) are refused here, for every command."""
+    of ``cfg.dataset``), split by the run's seed and fraction. With ``fit`` (every command that feeds
+    the images to the run's model) images of another size than the model's (``cfg.image_shape``) are
+    refused; training reads any size (``fit=False``) and builds its model for it."""
     root = data_dir if data_dir is not None else cfg.data_dir
     data = load_dir(root, cfg.split_seed, cfg.val_fraction, cfg.dataset)
-    if data.shape != IMAGE_SHAPE:
-        h, w = data.shape[1:]
-        raise DataError(f"{data.root}: images of {w}x{h} pixels; flowmnist's models are built for 28x28 images")
+    if fit:
+        check_fit(data.shape, cfg.image_shape, data.root)
     return data
 
 
+def size_text(shape: tuple[int, ...]) -> str:
+    """An image shape (..., H, W) as a size in words: "28x28" (width x height)."""
+    return f"{shape[-1]}x{shape[-2]}"
+
+
+def check_fit(shape: tuple[int, ...], model_shape: tuple[int, ...], source: str | Path) -> None:
+    """Images of ``shape`` (..., H, W) fed to a model built for ``model_shape``: the same size, else one
+    line naming ``source`` and both sizes."""
+    if tuple(shape[-2:]) != tuple(model_shape[-2:]):
+        raise DataError(
+            f"{source}: images of {size_text(shape)} pixels, the model's are {size_text(model_shape)}; "
+            "use a model trained on images of this size"
+        )
+
+
 def check_classes(data: ImageSplits, num_classes: int) -> None:
-    """A conditional model's data: labelled, every label below the model's ``num_classes``."""
+    """A conditional model's data: labelled, two or more classes, every label below the model's
+    ``num_classes``, every class in the training split."""
     if not data.classes:
         raise DataError(f"{data.root}: unlabelled images; a conditional model needs labels (a folder per class)")
+    if len(data.classes) < 2:
+        raise DataError(f"{data.root}: one class ({data.classes[0]}); a conditional model needs two or more")
     every = {"train": torch.cat([data.labels["train"], data.labels["val"]]), "test": data.labels.get("test")}
     for split, labels in every.items():
         if labels is not None and int(labels.max()) >= num_classes:
@@ -525,6 +538,13 @@ def check_classes(data: ImageSplits, num_classes: int) -> None:
             raise DataError(
                 f"{where}: label {int(labels.max())} is outside 0-{num_classes - 1}, the classes of a conditional model"
             )
+    counts = torch.bincount(data.labels["train"].long(), minlength=num_classes)
+    if not bool(counts.all()):  # p(y) = 0 for a class the model never sees
+        empty = data.classes[int((counts == 0).nonzero()[0])]
+        raise DataError(
+            f"{data.label_files['train']}: no training images of class {empty} (of {num_classes}); "
+            "a conditional model needs every class in its training set"
+        )
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:
@@ -598,15 +618,15 @@ def _read_png(path: Path, colour: bool = True) -> np.ndarray:
         raise DataError(f"{path}: cannot read as a PNG ({str(e).strip() or type(e).__name__})") from e
 
 
-def read_png_digits(paths: Iterable[str | Path]) -> Tensor:
-    """Digits from PNG files (directories expand as in ``png_files``) as uint8 (N, 1, 28, 28), in
-    order. Each must be a 28x28 PNG; gray, palette and RGB are accepted (see ``_gray``). Like MNIST,
-    digits should be light on a dark background; nothing is inverted. Errors name the file."""
+def read_png_digits(paths: Iterable[str | Path], shape: tuple[int, ...]) -> Tensor:
+    """Digits from PNG files (directories expand as in ``png_files``) as uint8 (N, 1, H, W), in order.
+    Each must be a PNG of the model's ``shape`` (..., H, W) (``check_fit``); gray, palette and RGB are
+    accepted (see ``_gray``). Like MNIST, digits should be light on a dark background; nothing is
+    inverted. Errors name the file."""
     images = []
     for f in png_files(paths):
         x = _read_png(f)
-        if x.shape != IMAGE_SHAPE[1:]:
-            raise DataError(f"{f}: {x.shape[1]}x{x.shape[0]} pixels, expected 28x28")
+        check_fit(x.shape, shape, f)
         images.append(x)
     if not images:
         raise DataError("no PNG files given")

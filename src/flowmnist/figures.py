@@ -241,6 +241,13 @@ def interpolate_latents(z0: Tensor, z1: Tensor, steps: int, spherical: bool = Fa
     return (1 - t) * z0 + t * z1
 
 
+def label_text(label) -> str:
+    """A label as a figure or table shows it: the number, "?" for an unlabelled image (``data.NO_LABEL``)."""
+    from .data import NO_LABEL
+
+    return "?" if int(label) == NO_LABEL else str(int(label))
+
+
 def pick_pairs(labels: Tensor, pairs: int, seed: int) -> list[tuple[int, int]]:
     """Index pairs of digits with different labels (a 3 -> 7 walk shows more than a 3 -> 3 one),
     chosen by a seeded permutation; the same seed and data give the same pairs for every run."""
@@ -265,7 +272,7 @@ def pick_pairs(labels: Tensor, pairs: int, seed: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def interpolate(model: FlowModel, x0: Tensor, x1: Tensor, steps: int = 8, spherical: bool = False) -> Tensor:
-    """Encode two uint8 digits (1, 28, 28), walk between their latents, decode: uint8 (steps, 1, 28, 28).
+    """Encode two uint8 images (1, H, W), walk between their latents, decode: uint8 (steps, 1, H, W).
 
     Encoding uses the model's deterministic default noise, the dequantization base noise u0 = 1/2
     (for variational dequantization: the image of u0 = 1/2 under q's flow). So the figure depends on
@@ -292,7 +299,7 @@ def plot_interpolations(
         images, digit_labels, split = run.digits
         for i, j in pick_pairs(digit_labels, pairs, seed):
             rows.append(interpolate(run.model, images[i], images[j], steps, spherical).cpu())
-            names.append(f"{run.label}\n{split} {int(digit_labels[i])}→{int(digit_labels[j])}")
+            names.append(f"{run.label}\n{split} {label_text(digit_labels[i])}→{label_text(digit_labels[j])}")
     fig, axes = plt.subplots(len(rows), 1, figsize=(steps * 0.75 + 1.5, 0.85 * len(rows) + 0.5), squeeze=False)
     for ax, row, name in zip(axes[:, 0], rows, names, strict=True):
         ax.imshow(image_grid(row, nrow=steps), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
@@ -450,7 +457,7 @@ def plot_ood_histograms(
 
 def digit_samples(model: FlowModel, n: int, temperature: float = 1.0, seed: int = 0) -> Tensor:
     """n samples of each digit 0-9 from a conditional model, digit by digit (``evaluate.own_samples``):
-    uint8 (10 n, 1, 28, 28) on the CPU, so a grid of n columns has digit d in row d."""
+    uint8 (10 n, 1, H, W) on the CPU, so a grid of n columns has digit d in row d."""
     return own_samples(model, n, temperature, seed)[0]
 
 

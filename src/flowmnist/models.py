@@ -17,7 +17,10 @@ multi-vardeq, each described by its ``Architecture.doc``. Every one's parameter 
 place, tests/helpers.py (``PARAMS``).
 
 Each has a class-conditional variant (``build_model(name, prior=PriorSpec("class"))``, `train --conditional`):
-the same flows under a per-class Gaussian prior (``ClassPrior``), + 2 x 10 x 784 = 15,680 parameters.
+the same flows under a per-class Gaussian prior (``ClassPrior``), + 2 x 10 x D parameters (15,680 at 28x28).
+
+A model is built for one image shape (``image_shape``, (1, H, W); MNIST's 28x28 by default): the stages
+are the same at every size, only the couplings' masks, the prior and self-attention follow it.
 """
 
 from __future__ import annotations
@@ -30,8 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import NUM_CLASSES, PriorSpec  # noqa: F401 (NUM_CLASSES: its old home)
-from .data import IMAGE_SHAPE  # the layout data.py reads; every model is built for it
+from .config import MNIST_SHAPE, NUM_CLASSES, PriorSpec, check_shape  # noqa: F401 (NUM_CLASSES: its old home)
 from .flows import (
     ActNorm,
     AffineCoupling,
@@ -77,7 +79,7 @@ class FlowModel(nn.Module):
         log p(y | x) = log p(x | y) + log p(y) - log p(x)          (the flow as a Bayes classifier).
     """
 
-    def __init__(self, dequant: Dequantization, flows: list[Flow], prior: Prior | None = None, image_shape=IMAGE_SHAPE):
+    def __init__(self, dequant: Dequantization, flows: list[Flow], prior: Prior | None = None, image_shape=MNIST_SHAPE):
         super().__init__()
         self.dequant = dequant
         self.flows = nn.ModuleList(flows)
@@ -185,7 +187,7 @@ class FlowModel(nn.Module):
         return self.latent_and_ldj(x, torch.full_like(x, 0.5) if noise is None else noise)[0]
 
     def decode(self, latent: Tensor) -> Tensor:
-        """Flat latent (B, D) -> uint8 images (B, 1, 28, 28); the exact inverse of ``encode``
+        """Flat latent (B, D) -> uint8 images (B, 1, H, W); the exact inverse of ``encode``
         up to quantisation."""
         pieces, start = [], 0
         for shape in self.latent_shapes:
@@ -256,8 +258,9 @@ class Architecture:
 
 
 def _multi(n=(2, 2, 4), hidden=(32, 48, 64), first: dict | None = None, rest: dict | None = None) -> tuple:
-    """Multi-scale stages: n[0] checkerboard couplings at 28x28, squeeze, n[1] channel couplings at 14x14,
-    split, squeeze, n[2] channel couplings at 7x7; ``first`` / ``rest``: options of the 28x28 / later stages."""
+    """Multi-scale stages: n[0] checkerboard couplings at full size (28x28 for MNIST), squeeze, n[1] channel
+    couplings at half size (14x14), split, squeeze, n[2] channel couplings at a quarter (7x7); ``first`` /
+    ``rest``: options of the full-size / later stages."""
     first, rest = first or {}, rest or {}
     return (
         Couplings(n[0], hidden[0], **first),
@@ -351,16 +354,24 @@ def _stage(spec: Couplings, shape: tuple[int, int, int], fast: bool) -> list[Flo
     return flows
 
 
-def build(arch: Architecture, alpha: float = 1e-5, *, fast: bool = False, prior: PriorSpec = NORMAL) -> FlowModel:
-    """The FlowModel of ``arch`` under the prior ``prior`` describes: stages in order, the shape tracked
-    through squeezes and splits."""
+def build(
+    arch: Architecture,
+    alpha: float = 1e-5,
+    *,
+    fast: bool = False,
+    prior: PriorSpec = NORMAL,
+    image_shape: tuple[int, int, int] = MNIST_SHAPE,
+) -> FlowModel:
+    """The FlowModel of ``arch`` for images of ``image_shape`` (1, H, W), H and W multiples of 4, under the
+    prior ``prior`` describes: stages in order, the shape tracked through squeezes and splits."""
+    image_shape = check_shape(image_shape, "image shape")
     noise_flows = None
     if arch.dequant is not None:  # q(u|x): couplings on the noise, each net conditioned on the image (+1 channel)
         noise_flows = [
-            _coupling(arch.dequant, i, IMAGE_SHAPE, fast=fast, cond_channels=1) for i in range(arch.dequant.n)
+            _coupling(arch.dequant, i, image_shape, fast=fast, cond_channels=1) for i in range(arch.dequant.n)
         ]
     flows: list[Flow] = []
-    shape = IMAGE_SHAPE
+    shape = image_shape
     for stage in arch.stages:
         if isinstance(stage, Couplings):
             new = _stage(stage, shape, fast)
@@ -373,11 +384,19 @@ def build(arch: Architecture, alpha: float = 1e-5, *, fast: bool = False, prior:
         flows += new
     dequant = Dequantization(alpha, noise_flows)
     # Built after the flows: a prior's random start (class means of a spread) leaves the flows' draws as they were.
-    return FlowModel(dequant, flows, build_prior(prior, latent_shapes(flows, IMAGE_SHAPE)))
+    return FlowModel(dequant, flows, build_prior(prior, latent_shapes(flows, image_shape)), image_shape)
 
 
-def build_model(name: str, alpha: float = 1e-5, *, fast: bool = False, prior: PriorSpec = NORMAL) -> FlowModel:
-    """The named architecture (``ARCHITECTURES``) under ``prior`` (N(0, I) by default; e.g.
+def build_model(
+    name: str,
+    alpha: float = 1e-5,
+    *,
+    fast: bool = False,
+    prior: PriorSpec = NORMAL,
+    image_shape: tuple[int, int, int] = MNIST_SHAPE,
+) -> FlowModel:
+    """The named architecture (``ARCHITECTURES``) for images of ``image_shape`` (MNIST's 1 x 28 x 28 by
+    default) under ``prior`` (N(0, I) by default; e.g.
     ``PriorSpec("class")``: its class-conditional variant, the same flows and a ``ClassPrior`` over the 10
     digits, ``Config.prior_spec`` for a run's).
 
@@ -387,7 +406,7 @@ def build_model(name: str, alpha: float = 1e-5, *, fast: bool = False, prior: Pr
     """
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHITECTURES)}")
-    return build(ARCHITECTURES[name], alpha, fast=fast, prior=prior)
+    return build(ARCHITECTURES[name], alpha, fast=fast, prior=prior, image_shape=image_shape)
 
 
 def count_params(model: nn.Module) -> int:

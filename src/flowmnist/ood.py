@@ -22,13 +22,10 @@ import numpy as np
 from torch import Tensor
 
 from .config import FlowmnistError
-from .data import IMAGE_SHAPE
 from .evaluate import image_bpd
 from .models import FlowModel
 from .tables import Table
 
-SIDE = IMAGE_SHAPE[-1]
-DIMS = math.prod(IMAGE_SHAPE)
 PNG_LEVEL = 9  # zlib's maximum compression, as Serrà et al. used for PNG
 BATCH_SIZES = (1, 5, 10, 25)  # typicality batch sizes M that `flowmnist ood` reports by default
 
@@ -118,17 +115,17 @@ def ood_metrics(in_scores, out_scores) -> dict[str, float]:
 
 
 def _images_np(images) -> np.ndarray:
-    """uint8 (N, 28, 28) from a tensor or array of shape (N, 1, 28, 28) or (N, 28, 28)."""
+    """uint8 (N, H, W) from a tensor or array of shape (N, 1, H, W) or (N, H, W)."""
     arr = images.detach().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
     if arr.ndim == 4 and arr.shape[1] == 1:
         arr = arr[:, 0]
-    if arr.ndim != 3 or arr.shape[1:] != (SIDE, SIDE) or arr.dtype != np.uint8:
-        raise ValueError(f"expected uint8 images of shape (N, 1, 28, 28), got {arr.dtype} {arr.shape}")
+    if arr.ndim != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images of shape (N, 1, H, W), got {arr.dtype} {arr.shape}")
     return arr
 
 
 def png_encode(image: np.ndarray) -> bytes:
-    """One (28, 28) uint8 image as a complete 8-bit grayscale PNG file, zlib level 9, no extra chunks."""
+    """One (H, W) uint8 image as a complete 8-bit grayscale PNG file, zlib level 9, no extra chunks."""
     from PIL import Image
 
     buf = io.BytesIO()
@@ -149,16 +146,17 @@ def complexity_bpd(images) -> np.ndarray:
     Serrà et al. 2020 ("Input complexity and out-of-distribution detection with likelihood-based
     generative models", ICLR):
 
-        L(x) = 8 · len(png_encode(x)) / 784
+        L(x) = 8 · len(png_encode(x)) / D
 
     counting the whole PNG file: the 8-byte signature, the IHDR chunk (25 bytes), one IDAT chunk
     (12 bytes of length, type and CRC around the zlib stream: 2-byte header, deflate data, 4-byte
-    Adler-32) and IEND (12 bytes). The 57 bytes of framing (0.58 bpd) are the same for every image,
-    so they shift L and S but change no ranking or metric. The code is lossless (``png_decode``
+    Adler-32) and IEND (12 bytes), over the D = H · W pixels. The 57 bytes of framing (0.58 bpd at
+    28x28) are the same for every image of a size, so they shift L and S but change no ranking or
+    metric. The code is lossless (``png_decode``
     returns the image exactly). Lengths can differ by a few bytes between zlib builds: compare
     scores from one installation. Returns float64 (N,)."""
     arr = _images_np(images)
-    return np.array([8.0 * len(png_encode(img)) / DIMS for img in arr], dtype=np.float64)
+    return np.array([8.0 * len(png_encode(img)) / img.size for img in arr], dtype=np.float64)
 
 
 def corrected_score(bpd, complexity) -> np.ndarray:
@@ -175,7 +173,7 @@ def corrected_score(bpd, complexity) -> np.ndarray:
 def score_images(
     model: FlowModel, images: Tensor, k: int = 8, batch_size: int = 256, seed: int = 0
 ) -> dict[str, np.ndarray]:
-    """Per-image scores of uint8 images (N, 1, 28, 28), float64 arrays (N,):
+    """Per-image scores of uint8 images (N, 1, H, W) of the model's size, float64 arrays (N,):
     "bpd" (importance-weighted over k dequantization samples, ``evaluate.image_bpd``: seeded, the
     same values for the same images, order, batch size and seed), "complexity_bpd" (L) and
     "corrected" (S = bpd − L)."""

@@ -187,8 +187,8 @@ def checkpoint_path(run: str | Path) -> Path:
 
 
 def model_of(cfg: Config) -> FlowModel:
-    """The untrained model a config describes: its architecture, fast path and class prior."""
-    return build_model(cfg.model, cfg.alpha, fast=cfg.fast, prior=cfg.prior_spec())
+    """The untrained model a config describes: its architecture, image shape, fast path and class prior."""
+    return build_model(cfg.model, cfg.alpha, fast=cfg.fast, prior=cfg.prior_spec(), image_shape=cfg.image_shape)
 
 
 def load_model(run: str | Path, device: str = "cpu") -> tuple[FlowModel, Config]:

@@ -15,6 +15,7 @@ alone writes files. A checkpoint holds the unwrapped model, so it resumes on any
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -22,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ from tqdm import tqdm
 from .config import Config, FlowmnistError, first_difference
 from .data import check_classes, load_data
 from .dist import Dist, process_group
-from .models import NUM_CLASSES, FlowModel
+from .models import FlowModel
 from .nets import compile_nets, set_autocast
 from .runs import (
     check_creatable,
@@ -83,7 +85,7 @@ def sharded_bpd(model: FlowModel, images: Tensor, noise: Tensor, env: Dist, batc
     world, ...). Sums and counts are all-reduced, not per-rank means, so unequal shards weigh right.
     For a conditional model this is the marginal bpd, -log2 sum_y p(x | y) p(y) / D: the number
     `evaluate` reports as bpd, comparable with unconditional runs' validations. (It exceeds the
-    conditional bpd that the train rows log by at most -log2 p(y) / 784, 0.004 for balanced digits.)"""
+    conditional bpd that the train rows log by at most -log2 p(y) / D, 0.004 for balanced digits at 28x28.)"""
     total = torch.zeros(2, dtype=torch.float64, device=model.device)
     for i in range(0, len(images), batch_size):
         x, u = images[i : i + batch_size], noise[i : i + batch_size]
@@ -309,9 +311,11 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
         cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
         check_run_dir(run_dir, resume, force)
         check_creatable(run_dir)
-        data = load_data(cfg)  # before the run directory is made: bad data leaves nothing behind
-        if cfg.conditional:
-            check_classes(data, NUM_CLASSES)
+        data = load_data(cfg, fit=False)  # before the run directory is made: bad data leaves nothing behind
+        cfg = dataclasses.replace(cfg, image_shape=data.shape)  # the model is built for the data's size
+        if cfg.conditional:  # as many classes as the data names (MNIST: the ten digits), saved resolved
+            cfg = dataclasses.replace(cfg, num_classes=cfg.num_classes or len(data.classes))
+            check_classes(data, cfg.num_classes)
         if env.is_main:
             check_writable(run_dir)
         _check_batch_size(cfg.batch_size, len(data.images["train"]), env.world)
@@ -408,22 +412,37 @@ def save_last(run: Run) -> None:
 
 
 @torch.inference_mode()
+@contextlib.contextmanager
+def evaluating(run: Run) -> Iterator[None]:
+    """The model as validation sees it: eval mode, float32 nets and the EMA's weights where kept; the
+    training state (train mode, the run's autocast dtype, the raw weights) comes back afterwards."""
+    model = run.model
+    model.eval()
+    set_autocast(model, None)
+    if run.ema is not None:
+        run.ema.swap()
+    try:
+        yield
+    finally:
+        if run.ema is not None:
+            run.ema.swap()
+        set_autocast(model, run.train_dtype)
+        model.train()
+
+
 def estimate_val_seconds(run: Run, batch_size: int = 256) -> float:
     """Seconds a validation will take, measured once before a --minutes run's first step, so that the
     budget's end leaves room for the final validation: two tiny batches first (compiled nets compile
     here for any batch size, not in the final validation), then one validation batch is timed and scaled
     to the split. Every rank makes the same calls (each holds a collective)."""
     model, x, u, env = run.model, run.val_x, run.val_u, run.env
-    model.eval()
-    set_autocast(model, None)
-    for n in (1, 2):  # two shapes: torch.compile then makes the batch dimension dynamic
-        sharded_bpd(model, x[:n], u[:n], env, batch_size)
-    head = min(batch_size, len(x))
-    t = time.perf_counter()
-    sharded_bpd(model, x[:head], u[:head], env, batch_size)
-    per_image = (time.perf_counter() - t) / max(head, 1)
-    set_autocast(model, run.train_dtype)
-    model.train()
+    with evaluating(run):
+        for n in (1, 2):  # two shapes: torch.compile then makes the batch dimension dynamic
+            sharded_bpd(model, x[:n], u[:n], env, batch_size)
+        head = min(batch_size, len(x))
+        t = time.perf_counter()
+        sharded_bpd(model, x[:head], u[:head], env, batch_size)
+        per_image = (time.perf_counter() - t) / max(head, 1)
     return per_image * len(x)
 
 
@@ -432,23 +451,16 @@ def validate(run: Run) -> float:
     best.pt when it is the best so far. Its duration is the estimate of the next one's."""
     model, st = run.model, run.st
     run.validated_at = started = run.elapsed()
-    model.eval()
-    set_autocast(model, None)
-    if run.ema is not None:
-        run.ema.swap()
-    val = sharded_bpd(model, run.val_x, run.val_u, run.env)
-    log(run, "val", val)
-    if val < st.best_val:
-        st.best_val = val
-        if run.env.is_main:
-            best = {"step": st.step, "epoch": st.epoch, "val_bpd": val}
-            save_checkpoint(
-                run.run_dir / "best.pt", {"config": run.cfg.to_dict(), "model": model.state_dict(), "state": best}
-            )
-    if run.ema is not None:
-        run.ema.swap()
-    set_autocast(model, run.train_dtype)
-    model.train()
+    with evaluating(run):
+        val = sharded_bpd(model, run.val_x, run.val_u, run.env)
+        log(run, "val", val)
+        if val < st.best_val:
+            st.best_val = val
+            if run.env.is_main:
+                best = {"step": st.step, "epoch": st.epoch, "val_bpd": val}
+                save_checkpoint(
+                    run.run_dir / "best.pt", {"config": run.cfg.to_dict(), "model": model.state_dict(), "state": best}
+                )
     run.val_seconds = run.elapsed() - started
     return val
 

@@ -33,7 +33,7 @@ def cmd_classify(a: argparse.Namespace) -> int:
         raise FlowmnistError(f"{run}: an unconditional model has no p(y | x); classify needs one trained --conditional")
     images, labels, source = own_samples(a, model) if a.own_samples else score_input(a, cfg)
     lp = image_class_log_probs(model, images, a.importance_samples)
-    truth = [y if isinstance(y, int) else -1 for y in labels]  # PNG files carry no label
+    truth = [y if isinstance(y, int) else -1 for y in labels]  # PNG files and unlabelled sets carry no label
     import torch
 
     s = class_scores(lp, model.prior.log_py, torch.tensor(truth).clamp(min=0), model.dims)
@@ -51,7 +51,7 @@ def cmd_classify(a: argparse.Namespace) -> int:
     ]
     if fmt == "json":
         doc = {"run": str(run), **source, "importance_samples": a.importance_samples}
-        if ("split" in source or "own_samples" in source) and rows:
+        if ("split" in source or "own_samples" in source) and rows and min(truth) >= 0:
             doc["accuracy"] = round(float((s.predicted == torch.tensor(truth)).double().mean()), 6)
         text = json.dumps(doc | {"rows": rows}, indent=1) + "\n"
     else:
@@ -78,7 +78,9 @@ def add_classify_command(sub) -> None:
     add_scoring_args(c)
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--data-dir", metavar="DIR", help="classify a split of this data directory")
-    src.add_argument("--png", nargs="+", metavar="FILE_OR_DIR", help="classify 28x28 PNGs (a directory: its *.png)")
+    src.add_argument(
+        "--png", nargs="+", metavar="FILE_OR_DIR", help="classify PNGs of the model's size (a directory: its *.png)"
+    )
     src.add_argument(
         "--own-samples", type=positive_int, metavar="N", help="classify N of the model's samples of each digit"
     )

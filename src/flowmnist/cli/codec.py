@@ -13,16 +13,17 @@ DEFAULT_MODEL = "multi-vardeq-glow-wide"  # the best shipped MNIST model: compre
 _WORKERS_HELP = "processes coding the file's streams side by side (default: the cores this process may use)"
 
 
-def _codec_input(paths: list[str]):
-    """(uint8 images (N, 28, 28), original bytes, source): one IDX file (gzipped or not), else PNG files
-    or directories of them (the original is then the IDX file of their pixels, in order)."""
+def _codec_input(paths: list[str], shape: tuple[int, ...]):
+    """(uint8 images (N, H, W), original bytes, source): one IDX file (gzipped or not), else PNG files
+    or directories of them (the original is then the IDX file of their pixels, in order); images of the
+    model's ``shape`` only."""
     import gzip
     import zlib
 
     import numpy as np
 
     from ..codec import idx_bytes
-    from ..data import DataError, check_images, parse_idx, read_png_digits
+    from ..data import DataError, check_fit, check_images, parse_idx, read_png_digits
 
     first = Path(paths[0])
     if len(paths) == 1 and first.is_file() and first.suffix.lower() != ".png":
@@ -32,8 +33,10 @@ def _codec_input(paths: list[str]):
                 raw = gzip.decompress(raw)
             except (OSError, EOFError, zlib.error) as e:
                 raise DataError(f"{first}: not a valid gzip file ({e})") from e
-        return check_images(parse_idx(raw, str(first)), first), raw, "idx"
-    images = read_png_digits(paths)[:, 0].numpy()
+        images = check_images(parse_idx(raw, str(first)), first)
+        check_fit(images.shape, shape, first)
+        return images, raw, "idx"
+    images = read_png_digits(paths, shape)[:, 0].numpy()
     return images, idx_bytes(np.ascontiguousarray(images)), "png"
 
 
@@ -66,10 +69,10 @@ def cmd_compress(a: argparse.Namespace) -> int:
     if len(paths) < 2:
         raise FlowmnistError("give the input (an IDX file, PNG files or a directory of them) and OUT")
     out = out_file(paths[-1], "OUT")
-    images, original, source = _codec_input(paths[:-1])
+    model = load_model(run)[0]
+    images, original, source = _codec_input(paths[:-1], model.image_shape)
     if a.streams is not None and not 1 <= a.streams <= max(1, len(images)):
         raise FlowmnistError(f"--streams {a.streams}: give 1 to {max(1, len(images))} for {len(images)} images")
-    model = load_model(run)[0]
     with _codec_bar(len(images), "compress") as bar:
         data, st = compress_images(
             model,
@@ -124,7 +127,7 @@ def cmd_decompress(a: argparse.Namespace) -> int:
 
 
 def add_codec_commands(sub) -> None:
-    c = sub.add_parser("compress", help="lossless compression of digits by bits-back coding with a flow")
+    c = sub.add_parser("compress", help="lossless compression of images by bits-back coding with a flow")
     c.add_argument(
         "paths", nargs="+", metavar="PATH", help="[RUN_DIR] IN... OUT: an IDX file (gzipped or not) or PNGs, then OUT"
     )

@@ -221,18 +221,20 @@ def score_format(a: argparse.Namespace) -> str:
 
 
 def score_input(a: argparse.Namespace, cfg: Config):
-    """(uint8 images, labels, source description) for `score`: a data directory's split, or PNGs."""
-    from ..data import load_data, png_files, read_png_digits
+    """(uint8 images, labels, source description) for `score`: a data directory's split (an unlabelled
+    image's label None), or PNGs (each labelled by its file); images of the run's size only."""
+    from ..data import NO_LABEL, load_data, png_files, read_png_digits
 
     if a.png:
         if a.split:
             raise FlowmnistError("--split applies to --data-dir, not to --png")
         files = png_files(a.png)[: a.max_images]
-        return read_png_digits(files), [str(f) for f in files], {"png": [str(p) for p in a.png]}
+        return read_png_digits(files, cfg.image_shape), [str(f) for f in files], {"png": [str(p) for p in a.png]}
     split = a.split or "val"
     data = load_data(cfg, data_dir(a.data_dir))
     images, labels = data.split(split)
-    return images[: a.max_images], labels[: a.max_images].tolist(), {"data_dir": str(data.root), "split": split}
+    labels = [None if y == NO_LABEL else y for y in labels[: a.max_images].tolist()]
+    return images[: a.max_images], labels, {"data_dir": str(data.root), "split": split}
 
 
 def csv_text(rows: list[dict]) -> str:

@@ -51,7 +51,9 @@ def add_score_command(sub) -> None:
     add_scoring_args(sc)
     src = sc.add_mutually_exclusive_group(required=True)
     src.add_argument("--data-dir", metavar="DIR", help="score a split of this data directory")
-    src.add_argument("--png", nargs="+", metavar="FILE_OR_DIR", help="score 28x28 PNG files (a directory: its *.png)")
+    src.add_argument(
+        "--png", nargs="+", metavar="FILE_OR_DIR", help="score PNG files of the model's size (a directory: its *.png)"
+    )
     add_split(sc, help="split of --data-dir (default val)")
     sc.add_argument("--out", metavar="FILE", help="write the rows to FILE.csv or FILE.json (default: CSV on stdout)")
     sc.add_argument("--json", action="store_true", help="JSON instead of CSV on stdout")

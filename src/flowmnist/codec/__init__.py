@@ -77,8 +77,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import FlowmnistError
-from ..data import IMAGE_SHAPE
+from ..config import MNIST_SHAPE, FlowmnistError
 from ..flows import ActNorm, AffineCoupling, Dequantization, InvConv1x1, Logit, Sigmoid, Split, Squeeze
 from . import exact
 from .ans import PRIOR_RANGE as PRIOR_RANGE
@@ -88,8 +87,6 @@ from .fileformat import CodecParams, Header, _read_header, chunk_sizes, idx_byte
 from .fileformat import read_header as read_header
 from .intnet import IntNet, IntSpec, fixed, image_condition, sha256_of
 
-SIDE = IMAGE_SHAPE[-1]
-DIMS = math.prod(IMAGE_SHAPE)
 H_RANGE = 64.0  # |h| bound of the dequantization noise before its sigmoid: u within e^-64 of a bin edge
 MAX_SCALE = (1 << 23) - 1  # P < 2^24: constriction's uniform models need sizes below 2^24
 DEFAULT_STREAMS = 2  # streams of a large file unless told (``default_streams``): two cores' worth
@@ -113,6 +110,7 @@ class _Plan:
     noise_alpha: float  # the noise logit's (the logistic base of q)
     variational: bool
     model_dtype: torch.dtype = torch.float32
+    shape: tuple[int, int, int] = MNIST_SHAPE  # the model's image shape (_plan sets it)
     base_c0: int = 0
     extra: dict = field(default_factory=dict)
     fmt: int = FORMAT_VERSION
@@ -167,8 +165,9 @@ def _plan(model: torch.nn.Module, params: CodecParams, fmt: int = FORMAT_VERSION
     prior = getattr(model, "prior", None)
     if not _standard_prior(prior) and not (fmt >= 2 and _top_class_prior(model)):
         raise _refuse(f"prior {type(prior).__name__}" + (" (class means beyond the final latent)" if fmt >= 2 else ""))
-    if tuple(getattr(model, "image_shape", ())) != IMAGE_SHAPE:
-        raise FlowmnistError(f"codec: model image shape {getattr(model, 'image_shape', None)}, expected {IMAGE_SHAPE}")
+    shape = tuple(getattr(model, "image_shape", ()))
+    if len(shape) != 3 or shape[0] != 1:
+        raise FlowmnistError(f"codec: model image shape {shape or None}; the codec codes grayscale images (1, H, W)")
     dtype = next(model.parameters(), torch.empty(0)).dtype
     plan = _Plan(
         model,
@@ -179,6 +178,7 @@ def _plan(model: torch.nn.Module, params: CodecParams, fmt: int = FORMAT_VERSION
         dq.noise_logit.alpha,
         dq.variational,
         dtype,
+        shape=shape,
         fmt=fmt,
     )
     if fmt >= 2:
@@ -234,7 +234,7 @@ def _top_class_prior(model) -> bool:
     prior = model.prior
     if type(prior) is not getattr(models, "ClassPrior", None):
         return False
-    shape = IMAGE_SHAPE
+    shape = tuple(model.image_shape)
     for layer in model.flows:
         shape = layer.out_shape(shape)
     return prior.class_dims == math.prod(shape)
@@ -675,7 +675,7 @@ CODERS: dict[type, tuple[Coder, Coder]] = {
 
 
 def _encode_chunk(st: _Stream, plan: _Plan, x: Tensor) -> np.ndarray:
-    """Encode images x (B, 1, 28, 28) uint8; returns each one's single-sample bound in nats at the noise
+    """Encode images x (B, 1, H, W) uint8; returns each one's single-sample bound in nats at the noise
     the codec drew (the cost the codec realises, up to its grids)."""
     ideal = np.zeros(x.shape[0])
     y = None
@@ -774,14 +774,14 @@ def _label_model(plan: _Plan) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _final_shape(plan: _Plan, b: int) -> tuple[int, ...]:
-    shape = IMAGE_SHAPE
+    shape = plan.shape
     for layer in plan.flows:
         shape = layer.out_shape(shape)
     return (b, *shape)
 
 
 def _decode_chunk(st: _Stream, plan: _Plan, b: int) -> Tensor:
-    """The exact inverse of ``_encode_chunk``: b images as uint8 (b, 1, 28, 28)."""
+    """The exact inverse of ``_encode_chunk``: b images as uint8 (b, 1, H, W)."""
     k, y = _final_pop(st, plan, _final_shape(plan, b))
     k = torch.from_numpy(k)
     main = _Site(plan.params.grid_bits)
@@ -804,12 +804,14 @@ def _decode_chunk(st: _Stream, plan: _Plan, b: int) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def _as_images(images) -> np.ndarray:
+def _as_images(images, shape: tuple[int, ...]) -> np.ndarray:
+    """uint8 (N, H, W) of the model's ``shape`` (1, H, W), else one line naming both shapes."""
     arr = np.asarray(images.numpy() if isinstance(images, Tensor) else images)
     if arr.ndim == 4 and arr.shape[1] == 1:
         arr = arr[:, 0]
-    if arr.ndim != 3 or arr.shape[1:] != (SIDE, SIDE):
-        raise FlowmnistError(f"codec: expected N x 28 x 28 images, got shape {tuple(arr.shape)}")
+    if arr.ndim != 3 or arr.shape[1:] != tuple(shape[1:]):
+        h, w = shape[1:]
+        raise FlowmnistError(f"codec: expected N x {h} x {w} images (the model's size), got shape {tuple(arr.shape)}")
     if arr.dtype != np.uint8:
         if arr.size and (arr.min() < 0 or arr.max() > 255 or (arr != np.round(arr)).any()):
             raise FlowmnistError("codec: pixels must be integers 0..255")
@@ -826,14 +828,15 @@ class Stats:
     file_bytes: int
     bound_bits: float
     initial_bits: int
+    dims: int  # pixels per image (the model's H x W)
 
     @property
     def rate_bpd(self) -> float:
-        return 8 * self.file_bytes / max(1, self.images * DIMS)
+        return 8 * self.file_bytes / max(1, self.images * self.dims)
 
     @property
     def bound_bpd(self) -> float:
-        return self.bound_bits / max(1, self.images * DIMS)
+        return self.bound_bits / max(1, self.images * self.dims)
 
 
 def default_streams(n: int) -> int:
@@ -865,23 +868,23 @@ def compress_images(
     streams: int | None = None,
     workers: int | None = None,
 ) -> tuple[bytes, Stats]:
-    """Compress uint8 images (N, 28, 28) or (N, 1, 28, 28); ``original``: the bytes decompression restores
-    (an IDX file of exactly these pixels; default the IDX file of the images); ``streams``: independent
-    streams of consecutive images (default ``default_streams(N)``; formats 1 and 2 hold one), coded by up
-    to ``workers`` processes side by side (default 1: in this process; the file is the same for any
-    number; more than one needs the caller's script guarded by ``if __name__ == "__main__"``, as
-    ``multiprocessing`` spawns it); ``version`` 1 or 2 writes an older format (for tests and
-    measurements). Returns (file, stats)."""
+    """Compress uint8 images (N, H, W) or (N, 1, H, W) of the model's size; ``original``: the bytes
+    decompression restores (an IDX file of exactly these pixels; default the IDX file of the images);
+    ``streams``: independent streams of consecutive images (default ``default_streams(N)``; formats 1 and
+    2 hold one), coded by up to ``workers`` processes side by side (default 1: in this process; the file
+    is the same for any number; more than one needs the caller's script guarded by
+    ``if __name__ == "__main__"``, as ``multiprocessing`` spawns it); ``version`` 1 or 2 writes an older
+    format (for tests and measurements). Returns (file, stats)."""
     params = params or CodecParams()
     params.check()
-    arr = _as_images(images)
+    plan = _plan(model, params, version)
+    arr = _as_images(images, plan.shape)
     original = idx_bytes(arr) if original is None else original
     n_streams = streams if streams is not None else default_streams(len(arr)) if version >= 3 else 1
     if not 1 <= n_streams <= max(1, len(arr)) or (n_streams > 1 and version < 3):
         raise FlowmnistError(
             f"codec: {n_streams} streams for {len(arr)} images (1 to {max(1, len(arr))}; format {version} holds one)"
         )
-    plan = _plan(model, params, version)
     sizes = stream_sizes(len(arr), n_streams)
     starts = np.cumsum([0] + sizes)
     jobs = [(arr[a:b], int(a)) for a, b in zip(starts[:-1], starts[1:], strict=True)]
@@ -905,12 +908,14 @@ def compress_images(
         sum(p[1] for p in parts),
         sum(p[2] for p in parts),
         version,
+        plan.shape,
         tuple(parts) if version >= 3 else (),
     )
     body = header.pack() + np.concatenate(tails).astype("<u4").tobytes()
     data = body + struct.pack("<I", zlib.crc32(body))
     bound = sum(b for _, b in coded)
-    return data, Stats(len(arr), len(data), bound, sum(32 * (params.seed_words - p[1]) for p in parts))
+    initial = sum(32 * (params.seed_words - p[1]) for p in parts)
+    return data, Stats(len(arr), len(data), bound, initial, math.prod(plan.shape))
 
 
 def _encode_stream(plan: _Plan, arr: np.ndarray, first: int, progress) -> tuple[np.ndarray, float]:
@@ -951,6 +956,11 @@ def decompress_bytes(
     A file of S streams is decoded by up to ``workers`` processes (default 1: in this process)."""
     header, offset = _read_header(data, name)
     plan = _plan(model, header.params, header.version)
+    if header.shape != plan.shape:
+        h, w = header.shape[1:]
+        raise FlowmnistError(
+            f"{name}: holds images of {w}x{h} pixels, the model given codes {plan.shape[2]}x{plan.shape[1]}"
+        )
     sha = model_sha256(plan) if header.version >= 2 else weights_sha256(model)
     if sha != header.weights_sha256:
         raise FlowmnistError(
@@ -964,7 +974,7 @@ def decompress_bytes(
         jobs.append((count, np.concatenate([seed[:kept], tail]), name, header))
         offset += 4 * n_words
     pixels = _map_streams(_decode_stream, plan, jobs, workers, progress)
-    original = header.idx_header + np.concatenate([np.zeros((0, SIDE, SIDE), np.uint8), *pixels]).tobytes()
+    original = header.idx_header + np.concatenate([np.zeros((0, *plan.shape[1:]), np.uint8), *pixels]).tobytes()
     if zlib.crc32(original) != header.crc32:
         raise _undecodable(name, header, model)
     return original, header
@@ -974,7 +984,7 @@ def _decode_stream(plan: _Plan, count: int, words: np.ndarray, name: str, header
     """One stream's ``count`` images, last chunk first; the stack must end as the initial bits."""
     st = _Stream(words)
     sizes = chunk_sizes(count, header.params.batch, header.params.ramp)
-    out = np.zeros((count, SIDE, SIDE), np.uint8)
+    out = np.zeros((count, *plan.shape[1:]), np.uint8)
     end = count
     with _nets_threads(plan.fmt):
         for b in reversed(sizes):
@@ -1063,14 +1073,14 @@ def _undecodable(name: str, header: Header, model, err: Exception | None = None)
 
 
 def compress(model: torch.nn.Module, images, *, name: str = "", params: CodecParams | None = None) -> bytes:
-    """Lossless compression of uint8 digits (N, 28, 28) or (N, 1, 28, 28) by bits-back coding with
+    """Lossless compression of uint8 images (N, H, W) or (N, 1, H, W) of the model's size by bits-back coding with
     ``model``; about its single-sample bound in bits per image. ``decompress`` inverts it."""
     return compress_images(model, images, name=name, params=params)[0]
 
 
 def decompress(data: bytes, model: torch.nn.Module) -> Tensor:
-    """The images of a ``compress`` file, uint8 (N, 1, 28, 28); errors (wrong model, damaged file, newer
+    """The images of a ``compress`` file, uint8 (N, 1, H, W); errors (wrong model, damaged file, newer
     format) are one-line ``FlowmnistError``s."""
     original, header = decompress_bytes(data, model)
-    pixels = np.frombuffer(original, np.uint8, header.count * DIMS, len(header.idx_header))
-    return torch.from_numpy(pixels.reshape(header.count, 1, SIDE, SIDE).copy())
+    pixels = np.frombuffer(original, np.uint8, header.count * math.prod(header.shape), len(header.idx_header))
+    return torch.from_numpy(pixels.reshape(header.count, *header.shape).copy())

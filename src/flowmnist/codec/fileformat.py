@@ -2,7 +2,8 @@
 
 Layout (little-endian): magic ``FMNZ``, format version (u16), the header's length (u32) and the header
 (JSON: model name, SHA-256 of what the codec computes with, numerics tag, ``CodecParams``, image count,
-IDX header, CRC-32 of the original IDX bytes, source kind, initial-bits bookkeeping), the ANS words
+IDX header, CRC-32 of the original IDX bytes, source kind, initial-bits bookkeeping, the images' shape
+[1, H, W]; a header without one holds MNIST's 28x28), the ANS words
 (u32 each), and a CRC-32 of everything before it.
 
 Format 3 codes the images as S independent streams (the first n_1 images, the next n_2, ...), each its
@@ -20,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..config import FlowmnistError
+from ..config import MNIST_SHAPE, FlowmnistError
 from .intnet import IntSpec
 
 MAGIC = b"FMNZ"
@@ -105,6 +106,7 @@ class Header:
     kept: int
     words: int
     version: int = FORMAT_VERSION
+    shape: tuple[int, int, int] = MNIST_SHAPE  # (1, H, W) of the images
     streams: tuple[tuple[int, int, int], ...] = ()
 
     def parts(self) -> list[tuple[int, int, int]]:
@@ -124,6 +126,8 @@ class Header:
             "kept": self.kept,
             "words": self.words,
         }
+        if self.version >= 3 or self.shape != MNIST_SHAPE:  # a format-2 file of MNIST digits as written before
+            meta["shape"] = list(self.shape)
         if self.version >= 3:
             meta["streams"] = [list(p) for p in self.streams]
         blob = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
@@ -147,6 +151,7 @@ def _read_header(data: bytes, name: str) -> tuple[Header, int]:
             *(m["model"], m["sha256"], m["numerics"], CodecParams(**m["params"]), int(m["count"])),
             *(bytes.fromhex(m["idx_header"]), int(m["crc32"]), m["source"], int(m["kept"]), int(m["words"])),
             version,
+            _shape(m.get("shape", MNIST_SHAPE)),
             tuple(tuple(int(v) for v in p) for p in m["streams"]) if version >= 3 else (),
         )
     except (ValueError, KeyError, TypeError) as e:
@@ -177,8 +182,16 @@ def _check_streams(h: Header, name: str) -> None:
         )
 
 
+def _shape(value) -> tuple[int, int, int]:
+    """A header's image shape: three positive integers, one channel, else ValueError (a damaged header)."""
+    shape = tuple(int(n) for n in value)
+    if len(shape) != 3 or shape[0] != 1 or min(shape) < 1:
+        raise ValueError(f"image shape {value}")
+    return shape  # type: ignore[return-value]
+
+
 def idx_bytes(images: np.ndarray) -> bytes:
-    """The IDX file of uint8 images (N, 28, 28): magic 0x00000803, three big-endian sizes, the pixels."""
+    """The IDX file of uint8 images (N, H, W): magic 0x00000803, three big-endian sizes, the pixels."""
     return bytes([0, 0, 8, 3]) + struct.pack(">3I", *images.shape) + images.tobytes()
 
 
