@@ -12,7 +12,8 @@
 # NAME: a model (simple, vardeq, multi-simple, multi-vardeq, multi-vardeq-glow-wide), MODEL-cond for its
 # class-conditional variant, or fashion-MODEL for one trained on Fashion-MNIST (DATA_DIR then
 # holds Fashion-MNIST); the long-run candidates (docs/cpu-minutes.md): multi-vardeq-glow-deep and
-# multi-vardeq-glow-wide-long (multi-vardeq-glow-wide for the long budget).
+# multi-vardeq-glow-wide-long (multi-vardeq-glow-wide for the long budget), and its conditional twin
+# multi-vardeq-glow-wide-cond (INIT=RUN_DIR: the weights it starts from).
 # DATA_DIR: the official training files (60,000 images: 50,000 train / 10,000 val). CORE=N pins a
 # training, evaluation or OOD run to CPU core N with one thread, so that two runs share a 2-core machine
 # without slowing each other (a 2-thread run stalls whenever anything else takes one of its cores).
@@ -32,6 +33,10 @@ budget() {  # the original four: epochs fixed from their one-core step rate (3,1
     # AMD EPYC with AVX512-BF16); the deep candidate's 42,000 about as many at 1.26; val every ~13 of them.
     multi-vardeq-glow-wide-long) echo --steps 60000 --epochs 1000 --val-every 1350 --val-images 2000 ;;
     multi-vardeq-glow-deep) echo --steps 42000 --epochs 1000 --val-every 1000 --val-images 2000 ;;
+    # The long run's conditional twin (FlowGMM's fixed means, spread 0.5 as its pilots chose): the long run's
+    # weights (INIT: a copy of its best.pt taken when the twin starts), 30,000 steps on the other core.
+    multi-vardeq-glow-wide-cond)
+      echo --steps 30000 --epochs 1000 --val-every 1500 --val-images 2000 --init-from "${INIT:-$RUNS/multi-vardeq-glow-wide-long}" ;;
     *) echo "no budget fixed for $1" >&2; exit 2 ;;
   esac
 }
