@@ -579,8 +579,8 @@ def _py_conv(x, w, b, f, pad, amax):
 
 
 def _nchw(layer, x: torch.Tensor) -> torch.Tensor:
-    """An integer layer (channels last) applied to an NCHW tensor, its result NCHW."""
-    return layer(x.permute(0, 2, 3, 1).contiguous()).permute(0, 3, 1, 2)
+    """An integer layer (channels first, (C, B, H, W)) applied to an NCHW tensor, its result NCHW."""
+    return layer(x.transpose(0, 1).contiguous()).transpose(0, 1)
 
 
 def _ints(draw_seed: int, shape, bound: int) -> torch.Tensor:
@@ -646,7 +646,7 @@ def test_layer_norm_equals_python_integers(seed, n, magnitude_bits):
     inorm = intnet.INorm(norm, SPEC)
     x = _ints(seed, (1, n, 1, 3), min(SPEC.amax, 1 << magnitude_bits))
     got = _nchw(inorm, x.double()).long()
-    g, beta = inorm.gamma.flatten().tolist(), inorm.beta.flatten().tolist()
+    g, beta = [int(v) for v in inorm.gamma.flatten()], [int(v) for v in inorm.beta.flatten()]
     for p in range(3):
         col = [int(x[0, c, 0, p]) for c in range(n)]
         s1, s2 = sum(col), sum(v * v for v in col)
@@ -655,6 +655,16 @@ def test_layer_norm_equals_python_integers(seed, n, magnitude_bits):
             y = ((n * col[c] - s1) << (SPEC.act_bits + inorm.guard)) // r
             want = max(-SPEC.amax, min(SPEC.amax, (y * g[c] >> inorm.g) + beta[c]))
             assert int(got[0, c, 0, p]) == want
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(-(2**21), 2**21), st.integers(1, 2**31), st.integers(-2, 2)), min_size=1))
+def test_floor_division_in_float64_is_exact(cases):
+    """The layer norm's division, quotients near an integer (q r + e) and far from one, against Python."""
+    num = [q * r + e for q, r, e in cases]
+    den = [r for _, r, _ in cases]
+    got = intnet._floor_div(torch.tensor(num, dtype=torch.float64), torch.tensor(den, dtype=torch.float64))
+    assert got.long().tolist() == [a // b for a, b in zip(num, den, strict=True)]
 
 
 @settings(max_examples=30, deadline=None)

@@ -15,10 +15,11 @@ A ``GatedConvNet`` (nets.py) becomes an ``IntNet`` whose every value is an integ
 The default widths (A = 12, 12-bit weights, R = 10) were chosen by ``benchmarks/codec_numerics.py``: they
 cost 0.0001 bits/dim against the float nets on multi-vardeq.
 
-**Why the convolutions are exact.** They run as float64 matrix products on tensors holding integers
-(channels last: a 1x1 convolution is one product, a k x k one is one product with the k^2 taps' weights
-side by side, whose k^2 outputs are summed at their shifted positions, which avoids ``F.conv2d``'s slow
-float64 path). Every
+**Why the convolutions are exact.** They run as float64 matrix products on tensors holding integers,
+channels first (C, B, H, W): a 1x1 convolution is one product (C_out, C_in) x (C_in, B H W); a k x k one
+lays the zero-padded images end to end and adds, for each of its k^2 taps, the tap's (C_out, C_in)
+weights times the inputs shifted by the tap's offset (a slice of the same buffer, so nothing is copied),
+which keeps the matrix products long and avoids ``F.conv2d``'s slow float64 path. Every
 product w_q a and every partial sum of them (in whatever order a kernel adds them) is an integer of
 magnitude at most  sum_i |w_q,i| 2^(A+R) + |b_q| , which ``IConv`` checks to be below 2^53 when it is
 built; an integer below 2^53 is a float64 exactly, so no product or sum rounds and every CPU kernel
@@ -26,12 +27,14 @@ built; an integer below 2^53 is a float64 exactly, so no product or sum rounds a
 by 2^(A+R) because every conv output, gate and norm output is clamped, and ELU (|ELU(x)| <= |x| or
 <= 2^A) keeps the bound.
 
-**Layer norm in integers.** Over the n channels of a pixel, with S1 = sum x, S2 = sum x^2 (int64):
-n^2 var = V = n S2 - S1^2 and n (x - mean) = d = n x - S1 exactly;
+**Layer norm in integers.** Over the n channels of a pixel, with S1 = sum x, S2 = sum x^2 (exact in
+float64: S2 <= n 4^(A+R) < 2^53), n^2 var = V = n S2 - S1^2 (int64) and n (x - mean) = d = n x - S1 exactly;
 (x - mean) / sqrt(var + eps) 2^A = floor(d 2^(A+G) / isqrt((V + E) 4^G)),  E = rint(n^2 eps 4^A), G guard
 bits, isqrt the exact integer square root (a float sqrt corrected by one step each way). ``INorm``
 takes the largest G <= 5 with n^2 4^(A+R) + E < 2^(62 - 2G) (V <= n S2 <= n^2 4^(A+R)), so nothing
-overflows int64 (|d| 2^(A+G) < 2^(A+R+1) n 2^(A+G) is far smaller). Then floor(y gamma_q / 2^g) + beta_q.
+overflows int64, and checks |d| 2^(A+G) < 2^(A+R+1) n 2^(A+G) < 2^53, so the division's numerator is a
+float64 exactly and its floor is exact (``_floor_div``). Then floor(y gamma_q / 2^g) + beta_q, where
+|y| <= sqrt(n) 2^A (a normalised value) keeps the product far below 2^53.
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import exact
@@ -100,15 +102,18 @@ def _lookup(table: Tensor, index: Tensor) -> Tensor:
 
 
 def concat_elu(x: Tensor, a: int) -> Tensor:
-    """[ELU(x), ELU(-x)] along the last (channel) axis in units 2^-a, as ELU(v) = max(v, 0) + T[max(-v, 0)]
+    """[ELU(x), ELU(-x)] along the first (channel) axis in units 2^-a, as ELU(v) = max(v, 0) + T[max(-v, 0)]
     with T the table (T[0] = 0), its index clamped to the table's saturated end."""
     table = _tables(a)[0]
     top = len(table) - 1
-    pos, neg = x.clamp(min=0), (-x).clamp(min=0)
-    out = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
-    c = x.shape[-1]
-    torch.add(pos, _lookup(table, neg.clamp(max=top).long()), out=out[..., :c])
-    torch.add(neg, _lookup(table, pos.clamp(max=top).long()), out=out[..., c:])
+    c = x.shape[0]
+    out = torch.empty(2 * c, *x.shape[1:], dtype=x.dtype)
+    pos, neg = out[:c], out[c:]
+    torch.clamp(x, min=0, out=pos)
+    torch.neg(x, out=neg).clamp_(min=0)
+    pos_t = _lookup(table, neg.clamp(max=top).long())
+    neg.add_(_lookup(table, pos.clamp(max=top).long()))
+    pos.add_(pos_t)
     return out
 
 
@@ -125,6 +130,13 @@ def isqrt(v: Tensor) -> Tensor:
     return r + ((r + 1) * (r + 1) <= v).long()
 
 
+def _floor_div(num: Tensor, den: Tensor) -> Tensor:
+    """floor(num / den) of integers held in float64, |num| < 2^53, den >= 1, exactly: a quotient that is
+    not an integer lies at least 1/den from one, while rounding moves it by at most |num / den| 2^-53 <
+    1/den, so the correctly rounded quotient never crosses an integer and its floor is the true one."""
+    return torch.div(num, den).floor_()
+
+
 def _quantize(w: Tensor, bits: int) -> tuple[np.ndarray, int]:
     """(rint(w 2^f) as float64 integers, f) with max |w| 2^f < 2^(bits - 1): f from the float's exponent."""
     w = w.detach().cpu().double().numpy()
@@ -134,7 +146,7 @@ def _quantize(w: Tensor, bits: int) -> tuple[np.ndarray, int]:
 
 
 class IConv:
-    """A convolution (padding keeps the size) on activations in units 2^-A, channels last (B, H, W, C)."""
+    """A convolution (padding keeps the size) on activations in units 2^-A, channels first (C, B, H, W)."""
 
     def __init__(self, conv: nn.Conv2d, spec: IntSpec):
         self.spec = spec
@@ -146,26 +158,29 @@ class IConv:
         if bound.max(initial=0) >= EXACT:
             raise ValueError(f"a convolution's integer sums reach {bound.max():.3g} >= 2^53")
         self.weight, self.bias = torch.from_numpy(w), torch.from_numpy(bq)
-        co, ci, self.k, _ = w.shape
-        # (ci, k*k*co): tap (dy, dx)'s weights in columns (dy k + dx) co ... + co
-        self.taps = self.weight.permute(1, 2, 3, 0).reshape(ci, -1).contiguous()
+        self.k = w.shape[-1]
+        # tap (dy, dx)'s (co, ci) matrix at index dy k + dx
+        self.taps = [self.weight[:, :, dy, dx].contiguous() for dy in range(self.k) for dx in range(self.k)]
 
     def __call__(self, x: Tensor) -> Tensor:
-        b, h, w, ci = x.shape
+        ci, b, h, w = x.shape
         k, p, co = self.k, self.pad, len(self.bias)
         if k == 1:
-            acc = (x.reshape(-1, ci) @ self.taps).view(b, h, w, co)
+            out = torch.addmm(self.bias[:, None], self.taps[0], x.reshape(ci, -1)).view(co, b, h, w)
         else:
-            xp = F.pad(x, (0, 0, p, p, p, p))
-            hp, wp = h + 2 * p - k + 1, w + 2 * p - k + 1
-            y = (xp.reshape(-1, ci) @ self.taps).view(b, h + 2 * p, w + 2 * p, k * k, co)
-            acc = y[:, :hp, :wp, 0].clone()
+            # On the zero-padded images laid end to end, tap (dy, dx) of the output at flat position i
+            # reads position i + dy wp + dx: one product per tap over a shifted slice, no copies.
+            hp, wp = h + 2 * p, w + 2 * p
+            n = b * hp * wp
+            flat = x.new_zeros(ci, n + (k - 1) * (wp + 1))
+            flat[:, :n].view(ci, b, hp, wp)[:, :, p : p + h, p : p + w] = x
+            out = torch.addmm(self.bias[:, None], self.taps[0], flat[:, :n])
             for tap in range(1, k * k):
                 dy, dx = divmod(tap, k)
-                acc += y[:, dy : dy + hp, dx : dx + wp, tap]
-        acc += self.bias
-        out = torch.floor(acc * 2.0**-self.f)  # a power-of-two scaling and floor: exact
-        return out.clamp(-self.spec.amax, self.spec.amax)
+                out.addmm_(self.taps[tap], flat[:, dy * wp + dx : dy * wp + dx + n])
+            out = out.view(co, b, hp, wp)[:, :, :h, :w]
+        out = out.mul(2.0**-self.f).floor_()  # a power-of-two scaling and floor: exact
+        return out.clamp_(-self.spec.amax, self.spec.amax)
 
     def arrays(self) -> list[np.ndarray]:
         return [self.weight.numpy().astype(np.int64), self.bias.numpy().astype(np.int64), np.array([self.f])]
@@ -184,21 +199,23 @@ class INorm:
         self.guard = next((g for g in range(NORM_GUARD, -1, -1) if top < 1 << (62 - 2 * g)), None)
         if self.guard is None:
             raise ValueError(f"layer norm over {n} channels overflows int64")
-        self.gamma = torch.from_numpy(g.astype(np.int64))
-        self.beta = torch.from_numpy(beta.astype(np.int64))
+        if n << (spec.act_bits + spec.range_bits + 1 + spec.act_bits + self.guard) >= EXACT:
+            raise ValueError(f"layer norm over {n} channels exceeds float64's exact integers")
+        self.gamma, self.beta = torch.from_numpy(g), torch.from_numpy(beta)
 
     def __call__(self, x: Tensor) -> Tensor:
-        a, n = self.spec.act_bits, x.shape[-1]
-        x = x.long()
-        s1 = x.sum(-1, keepdim=True)
-        v = n * (x * x).sum(-1, keepdim=True) - s1 * s1
-        r = isqrt((v + self.eps) << (2 * self.guard))
-        y = torch.div((n * x - s1) << (a + self.guard), r, rounding_mode="floor")
-        y = torch.div(y * self.gamma, 1 << self.g, rounding_mode="floor") + self.beta
-        return y.clamp(-self.spec.amax, self.spec.amax).double()
+        a, n = self.spec.act_bits, x.shape[0]
+        s1 = x.sum(0)  # |S1| <= n 2^(A+R), S2 <= n 4^(A+R) < 2^53: exact in float64
+        v = n * (x * x).sum(0).long() - s1.long() ** 2  # up to n^2 4^(A+R): int64
+        r = isqrt((v + self.eps) << (2 * self.guard)).double()
+        num = (n * x - s1).mul_(2.0 ** (a + self.guard))  # |num| < 2^(A+R+1) n 2^(A+G) < 2^53
+        y = _floor_div(num, r)
+        y = y.mul_(self.gamma.view(-1, 1, 1, 1)).mul_(2.0**-self.g).floor_().add_(self.beta.view(-1, 1, 1, 1))
+        return y.clamp_(-self.spec.amax, self.spec.amax)
 
     def arrays(self) -> list[np.ndarray]:
-        return [self.gamma.numpy().ravel(), self.beta.numpy().ravel(), np.array([self.g, self.eps, self.guard])]
+        gamma, beta = self.gamma.numpy().astype(np.int64), self.beta.numpy().astype(np.int64)
+        return [gamma, beta, np.array([self.g, self.eps, self.guard])]
 
 
 class IGate:
@@ -211,9 +228,9 @@ class IGate:
     def __call__(self, x: Tensor) -> Tensor:
         a = self.spec.act_bits
         h = self.c2(concat_elu(self.c1(concat_elu(x, a)), a))
-        p, q = h.chunk(2, dim=-1)
-        y = x + torch.floor(p * sigmoid(q, a) * 2.0**-a)  # |p sigmoid| < 2^(2A+R) < 2^53: exact
-        return y.clamp(-self.spec.amax, self.spec.amax)
+        p, q = h.chunk(2, dim=0)
+        y = sigmoid(q, a).mul_(p).mul_(2.0**-a).floor_().add_(x)  # |p sigmoid| < 2^(2A+R) < 2^53: exact
+        return y.clamp_(-self.spec.amax, self.spec.amax)
 
     def arrays(self) -> list[np.ndarray]:
         return self.c1.arrays() + self.c2.arrays()
@@ -242,11 +259,11 @@ class IntNet:
         self.out = IConv(layers[-1], spec)
 
     def __call__(self, x: Tensor) -> Tensor:
-        """Integers (B, C, H, W) in, integers (B, C', H, W) out; channels last inside."""
-        x = x.double().permute(0, 2, 3, 1).contiguous()
+        """Integers (B, C, H, W) in, integers (B, C', H, W) out; channels first (C, B, H, W) inside."""
+        x = x.double().transpose(0, 1).contiguous()
         for stage in self.stages:
             x = stage(x)
-        return self.out(concat_elu(x, self.spec.act_bits)).long().permute(0, 3, 1, 2)
+        return self.out(concat_elu(x, self.spec.act_bits)).long().transpose(0, 1)
 
     def arrays(self) -> list[np.ndarray]:
         return [a for s in [*self.stages, self.out] for a in s.arrays()]
