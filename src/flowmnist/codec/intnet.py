@@ -17,9 +17,10 @@ cost 0.0001 bits/dim against the float nets on multi-vardeq.
 
 **Why the convolutions are exact.** They run as float64 matrix products on tensors holding integers,
 channels first (C, B, H, W): a 1x1 convolution is one product (C_out, C_in) x (C_in, B H W); a k x k one
-lays the zero-padded images end to end and adds, for each of its k^2 taps, the tap's (C_out, C_in)
-weights times the inputs shifted by the tap's offset (a slice of the same buffer, so nothing is copied),
-which keeps the matrix products long and avoids ``F.conv2d``'s slow float64 path. Every
+lays the images end to end with the zero padding shared between neighbours (``IConv``) and adds, for
+each of its k^2 taps, the tap's (C_out, C_in) weights times the inputs shifted by the tap's offset (a
+slice of the same buffer, so nothing is copied), which keeps the products long and avoids
+``F.conv2d``'s slow float64 path. Every
 product w_q a and every partial sum of them (in whatever order a kernel adds them) is an integer of
 magnitude at most  sum_i |w_q,i| 2^(A+R) + |b_q| , which ``IConv`` checks to be below 2^53 when it is
 built; an integer below 2^53 is a float64 exactly, so no product or sum rounds and every CPU kernel
@@ -97,7 +98,7 @@ def _tables(a: int) -> tuple[Tensor, Tensor]:
 
 
 def _lookup(table: Tensor, index: Tensor) -> Tensor:
-    """table[index] for an int64 index of any shape (``index_select`` on the flat index: the fast gather)."""
+    """table[index] for an int32 index of any shape (``index_select`` on the flat index: the fast gather)."""
     return torch.index_select(table, 0, index.reshape(-1)).view(index.shape)
 
 
@@ -111,8 +112,8 @@ def concat_elu(x: Tensor, a: int) -> Tensor:
     pos, neg = out[:c], out[c:]
     torch.clamp(x, min=0, out=pos)
     torch.neg(x, out=neg).clamp_(min=0)
-    pos_t = _lookup(table, neg.clamp(max=top).long())
-    neg.add_(_lookup(table, pos.clamp(max=top).long()))
+    pos_t = _lookup(table, neg.clamp(max=top).int())
+    neg.add_(_lookup(table, pos.clamp(max=top).int()))
     pos.add_(pos_t)
     return out
 
@@ -120,7 +121,7 @@ def concat_elu(x: Tensor, a: int) -> Tensor:
 def sigmoid(b: Tensor, a: int) -> Tensor:
     table = _tables(a)[1]
     j = (len(table) - 1) // 2
-    return _lookup(table, (b.clamp(-j, j) + j).long())
+    return _lookup(table, (b.clamp(-j, j) + j).int())
 
 
 def isqrt(v: Tensor) -> Tensor:
@@ -168,19 +169,19 @@ class IConv:
         if k == 1:
             out = torch.addmm(self.bias[:, None], self.taps[0], x.reshape(ci, -1)).view(co, b, h, w)
         else:
-            # On the zero-padded images laid end to end, tap (dy, dx) of the output at flat position i
-            # reads position i + dy wp + dx: one product per tap over a shifted slice, no copies.
-            hp, wp = h + 2 * p, w + 2 * p
-            n = b * hp * wp
-            flat = x.new_zeros(ci, n + (k - 1) * (wp + 1))
-            flat[:, :n].view(ci, b, hp, wp)[:, :, p : p + h, p : p + w] = x
+            # The images end to end, each row and each image followed by p zeros (which pad the next one's
+            # left and top too), after ``lead`` zeros: tap (dy, dx) of the output at flat position i
+            # reads position i + dy wp + dx, so each tap is one product over a shifted slice, no copies.
+            hp, wp = h + p, w + p
+            n, lead = b * hp * wp, p * (w + p) + p
+            flat = x.new_zeros(ci, lead + n + lead)
+            flat[:, lead : lead + n].view(ci, b, hp, wp)[:, :, :h, :w] = x
             out = torch.addmm(self.bias[:, None], self.taps[0], flat[:, :n])
             for tap in range(1, k * k):
                 dy, dx = divmod(tap, k)
                 out.addmm_(self.taps[tap], flat[:, dy * wp + dx : dy * wp + dx + n])
-            out = out.view(co, b, hp, wp)[:, :, :h, :w]
-        out = out.mul(2.0**-self.f).floor_()  # a power-of-two scaling and floor: exact
-        return out.clamp_(-self.spec.amax, self.spec.amax)
+        out.mul_(2.0**-self.f).floor_().clamp_(-self.spec.amax, self.spec.amax)  # power-of-two scaling: exact
+        return out if k == 1 else out.view(co, b, hp, wp)[:, :, :h, :w]
 
     def arrays(self) -> list[np.ndarray]:
         return [self.weight.numpy().astype(np.int64), self.bias.numpy().astype(np.int64), np.array([self.f])]
