@@ -74,32 +74,32 @@ def int8_pieces(conv: intnet.IConv, products_only: bool = False):
     co, ci, k, _ = conv.weight.shape
     w = conv.weight.long().permute(0, 2, 3, 1).reshape(co, -1)  # (co, k k ci), tap-major
     w0 = ((w + 32) & 63) - 32
-    pieces = torch.cat([w0, (w - w0) >> 6]).to(torch.int8).contiguous()  # (2 co, k k ci)
-
+    # oneDNN adds 128 to its first operand's bytes, so the activations' digits come first and the small
+    # weight pieces second: their 16-bit pair sums 2 * 255 * 32 cannot saturate
+    pieces = torch.cat([w0, (w - w0) >> 6]).t().to(torch.int8).contiguous()  # (k k ci, 2 co)
     cache: dict = {}
 
     def run(x):
         if products_only and "cols" in cache:  # the six int8 products alone, their inputs ready
-            return torch._int_mm(pieces, cache["cols"])
+            return torch._int_mm(cache["cols"], pieces)
         ci_, b, h, wd = x.shape
         p = conv.pad
-        hp, wp = h + 2 * p, wd + 2 * p
-        n = b * hp * wp
-        extra = (k - 1) * (wp + 1)
-        digits = torch.zeros(3, ci, n + extra, dtype=torch.int8)
+        hp, wp = h + p, wd + p  # the codec's layout: padding shared between neighbours
+        n, lead = b * hp * wp, p * wp + p
+        digits = torch.zeros(3, ci, lead + n + lead, dtype=torch.int8)
         r = x.long()
         for i in range(3):
             d = ((r + 128) & 255) - 128 if i < 2 else r
-            digits[i, :, :n].view(ci, b, hp, wp)[:, :, p : p + h, p : p + wd] = d
+            digits[i, :, lead : lead + n].view(ci, b, hp, wp)[:, :, :h, :wd] = d
             r = (r - d) >> 8
         offs = [dy * wp + dx for dy in range(k) for dx in range(k)]
         cols = torch.cat([digits[:, :, o : o + n] for o in offs], 1)  # (3, k k ci, n)
-        cache["cols"] = cols = cols.permute(1, 0, 2).reshape(k * k * ci, 3 * n)
-        out = torch._int_mm(pieces, cols).view(2, co, 3, n)
-        c = ((out[1] << 6) + out[0]).long()  # (co, 3, n)
-        acc = (c[:, 2] << 16) + (c[:, 1] << 8) + c[:, 0] + conv.bias.long()[:, None]
+        cache["cols"] = cols = cols.permute(0, 2, 1).reshape(3 * n, k * k * ci)
+        out = torch._int_mm(cols, pieces).view(3, n, 2, co)
+        c = ((out[:, :, 1] << 6) + out[:, :, 0]).long()  # (3, n, co)
+        acc = (c[2] << 16) + (c[1] << 8) + c[0] + conv.bias.long()
         acc = (acc >> conv.f).clamp_(-conv.spec.amax, conv.spec.amax)
-        return acc.view(co, b, hp, wp)[:, :, :h, :wd].double()
+        return acc.t().reshape(co, b, hp, wp)[:, :, :h, :wd].double()
 
     return run
 
