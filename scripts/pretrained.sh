@@ -6,6 +6,7 @@
 #   scripts/pretrained.sh evaluate NAME            # K = 8 on its splits (below)
 #   scripts/pretrained.sh ship     NAME            # into src/flowmnist/pretrained/NAME, manifest rewritten
 #   scripts/pretrained.sh test     DATA_DIR NAME   # the shipped NAME on all 10,000 t10k images, K = 8, into its results
+#   scripts/pretrained.sh tight    DATA_DIR NAME   # a tighter test bound: K = ${TIGHT_K:-64} on every ${TIGHT_EVERY:-5}th
 #   scripts/pretrained.sh figures                  # docs/images/ from every shipped model
 #   scripts/pretrained.sh ood MNIST_DIR FASHION_DIR # both OOD directions: docs/images/ood_*.png, docs/results/
 #
@@ -77,6 +78,11 @@ case ${1:-} in
     pin "$BIN/flowmnist" evaluate --pretrained "$3" --data-dir "$2" --split test --importance-samples 8 --compile \
       --json > "$RUNS/$3.test.json"
     "$BIN/python" scripts/ship_pretrained.py --test-results "$RUNS/$3.test.json" --name "$3" ;;
+  tight)  # after test: more importance samples on a spread subset of t10k, beside (not replacing) K = 8
+    mkdir -p "$RUNS"
+    pin "$BIN/flowmnist" evaluate --pretrained "$3" --data-dir "$2" --split test --importance-samples "${TIGHT_K:-64}" \
+      --every "${TIGHT_EVERY:-5}" --compile --json > "$RUNS/$3.tight.json"
+    "$BIN/python" scripts/ship_pretrained.py --tight-results "$RUNS/$3.tight.json" --name "$3" ;;
   figures)  # the analysis of the unconditional MNIST models, then the conditional and Fashion-MNIST ones
     out=docs/images names=()
     for m in simple vardeq multi-simple multi-vardeq; do if [ -d "src/flowmnist/pretrained/$m" ]; then names+=("$m"); fi; done
@@ -104,5 +110,5 @@ plot_confusion(json.load(open(sys.argv[1]))["confusion"]["test"], sys.argv[2], "
       --ood-split val --max-images "$n" --out docs/images/ood_fashion-multi-vardeq.png --json)
     echo "$r" > docs/results/ood_fashion-multi-vardeq.json ;;
   *)
-    sed -n '2,15p' "$0"; exit 2 ;;
+    sed -n '2,16p' "$0"; exit 2 ;;
 esac

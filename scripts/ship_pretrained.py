@@ -4,6 +4,7 @@
     python scripts/ship_pretrained.py --digits ../shared/data/mnist     # the real validation digits for figures
     python scripts/ship_pretrained.py --digits DIR --dataset fashion-mnist   # the same for Fashion-MNIST models
     python scripts/ship_pretrained.py --test-results R.json --name NAME # add R's test split to NAME's results
+    python scripts/ship_pretrained.py --tight-results R.json --name NAME # R (K > 8) as NAME's tighter bound
     python scripts/ship_pretrained.py                                   # only rewrite the manifest
 
 A shipped run holds config.json, metrics.csv, results.json and model.pt (the final float32 weights and
@@ -49,6 +50,24 @@ def add_split_results(results_json: str, name: str) -> None:
     write_json(path, old)
 
 
+def add_tight_results(results_json: str, name: str) -> None:
+    """Record an evaluation with more importance samples (`flowmnist evaluate --pretrained NAME --split test
+    --importance-samples 64 --every 5 --json`) as the shipped run's ``bpd_tight``: per split its bpd, K,
+    image count and stride, beside the K = 8 figures it does not replace."""
+    new = json.loads(open(results_json).read())
+    path = PRETRAINED_ROOT / name / "results.json"
+    old = json.loads(path.read_text())
+    if (new["model"], new.get("conditional"), new["params"]) != (old["model"], old.get("conditional"), old["params"]):
+        raise SystemExit(f"{results_json}: results of another model than the shipped {name}")
+    k = new["importance_samples"]
+    if k <= old["importance_samples"]:
+        raise SystemExit(f"{results_json}: K = {k}, not more than the shipped results' {old['importance_samples']}")
+    tight = old.setdefault("bpd_tight", {})
+    for split, bpd in new["bpd"].items():
+        tight[split] = {"bpd": bpd, "importance_samples": k, "images": new["images"][split], "every": new["every"]}
+    write_json(path, old)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", nargs="?", help="a trained and evaluated run directory")
@@ -56,6 +75,7 @@ def main() -> None:
     p.add_argument("--digits", metavar="DATA_DIR", help="ship real validation images from this IDX directory")
     p.add_argument("--dataset", default="mnist", help="what --digits holds (default mnist)")
     p.add_argument("--test-results", metavar="JSON", help="merge this evaluation's splits into --name's results")
+    p.add_argument("--tight-results", metavar="JSON", help="record this evaluation (K > 8) as --name's bpd_tight")
     a = p.parse_args()
     if a.run_dir:
         from flowmnist.runs import run_config
@@ -67,6 +87,8 @@ def main() -> None:
         ship_digits(a.digits, a.dataset)
     if a.test_results:
         add_split_results(a.test_results, a.name)
+    if a.tight_results:
+        add_tight_results(a.tight_results, a.name)
     manifest = write_manifest()
     print(f"manifest: {len(manifest['files'])} files, runs {', '.join(manifest['runs']) or 'none'}")
 
