@@ -62,11 +62,10 @@ case ${1:-} in
       read -ra steps <<< "$b"
       pin "$BIN/flowmnist" train --model "$model" --data-dir "$data" "${steps[@]}" "${flags[@]}" --out "$run"
     fi ;;
-  evaluate)  # MNIST: the first 10,000 train and all 10,000 val images; the conditional model and the wide
-    # one (~15 core-minutes a 10,000 at K = 8): all of val; the Fashion-MNIST one: the first 5,000 val and
-    # 5,000 test images (K = 8 costs ~7 core-minutes a 5,000)
+  evaluate)  # MNIST: the first 10,000 train and all 10,000 val images (the wide models: ~23 core-minutes a
+    # 10,000 at K = 8); the Fashion-MNIST one: the first 5,000 val and 5,000 test images (~7 core-minutes a
+    # 5,000)
     case $2 in
-      *-cond | multi-vardeq-glow-wide) splits=(--split val) ;;
       fashion-*) splits=(--split val --split test --max-images 5000) ;;
       *) splits=(--split train --split val --max-images 10000) ;;
     esac
