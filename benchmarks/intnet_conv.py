@@ -82,7 +82,7 @@ def int8_pieces(conv: intnet.IConv, products_only: bool = False):
     def run(x):
         if products_only and "cols" in cache:  # the six int8 products alone, their inputs ready
             return torch._int_mm(cache["cols"], pieces)
-        ci_, b, h, wd = x.shape
+        _, b, h, wd = x.shape
         p = conv.pad
         hp, wp = h + p, wd + p  # the codec's layout: padding shared between neighbours
         n, lead = b * hp * wp, p * wp + p

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from flowmnist.data import FILES, load_dir, write_idx
 from flowmnist.runs import PRETRAINED_ROOT, digits_folder, export_run, write_json, write_manifest
@@ -33,14 +34,21 @@ def ship_digits(data_dir: str, dataset: str = "mnist", split_seed: int = 42) -> 
     write_idx(out / (FILES["train-labels"][0] + ".gz"), labels[:N_DIGITS].numpy())
 
 
-def add_split_results(results_json: str, name: str) -> None:
-    """Merge the per-split entries of ``results_json`` (`flowmnist evaluate --pretrained NAME --split test
-    --json`) into the shipped run's results.json: its other splits and fields stay as they are."""
+def _results_of_shipped(results_json: str, name: str) -> tuple[dict, Path, dict]:
+    """(the evaluation, the shipped run's results.json path, its results), refused where they are of
+    another model."""
     new = json.loads(open(results_json).read())
     path = PRETRAINED_ROOT / name / "results.json"
     old = json.loads(path.read_text())
     if (new["model"], new.get("conditional"), new["params"]) != (old["model"], old.get("conditional"), old["params"]):
         raise SystemExit(f"{results_json}: results of another model than the shipped {name}")
+    return new, path, old
+
+
+def add_split_results(results_json: str, name: str) -> None:
+    """Merge the per-split entries of ``results_json`` (`flowmnist evaluate --pretrained NAME --split test
+    --json`) into the shipped run's results.json: its other splits and fields stay as they are."""
+    new, path, old = _results_of_shipped(results_json, name)
     if new["importance_samples"] != old["importance_samples"]:
         k, shipped = new["importance_samples"], old["importance_samples"]
         raise SystemExit(f"{results_json}: K = {k}, the shipped results have K = {shipped}")
@@ -54,11 +62,7 @@ def add_tight_results(results_json: str, name: str) -> None:
     """Record an evaluation with more importance samples (`flowmnist evaluate --pretrained NAME --split test
     --importance-samples 64 --every 5 --json`) as the shipped run's ``bpd_tight``: per split its bpd, K,
     image count and stride, beside the K = 8 figures it does not replace."""
-    new = json.loads(open(results_json).read())
-    path = PRETRAINED_ROOT / name / "results.json"
-    old = json.loads(path.read_text())
-    if (new["model"], new.get("conditional"), new["params"]) != (old["model"], old.get("conditional"), old["params"]):
-        raise SystemExit(f"{results_json}: results of another model than the shipped {name}")
+    new, path, old = _results_of_shipped(results_json, name)
     k = new["importance_samples"]
     if k <= old["importance_samples"]:
         raise SystemExit(f"{results_json}: K = {k}, not more than the shipped results' {old['importance_samples']}")

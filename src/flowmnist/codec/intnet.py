@@ -173,7 +173,7 @@ class IConv:
             # left and top too), after ``lead`` zeros: tap (dy, dx) of the output at flat position i
             # reads position i + dy wp + dx, so each tap is one product over a shifted slice, no copies.
             hp, wp = h + p, w + p
-            n, lead = b * hp * wp, p * (w + p) + p
+            n, lead = b * hp * wp, p * wp + p
             flat = x.new_zeros(ci, lead + n + lead)
             flat[:, lead : lead + n].view(ci, b, hp, wp)[:, :, :h, :w] = x
             out = torch.addmm(self.bias[:, None], self.taps[0], flat[:, :n])
