@@ -28,6 +28,7 @@ import torch
 
 from flowmnist import codec
 from flowmnist.codec import CodecParams, compress_images, decompress_bytes, idx_bytes
+from flowmnist.codec import chunk as chunk_coder
 from flowmnist.data import read_idx
 from flowmnist.runs import load_pretrained
 
@@ -45,7 +46,7 @@ def measure(model, images: np.ndarray, params: CodecParams, version: int, decode
     drawn: list[np.ndarray] = []
     bounds: list[np.ndarray] = []
     plans: list = []
-    pop, chunk = codec._base_pop, codec._encode_chunk
+    pop, chunk = chunk_coder.base_pop, codec.encode_chunk
 
     def recording_pop(st, plan, shape, ideal):
         k = pop(st, plan, shape, ideal)
@@ -57,13 +58,13 @@ def measure(model, images: np.ndarray, params: CodecParams, version: int, decode
         bounds.append(chunk(st, plan, x))
         return bounds[-1]
 
-    codec._base_pop, codec._encode_chunk = recording_pop, recording_chunk
+    chunk_coder.base_pop, codec.encode_chunk = recording_pop, recording_chunk
     try:
         t = time.process_time()
         data, stats = compress_images(model, images, params=params, version=version)
         enc = time.process_time() - t
     finally:
-        codec._base_pop, codec._encode_chunk = pop, chunk
+        chunk_coder.base_pop, codec.encode_chunk = pop, chunk
     t = time.process_time()
     if decode:
         assert decompress_bytes(data, model)[0] == idx_bytes(images), "round trip failed"

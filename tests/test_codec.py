@@ -252,7 +252,8 @@ def test_glow_steps_cost_their_log_determinant_and_approximate_the_layer(kind):
     """On the grid (2^-16), one actnorm or 1x1 convolution: the stream grows by -log2 |det| per image
     (to the scales' 11 bits), the output is the layer's own to those bits and a few grid cells, and the
     inverse restores the values and the stream word for word."""
-    from flowmnist.codec import _actnorm_fwd, _actnorm_inv, _invconv_fwd, _invconv_inv, _Stream
+    from flowmnist.codec.ans import _Stream
+    from flowmnist.codec.layers import _actnorm_fwd, _actnorm_inv, _invconv_fwd, _invconv_inv
 
     torch.manual_seed(3)
     c, delta = 4, 2.0**-16
@@ -538,9 +539,11 @@ def test_the_header_names_the_integer_weights(simple, vardeq):
 def test_coupling_coder_grows_the_stream_by_its_log_determinant(vardeq):
     """One affine coupling on the grid 2^-16: the stream grows by -sum s / ln 2 bits (to the scales' 11
     bits), the inverse restores values and stream word for word."""
-    from flowmnist.codec import _coupling_fwd, _coupling_inv, _plan, _Stream
+    from flowmnist.codec.ans import _Stream
+    from flowmnist.codec.layers import _coupling_fwd, _coupling_inv
+    from flowmnist.codec.plan import make_plan
 
-    plan = _plan(vardeq, CodecParams())
+    plan = make_plan(vardeq, CodecParams())
     layer = plan.flows[0]
     k = torch.from_numpy(np.random.default_rng(1).integers(-(1 << 17), 1 << 17, (2, 1, 28, 28)))
     words = np.random.default_rng(0).integers(1, 2**32, 8000, dtype=np.uint32)
@@ -767,9 +770,11 @@ def test_elementwise_map_grows_the_stream_by_its_log_determinant(vardeq):
     """The dequantization's map (noise h -> pixel bin -> logit space) on real-looking pixels: the stream
     grows by log2 |K(m)| per pixel, the continuous map's -log2 g'(h) plus log2(delta_z / delta_h), to
     0.005 bits a pixel on average (whole fine cells); the inverse restores pixels, noise and stream."""
-    from flowmnist.codec import _plan, _Stream, _ymap_fwd, _ymap_inv
+    from flowmnist.codec.ans import _Stream
+    from flowmnist.codec.layers import ymap_fwd, ymap_inv
+    from flowmnist.codec.plan import make_plan
 
-    plan = _plan(vardeq, CodecParams())
+    plan = make_plan(vardeq, CodecParams())
     rng = np.random.default_rng(3)
     x = synthetic_digits(2, seed=15)[0][:, None].astype(np.int64)
     h = np.log(u := rng.uniform(0.02, 0.98, x.shape)) - np.log1p(-u)
@@ -777,10 +782,10 @@ def test_elementwise_map_grows_the_stream_by_its_log_determinant(vardeq):
     words = rng.integers(1, 2**32, 8000, dtype=np.uint32)
     st, ideal = _Stream(words), np.zeros(2)
     before = st.c.num_valid_bits()
-    m = _ymap_fwd(st, plan, ky, x, ideal)
+    m = ymap_fwd(st, plan, ky, x, ideal)
     grown = st.c.num_valid_bits() - before
     want = (ideal.sum() + x.size * math.log(plan.dz / plan.dy)) / math.log(2)
     assert abs(grown - want) < 0.005 * x.size, (grown, want)
-    back_x, back_ky = _ymap_inv(st, plan, m)
+    back_x, back_ky = ymap_inv(st, plan, m)
     assert np.array_equal(back_x, x) and np.array_equal(back_ky, ky)
     assert np.array_equal(st.words(), _Stream(words).words())
