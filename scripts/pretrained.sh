@@ -91,12 +91,17 @@ case ${1:-} in
     "$BIN/flowmnist" dequant --pretrained "${names[@]}" --out "$out" --images 64
     "$BIN/flowmnist" curves --pretrained "${names[@]}" --out "$out"
     "$BIN/flowmnist" concepts --out "$out"
-    "$BIN/flowmnist" sample --pretrained multi-vardeq-cond --digit all --n 10 --out "$out/digits_multi-vardeq-cond.png"
-    "$BIN/python" -c 'import json, sys; from flowmnist.figures import plot_confusion
-plot_confusion(json.load(open(sys.argv[1]))["confusion"]["test"], sys.argv[2], "multi-vardeq-cond, test")' \
-      src/flowmnist/pretrained/multi-vardeq-cond/results.json "$out/confusion_multi-vardeq-cond_test.png"
-    "$BIN/flowmnist" sample --pretrained multi-vardeq-glow-wide --n 64 --temperature 0.7 \
-      --out "$out/samples_multi-vardeq-glow-wide.png"
+    for m in multi-vardeq-cond multi-vardeq-glow-wide-cond; do  # the conditional ones: each digit, and test's confusion
+      [ -d "src/flowmnist/pretrained/$m" ] || continue
+      "$BIN/flowmnist" sample --pretrained "$m" --digit all --n 10 --out "$out/digits_$m.png"
+      "$BIN/python" -c 'import json, sys; from flowmnist.figures import plot_confusion
+plot_confusion(json.load(open(sys.argv[1]))["confusion"]["test"], sys.argv[2], sys.argv[3] + ", test")' \
+        "src/flowmnist/pretrained/$m/results.json" "$out/confusion_${m}_test.png" "$m"
+    done
+    for m in multi-vardeq-glow-wide multi-vardeq-glow-wide-long; do
+      [ -d "src/flowmnist/pretrained/$m" ] || continue
+      "$BIN/flowmnist" sample --pretrained "$m" --n 64 --temperature 0.7 --out "$out/samples_$m.png"
+    done
     "$BIN/flowmnist" compare-samples --pretrained fashion-multi-vardeq --out "$out/fashion" --n 36 --temperature 0.7
     ;;
   ood)  # the MNIST model: MNIST val vs Fashion-MNIST test; the Fashion-MNIST model: the other way round
