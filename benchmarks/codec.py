@@ -1,20 +1,25 @@
 """The flow codec (`flowmnist compress`) against the classical lossless codecs, on the same digits.
 
     python benchmarks/codec.py --data-dir DIR [--models multi-vardeq | all | A,B] [--n 10000] [--every 1]
-                               [--workers W] [--streams S] [--sizes 100,1]
+                               [--workers W] [--streams S] [--sizes 100,1] [--cost-every C] [--no-classical]
+                               [--merge]
 
 The digits: every E-th of the first N official test digits (t10k-images in DIR; default all 10,000).
 For each model (``all``: every shipped MNIST model): the file's bits/dim, the float model's single-sample
 (K = 1) bpd on the same digits, the integer cost (the codec's own single-sample bound minus the float
-model's at the same noise, as ``codec_numerics.py`` measures it, with its standard error; ``--no-cost``
-skips it), and encode and decode images/s (wall clock) and CPU ms per image (all processes) with W
-worker processes (default 1) on a file of S streams (default: the codec's, by image count), the CPU kind
-stated. For the first model also K = 8 and the first 100 and 1 digits (``--sizes``). Then the classical
-codecs on the same digits: gzip -9, bzip2 -9, xz -9e and zstd -22 --ultra on the IDX file; PNG (optipng
--o5), WebP lossless (cwebp -lossless -z 9), JPEG XL lossless at effort 9 (cjxl -d 0 -e 9) and at its
-strongest (cjxl -d 0 -e 9 -E 3 -I 100 -g 3), each on the digits tiled into one image and on each digit
-alone (summed; --per-digit caps how many). A codec whose tool is missing is skipped with a note. Writes
-docs/results/codec.json and docs/results/codec.md (``--out``).
+model's at the same noise, as ``codec_numerics.py`` measures it, with its standard error, on every C-th
+of the digits; ``--no-cost`` skips it), and encode and decode images/s (wall clock) and CPU ms per image
+(all processes) with W worker processes (default 1) on a file of S streams (default: the codec's, by
+image count), the CPU kind stated. For the first model also K = 8 and the first 100 and 1 digits
+(``--sizes``). Then the classical codecs on the same digits: gzip -9, bzip2 -9, xz -9e and zstd -22
+--ultra on the IDX file; PNG (optipng -o5), WebP lossless (cwebp -lossless -z 9), JPEG XL lossless at
+effort 9 (cjxl -d 0 -e 9) and at its strongest (cjxl -d 0 -e 9 -E 3 -I 100 -g 3), each on the digits
+tiled into one image and on each digit alone (summed; --per-digit caps how many). A codec whose tool is
+missing is skipped with a note. Writes docs/results/codec.json and docs/results/codec.md (``--out``).
+``--merge`` adds this run's models to the ``--out`` file's, measured on the same digits with as many
+workers and the same format on the same CPU kind, keeping the file's other models, and its classical
+codecs and sizes where this run measures none (``--no-classical``, ``--sizes ""``): a table of many
+models measured a few at a time.
 """
 
 from __future__ import annotations
@@ -106,7 +111,11 @@ def integer_cost(model, images: np.ndarray) -> dict:
     from codec_numerics import measure
 
     r = measure(model, images, CodecParams(), FORMAT_VERSION, decode=False)
-    return {"integer_cost_bpd": round(r["cost"], 4), "integer_cost_se": round(r["cost_se"], 4)}
+    return {
+        "integer_cost_bpd": round(r["cost"], 4),
+        "integer_cost_se": round(r["cost_se"], 4),
+        "integer_cost_digits": len(images),
+    }
 
 
 def mnist_models() -> list[str]:
@@ -201,6 +210,8 @@ def markdown(r: dict) -> str:
     ]
     for name, m in r["models"].items():
         cost = f"{m['integer_cost_bpd']:+.4f} ± {m['integer_cost_se']:.4f}" if "integer_cost_bpd" in m else "–"
+        if m.get("integer_cost_digits", d["count"]) != d["count"]:
+            cost += f" ({m['integer_cost_digits']:,} digits)"
         f = m["flow"]
         lines.append(
             f"| {name} | {f['bpd']:.4f} | {m['model_bpd_k1']:.4f} | {cost} | {f['streams']} | "
@@ -230,6 +241,21 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged(old: dict, new: dict, path: Path) -> dict:
+    """``new``'s models added to ``old``'s (``new``'s replace those of the same name); ``old``'s classical
+    codecs and sizes kept where ``new`` measured none. Refused where the two were measured differently."""
+    keys = ("digits", "workers", "format", "cpu", "cpu_flags", "torch")
+    differ = [k for k in keys if old.get(k) != new[k]]
+    if differ:
+        sys.exit(f"{path}: measured with other {', '.join(differ)}; --merge adds only to a like measurement")
+    out = {**new, "models": {**old["models"], **new["models"]}, "notes": old["notes"] + new["notes"]}
+    if not new["classical"]:
+        out["classical"] = old["classical"]
+    if not new["sizes"]:
+        out["sizes"], out["results"] = old["sizes"], old["results"]
+    return out
+
+
 def classical(images: np.ndarray, per_digit: int, notes: list[str]) -> dict:
     return {**stream_codecs(idx_bytes(images), len(images), notes), **image_codecs(images, per_digit, notes)}
 
@@ -245,6 +271,9 @@ def main() -> int:
     p.add_argument("--streams", type=int, help="streams per file (default the codec's, by image count)")
     p.add_argument("--sizes", default="100,1", help="also the first model on the first N digits (default 100,1)")
     p.add_argument("--no-cost", action="store_true", help="skip the integer cost (one more encode per model)")
+    p.add_argument("--cost-every", type=int, default=1, help="the integer cost on every C-th of the digits (default 1)")
+    p.add_argument("--no-classical", action="store_true", help="skip the classical codecs")
+    p.add_argument("--merge", action="store_true", help="add these models to the --out file's (same digits, workers)")
     p.add_argument("--per-digit", type=int, default=10**9, help="digits for the per-digit image codecs (default all)")
     p.add_argument("--out", default=str(ROOT / "docs/results/codec.json"), help="JSON file (a .md beside it)")
     a = p.parse_args()
@@ -252,8 +281,8 @@ def main() -> int:
     path = next((Path(a.data_dir) / f for f in (stem, stem + ".gz") if (Path(a.data_dir) / f).is_file()), None)
     if path is None:
         sys.exit(f"{a.data_dir}: no {stem}[.gz]")
-    if a.every < 1 or a.n < 1 or a.workers < 1:
-        sys.exit("--n, --every and --workers must be 1 or more")
+    if min(a.every, a.n, a.workers, a.cost_every) < 1:
+        sys.exit("--n, --every, --workers and --cost-every must be 1 or more")
     all_images = read_idx(path)
     images = np.ascontiguousarray(all_images[: a.n : a.every])
     names = mnist_models() if a.models == "all" else [m.strip() for m in a.models.split(",") if m.strip()]
@@ -278,9 +307,10 @@ def main() -> int:
         model = load_pretrained(name)
         m = {"flow": flow_codec(model, images, a.workers, a.streams), "model_bpd_k1": model_bpd(model, images, 1)}
         if not a.no_cost:
-            m.update(integer_cost(model, images))
+            m.update(integer_cost(model, np.ascontiguousarray(images[:: a.cost_every])))
         r["models"][name] = m
-    r["classical"] = classical(images, a.per_digit, r["notes"])
+    if not a.no_classical:
+        r["classical"] = classical(images, a.per_digit, r["notes"])
     model = load_pretrained(names[0])
     for n in sizes:
         first = np.ascontiguousarray(all_images[:n])
@@ -291,8 +321,10 @@ def main() -> int:
             "model_bpd_k8": model_bpd(model, first, 8),
             "classical": classical(first, a.per_digit, r["notes"]),
         }
-    r["notes"] = sorted(set(r["notes"]))
     out = Path(a.out)
+    if a.merge and out.is_file():
+        r = merged(json.loads(out.read_text()), r, out)
+    r["notes"] = sorted(set(r["notes"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(r))
