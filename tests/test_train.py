@@ -141,6 +141,10 @@ def test_resume_continues_exactly(tiny_data, tmp_path, schedule, stop):
     for k in a["ema"]["avg"]:
         assert torch.equal(a["ema"]["avg"][k], b["ema"]["avg"][k]), k
     assert _strip_time(read_metrics(tmp_path / "straight")) == _strip_time(read_metrics(tmp_path / "split"))
+    # the restart records where it continued, and the budget it was given where that changed
+    (restart,) = b["state"]["restarts"]
+    assert restart["step"] == (5 if stop == "epoch" else stop)
+    assert restart.get("changed") == ({"epochs": [1, 2]} if stop == "epoch" else None)
 
 
 class _StepClock:

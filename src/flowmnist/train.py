@@ -209,16 +209,18 @@ def _check_batch_size(batch_size: int, n_train: int, world: int) -> None:
         )
 
 
-def _resume_point(run_dir: Path, cfg: Config) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """last.pt, checked against ``cfg``, and the log rows it counts (rows written after it are dropped:
-    the resumed run produces them again)."""
+def _resume_point(run_dir: Path, cfg: Config) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, list]]:
+    """last.pt, checked against ``cfg``; the log rows it counts (rows written after it are dropped: the
+    resumed run produces them again); and the recipe's fields that ``cfg`` changes, as [before, after]."""
     ckpt = load_checkpoint(run_dir / "last.pt")
     old = Config.from_dict(ckpt["config"])
     have, want = old.resume_identity(), cfg.resume_identity()
     key = first_difference(have, want)
     if key is not None:
         raise FlowmnistError(f"{run_dir}: cannot resume with {key}={want[key]!r}; the run has {have.get(key)!r}")
-    return ckpt, read_metrics(run_dir)[: ckpt["metrics_rows"]]
+    before, after = old.to_dict(), cfg.to_dict()
+    changed = {k: [before[k], v] for k, v in after.items() if before[k] != v}
+    return ckpt, read_metrics(run_dir)[: ckpt["metrics_rows"]], changed
 
 
 def train(
@@ -252,7 +254,7 @@ class RunState:
     batch: int = 0  # batches of the current epoch consumed (skipped non-finite ones included)
     seconds: float = 0.0  # wall-clock seconds of training so far, over every resume
     cpu_seconds: float = 0.0  # this process's CPU seconds of training so far, over every resume (rank 0's)
-    restarts: list = dataclasses.field(default_factory=list)  # where each --resume continued: step, seconds, cpu
+    restarts: list = dataclasses.field(default_factory=list)  # each --resume: step, seconds, cpu, fields changed
     best_val: float = math.inf
     nonfinite: int = 0  # skipped steps in all
     batches_per_epoch: int = 0
@@ -319,7 +321,7 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
         if env.is_main:
             check_writable(run_dir)
         _check_batch_size(cfg.batch_size, len(data.images["train"]), env.world)
-        ckpt, rows = _resume_point(run_dir, cfg) if resume else (None, [])
+        ckpt, rows, changed = _resume_point(run_dir, cfg) if resume else (None, [], {})
         init = initial_weights(cfg.init_from, cfg) if cfg.init_from and ckpt is None else None
 
     torch.manual_seed(cfg.seed)
@@ -336,7 +338,8 @@ def start_run(cfg: Config, run_dir: Path, resume: bool, force: bool, env: Dist, 
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         st = RunState(**ckpt["state"])
-        st.restarts.append({"step": st.step, "seconds": round(st.seconds, 1), "cpu_seconds": round(st.cpu_seconds, 1)})
+        restart = {"step": st.step, "seconds": round(st.seconds, 1), "cpu_seconds": round(st.cpu_seconds, 1)}
+        st.restarts.append(restart | ({"changed": changed} if changed else {}))  # a recipe changed mid-run
         torch.set_rng_state(ckpt["rng"])  # rank 0's; training noise is reseeded per step (noise_seed)
     if env.is_main:
         write_metrics(run_dir / "metrics.csv", rows)
