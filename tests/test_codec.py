@@ -690,8 +690,17 @@ def test_exact_maths_is_within_a_few_ulp(values):
 
 
 def test_cli_compress_defaults_to_the_best_shipped_model(tmp_path, capsys):
-    from flowmnist.cli.codec import DEFAULT_MODEL
+    """The default is the shipped MNIST model of the lowest test bpd (an unconditional one: its rate is its
+    bound without the label's bits back), and a file it wrote decompresses with no model named."""
+    import json
 
+    from flowmnist.cli.codec import DEFAULT_MODEL
+    from flowmnist.runs import PRETRAINED_ROOT, pretrained_names
+
+    results = {m: json.loads((PRETRAINED_ROOT / m / "results.json").read_text()) for m in pretrained_names()}
+    unconditional = [m for m, r in results.items() if r.get("dataset", "mnist") == "mnist" and not r.get("conditional")]
+    mnist = {m: results[m]["bpd"]["test"] for m in unconditional}
+    assert DEFAULT_MODEL == min(mnist, key=mnist.get), mnist
     write_idx(tmp_path / "one-idx3-ubyte", synthetic_digits(1, seed=14)[0])
     assert main(["compress", str(tmp_path / "one-idx3-ubyte"), str(tmp_path / "one.fmz")]) == 0
     assert read_header((tmp_path / "one.fmz").read_bytes()).model_name == f"pretrained:{DEFAULT_MODEL}"
