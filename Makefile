@@ -38,7 +38,7 @@ demo: install
 
 test: install
 	$(BIN)/ruff check $(LINTED)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15  # the slowest tests named: the suite's budget is 10 minutes
 
 test-fast: install
 	$(BIN)/ruff check $(LINTED)
