@@ -65,3 +65,15 @@ def multi_vardeq_glow_wide(pretrained: bool = True, device: str = "cpu"):
     """multi_vardeq with 4 couplings of 64 channels at 14x14 and 8 of 96 at 7x7, each channel coupling
     after an actnorm and an invertible 1x1 convolution (Glow steps)."""
     return _entry("multi-vardeq-glow-wide", pretrained, device)
+
+
+def multi_vardeq_glow_wide_long(pretrained: bool = True, device: str = "cpu"):
+    """multi_vardeq_glow_wide trained 60,000 steps (about 570 CPU-minutes) on one core, a cosine over
+    the steps: the best shipped MNIST model (docs/models.md)."""
+    return _entry("multi-vardeq-glow-wide-long", pretrained, device)
+
+
+def multi_vardeq_glow_wide_cond(pretrained: bool = True, device: str = "cpu"):
+    """Class-conditional multi_vardeq_glow_wide: started from the long run's weights, a fixed Gaussian per
+    digit on the final latent (FlowGMM); ``model.sample(n, y=7)``, ``flowmnist classify``."""
+    return _entry("multi-vardeq-glow-wide-cond", pretrained, device)

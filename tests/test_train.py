@@ -165,15 +165,15 @@ class _StepClock:
 
 
 def test_a_minutes_budget_resumed_continues_its_schedule(tiny_data, tmp_path, monkeypatch):
-    """A run with a 20-second budget (20 steps at one second a step), stopped at step 7 and resumed in a
-    process whose clock reads something else: the resumed run counts the 7 seconds already trained, so
+    """A run with a 10-second budget (10 steps at one second a step), stopped at step 4 and resumed in a
+    process whose clock reads something else: the resumed run counts the 4 seconds already trained, so
     its learning rate at every later step, its stop and its weights are the uninterrupted run's."""
     import types
 
     import flowmnist.train as T
 
     real = T.noise_seed
-    cfg = _cfg(tiny_data, epochs=100, minutes=20 / 60, schedule="cosine", warmup_steps=0, checkpoint_minutes=100)
+    cfg = _cfg(tiny_data, epochs=100, minutes=10 / 60, schedule="cosine", warmup_steps=0, checkpoint_minutes=100)
 
     def run(name: str, clock: _StepClock, resume: bool = False) -> dict:
         fake = types.SimpleNamespace(perf_counter=clock.perf_counter, process_time=T.time.process_time)
@@ -182,21 +182,21 @@ def test_a_minutes_budget_resumed_continues_its_schedule(tiny_data, tmp_path, mo
         return train(cfg, tmp_path / name, resume=resume)
 
     straight = run("straight", _StepClock())
-    assert straight["stopped_by"] == "minutes" and straight["step"] == 20
-    assert run("split", _StepClock(stop_at=7))["stopped_by"] == "SIGINT"
+    assert straight["stopped_by"] == "minutes" and straight["step"] == 10
+    assert run("split", _StepClock(stop_at=4))["stopped_by"] == "SIGINT"
     restarted = _StepClock()
     restarted.now = 1000.0
     resumed = run("split", restarted, resume=True)
-    assert resumed["stopped_by"] == "minutes" and resumed["step"] == 20
+    assert resumed["stopped_by"] == "minutes" and resumed["step"] == 10
     lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "straight") if r["split"] == "train"}
     again = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "split") if r["split"] == "train"}
-    assert again == lrs and lrs[20] < 0.05 * lrs[1]  # the cosine ran over the 20 steps, once
+    assert again == lrs and lrs[10] < 0.05 * lrs[1]  # the cosine ran over the 10 steps, once
     a, b = load_checkpoint(tmp_path / "straight/last.pt"), load_checkpoint(tmp_path / "split/last.pt")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     # The record of the run: where it was resumed, and CPU seconds that keep counting across the restart.
-    assert [r["step"] for r in b["state"]["restarts"]] == [7] and a["state"]["restarts"] == []
-    assert b["state"]["restarts"][0]["seconds"] == 7.0
+    assert [r["step"] for r in b["state"]["restarts"]] == [4] and a["state"]["restarts"] == []
+    assert b["state"]["restarts"][0]["seconds"] == 4.0
     cpu = [r["cpu_seconds"] for r in read_metrics(tmp_path / "split")]
     assert all(math.isfinite(c) for c in cpu) and cpu == sorted(cpu) and cpu[-1] > 0
     assert training_summary(tmp_path / "split")["restarts"] == b["state"]["restarts"]

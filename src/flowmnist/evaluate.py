@@ -257,8 +257,9 @@ def results_table(results: list[dict[str, Any]]) -> str:
 
 
 def model_name(r: dict[str, Any]) -> str:
-    """The model's name in a table (``runs.run_title``): "conditional" and a dataset other than MNIST noted."""
-    return run_title(r["model"], bool(r.get("conditional")), r.get("dataset", "mnist"))
+    """The model's name in a table: a shipped run's ``name``, else ``runs.run_title`` ("conditional" and a
+    dataset other than MNIST noted)."""
+    return r.get("name") or run_title(r["model"], bool(r.get("conditional")), r.get("dataset", "mnist"))
 
 
 def classification_rows(results: list[dict[str, Any]]) -> Table | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config import FlowmnistError
 from .common import add_hidden_alias, out_file
 
-DEFAULT_MODEL = "multi-vardeq-glow-wide"  # the best shipped MNIST model: compress uses it unless told otherwise
+DEFAULT_MODEL = "multi-vardeq-glow-wide-long"  # the best shipped MNIST model: compress uses it unless told otherwise
 _WORKERS_HELP = "processes coding the file's streams side by side (default: the cores this process may use)"
 
 

@@ -89,6 +89,7 @@ def add_evaluate_command(sub) -> None:
 
 def cmd_table(a: argparse.Namespace) -> int:
     from ..evaluate import results_table
+    from ..runs import PRETRAINED_ROOT
 
     results = []
     for run in runs(a):
@@ -96,9 +97,11 @@ def cmd_table(a: argparse.Namespace) -> int:
         if not path.is_file():
             raise FlowmnistError(f"{path}: no results; run `flowmnist evaluate {run}` first")
         try:
-            results.append(json.loads(path.read_text()))
+            r = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise FlowmnistError(f"{path}: not valid JSON ({e})") from e
+        # a shipped run by its shipped name: two of one architecture (a longer budget) stay apart
+        results.append(r | {"name": run.name} if run.parent == PRETRAINED_ROOT else r)
     print(results_table(results))
     return 0
 
