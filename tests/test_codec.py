@@ -417,7 +417,7 @@ def test_golden_format_3_file_decodes_and_reencodes_byte_for_byte():
     assert header.version == 3 and [p[0] for p in header.parts()] == [12, 12]
     assert hashlib.sha256(original).hexdigest() == GOLDEN3_SHA256
     pixels = np.frombuffer(original, np.uint8, offset=16).reshape(-1, 28, 28)
-    again, _ = compress_images(model, pixels, name=header.model_name, streams=2)
+    again, _ = compress_images(model, pixels, name=header.model_name, params=header.params, streams=2)
     assert again == golden
 
 
