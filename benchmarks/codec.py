@@ -176,6 +176,8 @@ def image_codecs(images: np.ndarray, per_digit: int, notes: list[str]) -> dict:
             m = min(per_digit, len(images))
             total = sum(image_size(cmd, img, tmp) for img in images[:m])
             out[f"{name}, per digit"] = bpd(total, m)
+            if m < len(images):
+                notes.append(f"per digit: the first {m:,} of the {len(images):,} digits (--per-digit)")
     return out
 
 
