@@ -58,6 +58,17 @@ def test_the_output_folder_is_made(tmp_path):
     assert out.is_file()
 
 
+def test_a_shipped_runs_samples_are_titled_by_its_shipped_name(tmp_path, monkeypatch):
+    """Two shipped runs of one architecture (multi-vardeq-glow-wide and its long run) are told apart."""
+    import flowmnist.plots
+
+    titles = []
+    monkeypatch.setattr(flowmnist.plots, "save_grid", lambda *a, **k: titles.append(k.get("title")))
+    out = str(tmp_path / "grid.png")
+    assert main(["sample", "--pretrained", "multi-vardeq-glow-wide-long", "--n", "1", "--out", out]) == 0
+    assert titles == ["multi-vardeq-glow-wide-long samples (T=1)"]
+
+
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
     """Each command's parser by its name (aliases left out)."""
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]

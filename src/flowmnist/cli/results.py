@@ -126,23 +126,24 @@ def cmd_sample(a: argparse.Namespace) -> int:
     import torch
 
     from ..plots import save_grid
-    from ..runs import load_model, run_title
+    from ..runs import load_model, run_title, shipped_name
 
     out = out_file(a.out)
     (run,) = runs(a)
     model, cfg = load_model(run, a.device)
+    name = shipped_name(run) or run_title(cfg.model, cfg.conditional, cfg.dataset)  # two shipped runs share a model
     if a.digit is not None and not cfg.conditional:
         raise FlowmnistError(f"--digit: {run} is an unconditional {cfg.model} run; train one with --conditional")
     if a.digit == "all":
         from ..figures import save_digit_grid
 
-        save_digit_grid(model, out, run_title(cfg.model, True, cfg.dataset), a.n or 10, a.temperature, a.seed)
+        save_digit_grid(model, out, name, a.n or 10, a.temperature, a.seed)
         print(out)
         return 0
     g = torch.Generator(device=a.device).manual_seed(a.seed)
     images = model.sample(a.n or 64, temperature=a.temperature, generator=g, y=a.digit)
     what = "samples" if a.digit is None else f"samples of digit {a.digit}"
-    save_grid(images, out, title=f"{run_title(cfg.model, cfg.conditional, cfg.dataset)} {what} (T={a.temperature:g})")
+    save_grid(images, out, title=f"{name} {what} (T={a.temperature:g})")
     print(out)
     return 0
 
