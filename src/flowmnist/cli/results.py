@@ -89,7 +89,7 @@ def add_evaluate_command(sub) -> None:
 
 def cmd_table(a: argparse.Namespace) -> int:
     from ..evaluate import results_table
-    from ..runs import PRETRAINED_ROOT
+    from ..runs import shipped_name
 
     results = []
     for run in runs(a):
@@ -100,8 +100,8 @@ def cmd_table(a: argparse.Namespace) -> int:
             r = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise FlowmnistError(f"{path}: not valid JSON ({e})") from e
-        # a shipped run by its shipped name: two of one architecture (a longer budget) stay apart
-        results.append(r | {"name": run.name} if run.parent == PRETRAINED_ROOT else r)
+        name = shipped_name(run)  # two shipped runs of one architecture (a longer budget) stay apart
+        results.append(r | {"name": name} if name else r)
     print(results_table(results))
     return 0
 

@@ -51,9 +51,9 @@ class CodecParams:
     batch: int = 32
     ramp: int = 32
     seed_words: int = 1 << 14
-    act_bits: int = 10
-    weight_bits: int = 12
-    range_bits: int = 13
+    act_bits: int = IntSpec.act_bits  # the widths' defaults live in one place: IntSpec
+    weight_bits: int = IntSpec.weight_bits
+    range_bits: int = IntSpec.range_bits
 
     @property
     def spec(self) -> IntSpec:
